@@ -1,0 +1,81 @@
+"""A shuffling buffer of activations that knows nothing about SAEs.
+
+It holds `capacity` tokens' activations on the training device, as one or more
+aligned columns (input, and a target for transcoders), hands out `batch_size`
+rows at a time in random order, and when half of it has been read keeps the
+unread half, refills the rest from the source and reshuffles.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+Columns = tuple[torch.Tensor, ...]
+
+
+class ActivationBuffer:
+    def __init__(
+        self,
+        source: Iterator[Columns],
+        capacity: int,
+        batch_size: int,
+        device: torch.device,
+        generator: torch.Generator,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if capacity < 2 * batch_size:
+            raise ValueError(f"buffer capacity {capacity} must hold two batches of {batch_size}")
+        self.source = source
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.device = device
+        self.generator = generator
+        self.dtype = dtype
+        self._spill: Columns | None = None
+        self.columns: list[torch.Tensor] | None = None
+        self.read = 0  # rows handed out since the last refill
+
+    def _take(self, n: int) -> list[torch.Tensor]:
+        """n tokens from the source, keeping any excess for the next call."""
+        parts: list[Columns] = []
+        have = 0
+        while have < n:
+            chunk = self._spill if self._spill is not None else next(self.source)
+            self._spill = None
+            chunk = tuple(c.to(self.device, self.dtype, non_blocking=True) for c in chunk)
+            need = n - have
+            if len(chunk[0]) > need:
+                self._spill = tuple(c[need:] for c in chunk)
+                chunk = tuple(c[:need] for c in chunk)
+            parts.append(chunk)
+            have += len(chunk[0])
+        return [torch.cat(col) for col in zip(*parts)]
+
+    def _refill(self) -> None:
+        if self.columns is None:
+            self.columns = self._take(self.capacity)
+        else:
+            # The unread tail moves to the front; fresh activations fill the rest.
+            keep = self.capacity - self.read
+            fresh = self._take(self.read)
+            for col, new in zip(self.columns, fresh):
+                col[:keep] = col[self.read :].clone()
+                col[keep:] = new
+        perm = torch.randperm(self.capacity, generator=self.generator).to(self.device)
+        self.columns = [col[perm] for col in self.columns]
+        self.read = 0
+
+    def sample(self) -> Columns:
+        """The first fill, for data-dependent initialisation."""
+        if self.columns is None:
+            self._refill()
+        return tuple(self.columns)
+
+    def next_batch(self) -> Columns:
+        if self.columns is None or self.read >= self.capacity // 2:
+            self._refill()
+        i = self.read
+        self.read += self.batch_size
+        return tuple(col[i : i + self.batch_size] for col in self.columns)

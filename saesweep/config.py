@@ -1,0 +1,159 @@
+"""The config schema: typed dataclasses that the composed Hydra config must fit.
+
+Hydra composes YAML freely; `validate` merges the result into these dataclasses so
+that an unknown key or a wrong type fails before any model loads, naming the key.
+The `sae` node's schema depends on `sae.architecture` (see saesweep.sae).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from saesweep.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "SmolLM2-135M-Instruct.Q4_1"
+    source: str = "embedded"
+    hook_point: str = "blocks.6.hook_resid_post"
+    hook_point_out: Optional[str] = None
+    dtype: str = "float32"
+    from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    source: str = "embedded"
+    path: str = "shakespeare"
+    name: Optional[str] = None
+    split: str = "train"
+    column: str = "text"
+    data_files: Optional[Any] = None
+    streaming: bool = False
+    is_tokenized: bool = False
+    context_size: int = 128
+    prepend_bos: bool = True
+    shuffle: bool = True
+    holdout_fraction: float = 0.05
+
+
+@dataclass
+class ActivationsConfig:
+    exclude_bos: bool = True
+    batch_rows: int = 32
+
+
+@dataclass
+class BufferConfig:
+    size_tokens: int = 65536
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "constant"
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.1
+    decay_steps: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    total_tokens: int = 1_000_000
+    batch_size: int = 4096
+    seed: int = 42
+    device: str = "auto"
+    grad_clip_norm: Optional[float] = 1.0
+    log_every: int = 10
+    dead_after_tokens: int = 200_000
+
+
+@dataclass
+class EvalConfig:
+    rows: int = 256
+    ce_rows: int = 64
+    batch_rows: int = 16
+
+
+@dataclass
+class TrainConfig:
+    """Everything but `sae`, whose schema is chosen by architecture."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    sae: Any = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache_dir: Optional[str] = None
+
+
+def _merge(schema: Any, node: Any, where: str) -> Any:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        key = f"{where}.{key}" if where and key else (key or where)
+        reason = str(e).splitlines()[0]
+        raise UserError(f"config key '{key}': {reason}") from None
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Check the composed config against the schema; return typed dataclasses."""
+    from saesweep.sae import ARCHITECTURES  # the registry decides the sae schema
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    sae_node = raw.pop("sae", None) or {}
+    arch = sae_node.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(
+            f"config key 'sae.architecture': unknown architecture {arch!r}; "
+            f"valid: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    typed: TrainConfig = _merge(TrainConfig, raw, "")
+    typed.sae = _merge(ARCHITECTURES[arch].config_class, sae_node, "sae")
+    _check_values(typed)
+    return typed
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise UserError(f"config key '{key}': {msg}")
+
+    t = cfg.training
+    need(t.total_tokens > 0, "training.total_tokens", "must be > 0")
+    need(t.batch_size > 0, "training.batch_size", "must be > 0")
+    need(t.total_tokens >= t.batch_size, "training.total_tokens",
+         f"{t.total_tokens} is less than one batch (training.batch_size={t.batch_size})")
+    need(cfg.buffer.size_tokens >= 2 * t.batch_size, "buffer.size_tokens",
+         f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})")
+    need(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
+    need(cfg.optimizer.name in ("adam", "adamw"), "optimizer.name", "valid: adam, adamw")
+    need(cfg.scheduler.name in ("constant", "cosine", "warmup_decay"), "scheduler.name",
+         "valid: constant, cosine, warmup_decay")
+    need(cfg.model.source in ("embedded", "pretrained"), "model.source",
+         "valid: embedded, pretrained")
+    need(cfg.dataset.source in ("embedded", "hf"), "dataset.source", "valid: embedded, hf")
+    need(cfg.dataset.context_size >= 2, "dataset.context_size", "must be >= 2")
+    need(0 <= cfg.dataset.holdout_fraction < 1, "dataset.holdout_fraction", "must be in [0, 1)")
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+         "training.device", "valid: auto, cpu, cuda, cuda:N")
+    cfg.sae.check()

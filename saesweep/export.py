@@ -1,0 +1,76 @@
+"""Write an SAE in SAELens's on-disk format: cfg.json + sae_weights.safetensors.
+
+`sae_lens.SAE.load_from_disk(path)` loads the result with identical encode/decode.
+Written into a temporary sibling directory and renamed, so a crash never leaves a
+half-written `sae/` behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+import saesweep
+from saesweep.sae import SAE
+
+# The SAELens on-disk format version our files follow (its loader reads it from
+# metadata.sae_lens_version and would otherwise apply pre-6.0 key renames).
+SAE_LENS_FORMAT_VERSION = "6.0.0"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sae_lens_config(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "architecture": sae.export_architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
+        # Any input scaling is folded into the saved weights.
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **sae.export_config(),
+        "metadata": {
+            "sae_lens_version": SAE_LENS_FORMAT_VERSION,
+            "saesweep_version": saesweep.__version__,
+            "training_architecture": sae.cfg.architecture,
+            **metadata,
+        },
+    }
+
+
+def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in sae.export_tensors().items()}
+        save_file(tensors, str(staging / "sae_weights.safetensors"))
+        (staging / "cfg.json").write_text(json.dumps(sae_lens_config(sae, metadata), indent=2))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            staging.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory

@@ -1,0 +1,36 @@
+"""Optimizer and learning-rate schedule, from the optimizer and scheduler groups."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from saesweep.config import OptimizerConfig, SchedulerConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, cfg: SchedulerConfig) -> float:
+    """Multiplier of the base lr at 0-based `step` of `total_steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.name == "cosine":
+        span = max(1, total_steps - 1 - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.name == "warmup_decay" and cfg.decay_steps > 0:
+        left = total_steps - step  # steps still to take, this one included
+        if left <= cfg.decay_steps:
+            return left / cfg.decay_steps
+    return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: SchedulerConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

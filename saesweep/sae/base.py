@@ -1,0 +1,196 @@
+"""What every SAE architecture shares: parameters, input scaling, export.
+
+An architecture subclasses `SAE`, picks an activation function and names its
+extra loss terms. The trainer only calls `forward`, `after_step` and `export`,
+so adding an architecture never touches the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from saesweep.errors import UserError
+
+
+@dataclass
+class SAEConfig:
+    architecture: str = "standard"
+    d_sae: Optional[int] = None
+    expansion_factor: Optional[int] = 8
+    apply_b_dec_to_input: bool = True
+    b_dec_init: str = "mean"  # mean | geometric_median | zeros
+    decoder_init_norm: Optional[float] = 0.1
+    normalize_activations: str = "none"  # none | expected_average_only_in
+
+    def check(self) -> None:
+        if self.d_sae is None and self.expansion_factor is None:
+            raise UserError("config key 'sae.d_sae': set sae.d_sae or sae.expansion_factor")
+        if self.d_sae is not None and self.d_sae <= 0:
+            raise UserError(f"config key 'sae.d_sae': must be > 0, got {self.d_sae}")
+        if self.expansion_factor is not None and self.expansion_factor <= 0:
+            raise UserError("config key 'sae.expansion_factor': must be > 0")
+        if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
+            raise UserError("config key 'sae.b_dec_init': valid: mean, geometric_median, zeros")
+        if self.normalize_activations not in ("none", "expected_average_only_in"):
+            raise UserError(
+                "config key 'sae.normalize_activations': valid: none, expected_average_only_in"
+            )
+
+    def width(self, d_in: int) -> int:
+        return self.d_sae if self.d_sae is not None else int(self.expansion_factor * d_in)
+
+
+@dataclass
+class StepOutput:
+    """One training forward pass."""
+
+    recon: torch.Tensor  # in the target's raw units
+    losses: dict[str, torch.Tensor]  # in the SAE's scaled space; the loop sums them
+    l0: torch.Tensor  # mean number of active latents per token
+    fired: torch.Tensor  # [d_sae] bool: latents active on some token of the batch
+
+
+class SAE(nn.Module):
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    # Renormalise decoder rows to unit norm after every optimizer step.
+    unit_norm_decoder: ClassVar[bool] = False
+    # Name SAELens uses for the saved (inference) architecture.
+    export_architecture: ClassVar[str] = "standard"
+
+    def __init__(self, cfg: SAEConfig, d_in: int, d_out: Optional[int] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.d_in = d_in
+        self.d_out = d_out or d_in
+        self.d_sae = cfg.width(d_in)
+        if self.d_in != self.d_out and cfg.apply_b_dec_to_input:
+            raise UserError(
+                "config key 'sae.apply_b_dec_to_input': must be false for a transcoder "
+                f"(input width {self.d_in} != output width {self.d_out})"
+            )
+
+        W_dec = torch.empty(self.d_sae, self.d_out)
+        nn.init.kaiming_uniform_(W_dec)
+        if cfg.decoder_init_norm is not None:
+            W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * cfg.decoder_init_norm
+        if self.d_in == self.d_out:
+            W_enc = W_dec.T.clone()
+        else:
+            W_enc = torch.empty(self.d_in, self.d_sae)
+            nn.init.kaiming_uniform_(W_enc)
+        self.W_enc = nn.Parameter(W_enc.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.W_dec = nn.Parameter(W_dec.contiguous())
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        # Scales that bring inputs and targets to an average norm of sqrt(width);
+        # folded into the weights at export, so saved SAEs read raw activations.
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("target_scale", torch.tensor(1.0))
+
+    # --- set-up from the first buffer of activations -------------------------
+
+    @torch.no_grad()
+    def fit_to_data(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """Estimate input scaling and initialise b_dec from a sample of activations."""
+        if self.cfg.normalize_activations == "expected_average_only_in":
+            self.input_scale.fill_(self.d_in**0.5 / x.float().norm(dim=-1).mean().item())
+            self.target_scale.fill_(self.d_out**0.5 / target.float().norm(dim=-1).mean().item())
+        y = target.float() * self.target_scale
+        if self.cfg.b_dec_init == "mean":
+            self.b_dec.copy_(y.mean(0))
+        elif self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(y))
+
+    # --- the maths ------------------------------------------------------------
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations for input already in the SAE's (scaled) space."""
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
+    def decode_scaled(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+    def loss_terms(self, pre: torch.Tensor, acts: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """Architecture-specific loss terms besides reconstruction."""
+        return {}
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, step: int) -> StepOutput:
+        """Training pass on raw activations; losses are in the scaled space."""
+        target = target * self.target_scale
+        pre = self.pre_acts(x * self.input_scale)
+        acts = self.activation(pre)
+        recon = self.decode_scaled(acts)
+        losses = {"mse": mse_loss(recon, target), **self.loss_terms(pre, acts, step)}
+        active = acts.detach() != 0
+        return StepOutput(
+            recon=recon / self.target_scale,
+            losses=losses,
+            l0=active.sum(-1).float().mean(),
+            fired=active.any(0),
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations of raw input, as the exported SAE computes them."""
+        return self.inference_activation(self.pre_acts(x * self.input_scale))
+
+    def inference_activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.activation(pre)
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return self.decode_scaled(acts) / self.target_scale
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Called after each optimizer step (decoder renormalisation, running stats)."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Called on a large sample of training inputs before evaluation and export."""
+
+    # --- export to SAELens's on-disk format -----------------------------------
+
+    @torch.no_grad()
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Weights that act on raw activations: input/target scaling folded in."""
+        s_in, s_out = self.input_scale, self.target_scale
+        return {
+            "W_enc": (self.W_enc * s_in).contiguous(),
+            "b_enc": self.b_enc.clone(),
+            "W_dec": (self.W_dec / s_out).contiguous(),
+            "b_dec": (self.b_dec / s_out).contiguous(),
+        }
+
+    def export_config(self) -> dict[str, Any]:
+        """Architecture-specific SAELens cfg.json fields."""
+        return {}
+
+
+def mse_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over the feature dimension, averaged over tokens (SAELens)."""
+    return (recon - target).pow(2).sum(-1).mean()
+
+
+def geometric_median(points: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(iters):
+        dist = (points - median).norm(dim=1).clamp_min(eps)
+        weights = 1.0 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() < eps * max(1.0, median.norm().item()):
+            median = new
+            break
+        median = new
+    return median.float()

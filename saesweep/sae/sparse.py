@@ -1,0 +1,118 @@
+"""Sparse kernels for TopK-style SAEs: touch only the active latents.
+
+With k active latents out of d_sae per token, the dense decoder, its backward and
+the encoder's weight gradient all waste d_sae/k of their work on zeros. Here the
+encoder's forward stays dense (every pre-activation is needed to rank them), and
+everything after the selection works on the (row, latent, value) triples:
+- decode: `embedding_bag` over the active decoder rows (autograd built in);
+- encoder backward: a custom autograd function whose weight gradient is a sparse
+  [d_sae, batch] x [batch, d_in] product instead of a dense one.
+Both match the dense computation to float rounding (tests/test_sparse.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ActiveLatents:
+    """Active latents of a batch, sorted by row: values carry the autograd graph."""
+
+    rows: torch.Tensor  # [n_active] long, non-decreasing
+    cols: torch.Tensor  # [n_active] long
+    values: torch.Tensor  # [n_active]
+    n_rows: int
+    d_sae: int
+
+    def to_dense(self) -> torch.Tensor:
+        dense = self.values.new_zeros(self.n_rows, self.d_sae)
+        return dense.index_put((self.rows, self.cols), self.values)
+
+    def offsets(self) -> torch.Tensor:
+        counts = torch.bincount(self.rows, minlength=self.n_rows)
+        return torch.cumsum(counts, 0) - counts
+
+    def fired(self) -> torch.Tensor:
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=self.cols.device)
+        return fired.index_fill(0, self.cols[self.values.detach() != 0], True)
+
+    def l0(self) -> torch.Tensor:
+        return (self.values.detach() != 0).sum() / self.n_rows
+
+
+def topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the k largest entries of each row, sorted by row."""
+    cols = pre.topk(k, dim=-1, sorted=False).indices
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    return rows, cols.flatten()
+
+
+def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the k * n_rows largest entries of the whole batch, sorted by row.
+
+    Ranks each row's 4k best candidates first (much cheaper than ranking all
+    n_rows * d_sae entries); if some row had all its candidates chosen it might
+    deserve more, and the exact full ranking is used instead.
+    """
+    n_rows, d_sae = pre.shape
+    n_keep = min(k * n_rows, pre.numel())
+    width = min(d_sae, 4 * k)
+    cand_vals, cand_cols = pre.topk(width, dim=-1, sorted=False)
+    chosen = cand_vals.flatten().topk(n_keep, sorted=False).indices
+    rows = chosen // width
+    if width < d_sae and bool((torch.bincount(rows, minlength=n_rows) == width).any()):
+        flat = pre.flatten().topk(n_keep, sorted=False).indices.sort().values
+        return flat // d_sae, flat % d_sae
+    chosen = chosen.sort().values
+    rows = chosen // width
+    return rows, cand_cols.flatten()[chosen]
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """Pre-activations at (rows, cols), with a backward that stays sparse."""
+
+    @staticmethod
+    def forward(ctx, values, x, W_enc, b_enc, rows, cols):  # type: ignore[override]
+        ctx.save_for_backward(x, W_enc, rows, cols)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, W_enc, rows, cols = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # S[latent, row] = grad, so grad_W_enc = (S @ x)^T and grad_x = S^T @ W_enc^T.
+            S = torch.sparse_coo_tensor(
+                torch.stack([cols, rows]), grad, (d_sae, x.shape[0]), check_invariants=False
+            )
+            if ctx.needs_input_grad[2]:
+                grad_W = torch.sparse.mm(S, x).T
+            if ctx.needs_input_grad[1]:
+                grad_x = torch.sparse.mm(S.t(), W_enc.T.contiguous())
+        return None, grad_x, grad_W, grad_b, None, None
+
+
+def encode_active(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, select
+) -> ActiveLatents:
+    """Dense pre-activations, `select(pre) -> (rows, cols)`, then ReLU'd active values."""
+    with torch.no_grad():
+        pre = torch.addmm(b_enc, x, W_enc)
+        rows, cols = select(pre)
+        values = pre[rows, cols]
+    values = _GatherPreActs.apply(values, x, W_enc, b_enc, rows, cols).relu()
+    return ActiveLatents(rows, cols, values, x.shape[0], W_enc.shape[1])
+
+
+def decode_active(active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    out = F.embedding_bag(
+        active.cols, W_dec, active.offsets(), mode="sum", per_sample_weights=active.values
+    )
+    return out + b_dec

@@ -1,0 +1,39 @@
+"""ReLU SAE with an L1 penalty on activations weighted by decoder row norms (SAELens "standard")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saesweep.errors import UserError
+from saesweep.sae.base import SAE, SAEConfig
+
+
+@dataclass
+class StandardSAEConfig(SAEConfig):
+    architecture: str = "standard"
+    l1_coefficient: float = 5.0
+    l1_warm_up_steps: int = 0
+
+    def check(self) -> None:
+        super().check()
+        if self.l1_coefficient < 0:
+            raise UserError("config key 'sae.l1_coefficient': must be >= 0")
+        if self.l1_warm_up_steps < 0:
+            raise UserError("config key 'sae.l1_warm_up_steps': must be >= 0")
+
+
+class StandardSAE(SAE):
+    config_class = StandardSAEConfig
+    export_architecture = "standard"
+
+    def l1_coefficient(self, step: int) -> float:
+        """Linear warm-up from 0 over l1_warm_up_steps, as SAELens."""
+        warm = self.cfg.l1_warm_up_steps
+        scale = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        return self.cfg.l1_coefficient * scale
+
+    def loss_terms(self, pre: torch.Tensor, acts: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        weighted = acts * self.W_dec.norm(dim=1)
+        return {"l1": self.l1_coefficient(step) * weighted.sum(-1).mean()}

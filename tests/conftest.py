@@ -1,0 +1,47 @@
+"""Shared fixtures. End-to-end tests run the real CLI on the embedded model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+
+# Small enough for 2 CPU cores, large enough to exercise buffer refills.
+TINY_RUN = [
+    "training.total_tokens=8192",
+    "training.batch_size=1024",
+    "buffer.size_tokens=4096",
+    "training.log_every=2",
+    "eval.rows=24",
+    "eval.ce_rows=4",
+    "eval.batch_rows=8",
+    "activations.batch_rows=16",
+    "sae.expansion_factor=2",
+    "optimizer.lr=2e-3",
+]
+
+
+def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded model as a HookedTransformer (converted once per cache)."""
+    import torch
+
+    from saesweep.config import ModelConfig
+    from saesweep.models import load_model
+
+    return load_model(ModelConfig(), torch.device("cpu"), None)

@@ -1,0 +1,67 @@
+"""Every config group option composes and validates; bad keys and types are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF_DIR
+from saesweep.config import validate
+from saesweep.errors import UserError
+
+GROUPS = ["model", "dataset", "architecture", "optimizer", "scheduler"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    typed = validate(compose_train([f"{group}={option}"]))
+    if group == "architecture":
+        assert typed.sae.architecture == option
+    elif group in ("optimizer", "scheduler"):
+        assert getattr(typed, group).name == option
+
+
+def test_architecture_group_fills_sae_node_and_accepts_its_knobs():
+    typed = validate(compose_train(["architecture=batchtopk", "sae.k=64"]))
+    assert typed.sae.architecture == "batchtopk" and typed.sae.k == 64
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(UserError, match=r"'sae\.kk'"):
+        validate(compose_train(["+sae.kk=3"]))
+    with pytest.raises(UserError, match=r"'training\.bach_size'"):
+        validate(compose_train(["+training.bach_size=3"]))
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(UserError, match=r"'training\.batch_size'.*abc"):
+        validate(compose_train(["training.batch_size=abc"]))
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("sae.k=0", "sae.k"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("training.total_tokens=100", "training.total_tokens"),
+        ("buffer.size_tokens=4096", "buffer.size_tokens"),
+        ("training.device=tpu", "training.device"),
+    ],
+)
+def test_bad_values_are_named(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        validate(compose_train([override]))
+
+
+def test_width_needs_d_sae_or_expansion_factor():
+    with pytest.raises(UserError, match="sae.d_sae"):
+        validate(compose_train(["sae.d_sae=null", "sae.expansion_factor=null"]))

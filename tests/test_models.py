@@ -1,0 +1,84 @@
+"""Model loading: the embedded model matches HF, and the hub code path works on local files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, run_cli
+
+
+def test_embedded_model_log_probs_match_hf(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from saesweep.models import embedded_model_dir
+
+    hf = AutoModelForCausalLM.from_pretrained(embedded_model_dir("SmolLM2-135M-Instruct.Q4_1", None))
+    ids = smollm2.tokenizer("Now is the winter of our discontent made glorious summer", return_tensors="pt").input_ids
+    ids = torch.cat([torch.tensor([[smollm2.tokenizer.bos_token_id]]), ids], dim=1)
+    with torch.no_grad():
+        want = hf(ids).logits.log_softmax(-1)
+        got = smollm2(ids).log_softmax(-1)
+        # the hook activation is the HF hidden state after block 6
+        _, cache = smollm2.run_with_cache(ids, names_filter="blocks.6.hook_resid_post", stop_at_layer=7)
+        hidden = hf(ids, output_hidden_states=True).hidden_states[7]
+    assert (got - want).abs().max().item() < 5e-4
+    assert torch.allclose(cache["blocks.6.hook_resid_post"], hidden, rtol=1e-4, atol=2e-3)
+
+
+def test_hook_point_typo_suggests_close_names(smollm2):
+    from saesweep.errors import UserError
+    from saesweep.models import check_hook
+
+    with pytest.raises(UserError, match="blocks.6.hook_resid_post"):
+        check_hook(smollm2, "blocks.6.hook_resid_pots", "model.hook_point")
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model_and_data(tmp_path_factory, smollm2):
+    """A 2-layer GPT-2 and a JSON-lines text dataset, saved as a hub download would be."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("tiny-hub")
+    tok = smollm2.tokenizer
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok),
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(root / "tiny-gpt2")
+    tok.save_pretrained(root / "tiny-gpt2")
+    from saesweep.data import embedded_files
+
+    text = open(embedded_files("shakespeare")[0]).read()
+    docs = [text[i : i + 2000] for i in range(0, 200_000, 2000)]
+    with open(root / "docs.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"body": d}) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"])
+def test_hub_code_path_on_local_model_and_dataset(tiny_hf_model_and_data, tmp_path, streaming):
+    root = tiny_hf_model_and_data
+    proc = run_cli(
+        "saesweep.train",
+        "model=gpt2",
+        f"model.name={root / 'tiny-gpt2'}",
+        "model.hook_point=blocks.1.hook_resid_post",
+        "dataset=openwebtext",
+        "dataset.path=json",
+        f"dataset.data_files={root / 'docs.jsonl'}",
+        "dataset.column=body",
+        f"dataset.streaming={streaming}",
+        "dataset.holdout_fraction=0.1",
+        "dataset.context_size=64",
+        *TINY_RUN,
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["d_in"] == 32 and cfg["metadata"]["context_size"] == 64
+    assert result["tokens_trained"] == 8192 and result["ce_clean"] > 0

@@ -1,0 +1,169 @@
+"""Each architecture's forward pass and losses against hand-computed values on tiny tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saesweep.sae import build_sae
+from saesweep.sae.base import geometric_median
+from saesweep.sae.batchtopk import BatchTopKSAEConfig
+from saesweep.sae.standard import StandardSAEConfig
+from saesweep.sae.topk import TopKSAEConfig
+
+# d_in = 2, d_sae = 3, weights chosen so every number below is exact.
+W_ENC = [[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]
+B_ENC = [0.0, -1.0, 0.5]
+W_DEC = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+B_DEC = [0.5, 0.5]
+
+
+def tiny(cfg):
+    sae = build_sae(cfg, d_in=2)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor(W_ENC))
+        sae.b_enc.copy_(torch.tensor(B_ENC))
+        sae.W_dec.copy_(torch.tensor(W_DEC))
+        sae.b_dec.copy_(torch.tensor(B_DEC))
+    return sae
+
+
+def test_standard_forward_and_l1_weighted_by_decoder_norms():
+    sae = tiny(StandardSAEConfig(d_sae=3, l1_coefficient=0.5, normalize_activations="none"))
+    x = torch.tensor([[1.5, 2.5]])
+    # x - b_dec = (1, 2); pre = (1, 1, 1.5); recon = (2,0)+(0,1)+1.5(1,1)+b_dec = (4, 3)
+    out = sae(x, x, step=0)
+    assert out.recon.tolist() == [[4.0, 3.0]]
+    assert out.losses["mse"].item() == pytest.approx(2.5**2 + 0.5**2)
+    assert out.losses["l1"].item() == pytest.approx(0.5 * (1 * 2 + 1 * 1 + 1.5 * math.sqrt(2)))
+    assert out.l0.item() == 3 and out.fired.tolist() == [True, True, True]
+
+
+def test_standard_l1_warm_up_is_linear():
+    sae = tiny(StandardSAEConfig(d_sae=3, l1_coefficient=1.0, l1_warm_up_steps=4, normalize_activations="none"))
+    assert [sae.l1_coefficient(s) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
+
+
+def test_topk_keeps_k_largest_per_token():
+    sae = tiny(TopKSAEConfig(d_sae=3, k=1, normalize_activations="none"))
+    x = torch.tensor([[1.5, 2.5]])
+    # pre = (1, 1, 1.5): only latent 2 survives; recon = 1.5 (1, 1) + b_dec = (2, 2)
+    out = sae(x, x, step=0)
+    assert out.recon.tolist() == [[2.0, 2.0]]
+    assert out.losses["mse"].item() == pytest.approx(0.5)
+    assert sae.encode(x).tolist() == [[0.0, 0.0, 1.5]]
+    assert out.fired.tolist() == [False, False, True]
+
+
+def test_batchtopk_keeps_k_per_token_on_average_over_the_batch():
+    sae = tiny(BatchTopKSAEConfig(d_sae=3, k=1, normalize_activations="none"))
+    x = torch.tensor([[1.5, 3.5], [0.5, 0.5]])
+    # pre rows: (1, 2, 2.5) and (0, -1, 0.5). The 2 best of the batch are both in row 0.
+    out = sae(x, x, step=0)
+    assert out.recon.tolist() == [[3.0, 5.0], [0.5, 0.5]]
+    assert out.losses["mse"].item() == pytest.approx((1.5**2 + 1.5**2 + 0) / 2)
+    assert out.l0.item() == 1.0
+    # the running threshold after one batch is that batch's smallest survivor
+    assert float(sae.threshold) == pytest.approx(2.0)
+    # inference: a JumpReLU at that threshold, row by row
+    assert sae.encode(x).tolist() == [[0.0, 0.0, 2.5], [0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("cls_cfg", [TopKSAEConfig, BatchTopKSAEConfig])
+def test_sparse_training_path_matches_dense_maths(cls_cfg):
+    torch.manual_seed(0)
+    cfg = cls_cfg(d_sae=64, k=4, normalize_activations="none")
+    sae = build_sae(cfg, d_in=16)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+    x = torch.randn(32, 16)
+    out = sae(x, x, step=0)
+    out.losses["mse"].backward()
+    sparse_grads = [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    sae.zero_grad()
+
+    # dense reference: the same maths written plainly
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    acts = sae.activation(pre)
+    recon = acts @ sae.W_dec + sae.b_dec
+    dense_loss = (recon - x).pow(2).sum(-1).mean()
+    dense_loss.backward()
+    dense_grads = [p.grad for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+
+    assert torch.allclose(out.recon, recon, atol=1e-5)
+    assert out.losses["mse"].item() == pytest.approx(dense_loss.item(), rel=1e-5)
+    for got, want in zip(sparse_grads, dense_grads):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_batch_topk_indices_exact_even_when_one_row_dominates():
+    from saesweep.sae.sparse import batch_topk_indices
+
+    torch.manual_seed(0)
+    pre = torch.randn(8, 100)
+    pre[3] += 10.0  # row 3 owns far more than its 4k candidates' worth of winners
+    rows, cols = batch_topk_indices(pre, k=5)
+    want = set(pre.flatten().topk(40).indices.tolist())
+    assert set((rows * 100 + cols).tolist()) == want
+    assert torch.all(rows[1:] >= rows[:-1])
+
+
+def test_decoder_rows_renormalised_after_step_for_topk_family():
+    sae = build_sae(TopKSAEConfig(d_sae=8, k=2), d_in=4)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.after_step()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(8))
+
+
+def test_encoder_starts_as_decoder_transpose_with_decoder_init_norm():
+    sae = build_sae(StandardSAEConfig(d_sae=8, decoder_init_norm=0.1), d_in=4)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((8,), 0.1))
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+
+
+@pytest.mark.parametrize("cfg", [
+    StandardSAEConfig(d_sae=12, normalize_activations="expected_average_only_in"),
+    TopKSAEConfig(d_sae=12, k=3, normalize_activations="expected_average_only_in"),
+    BatchTopKSAEConfig(d_sae=12, k=3, normalize_activations="expected_average_only_in"),
+])
+def test_exported_weights_fold_input_scaling(cfg):
+    """The exported tensors, applied to raw activations, give what the SAE gives."""
+    torch.manual_seed(1)
+    sae = build_sae(cfg, d_in=6)
+    x = 50 * torch.randn(64, 6) + 7
+    sae.fit_to_data(x, x)
+    assert sae.input_scale.item() == pytest.approx(6**0.5 / x.norm(dim=1).mean().item(), rel=1e-5)
+    sae.train()
+    sae(x, x, step=0)  # lets BatchTopK set its running threshold
+    sae.calibrate(x)
+    t = sae.export_tensors()
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    if "threshold" in t:
+        acts = pre * (pre > t["threshold"])
+    else:
+        acts = sae.activation(pre)
+    assert torch.allclose(acts, sae.encode(x), atol=1e-4)
+    assert torch.allclose(acts @ t["W_dec"] + t["b_dec"], sae.decode(sae.encode(x)), atol=1e-3)
+
+
+def test_batchtopk_calibration_gives_k_per_token_on_its_sample():
+    torch.manual_seed(2)
+    sae = build_sae(BatchTopKSAEConfig(d_sae=64, k=4, normalize_activations="none"), d_in=16)
+    x = torch.randn(500, 16)
+    sae.calibrate(x)
+    active = (sae.encode(x) != 0).sum().item()
+    assert abs(active - 4 * 500) <= 1
+
+
+def test_b_dec_init_mean_and_geometric_median():
+    pts = torch.tensor([[0.0], [1.0], [10.0]])
+    assert geometric_median(pts).item() == pytest.approx(1.0, abs=1e-3)
+    square = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0], [0.0, 0.0]])
+    assert torch.allclose(geometric_median(square), torch.zeros(2), atol=1e-4)
+    sae = build_sae(StandardSAEConfig(d_sae=4, b_dec_init="mean", normalize_activations="none"), d_in=1)
+    sae.fit_to_data(pts, pts)
+    assert sae.b_dec.item() == pytest.approx(11 / 3)

@@ -8,7 +8,6 @@ half-written `sae/` behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,16 +21,6 @@ from saesweep.sae import SAE
 # The SAELens on-disk format version our files follow (its loader reads it from
 # metadata.sae_lens_version and would otherwise apply pre-6.0 key renames).
 SAE_LENS_FORMAT_VERSION = "6.0.0"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sae_lens_config(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ TINY_RUN = [
     "eval.batch_rows=8",
     "activations.batch_rows=16",
     "sae.expansion_factor=2",
-    "optimizer.lr=2e-3",
+    "optimizer.lr=4e-3",
 ]
 
 

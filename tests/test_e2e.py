@@ -14,7 +14,7 @@ from conftest import TINY_RUN, run_cli
 def trained_run(request, tmp_path_factory):
     arch = request.param
     run_dir = tmp_path_factory.mktemp(f"run-{arch}")
-    extra = ["sae.l1_coefficient=0.5"] if arch == "standard" else ["sae.k=8"]
+    extra = ["sae.l1_coefficient=0.5"] if arch == "standard" else ["sae.k=16"]
     proc = run_cli(
         "saesweep.train", f"architecture={arch}", *TINY_RUN, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir
     )
@@ -41,13 +41,8 @@ def test_run_dir_has_the_contract_files(trained_run):
 
 def test_sae_lens_loads_it_and_computes_the_same(trained_run):
     """sae_lens.SAE.load_from_disk gives our encode/decode, and eval.json's L0 and EV."""
+    from safetensors.torch import load_file
     from sae_lens import SAE as LensSAE
-
-    from saesweep.activations import ActivationSource
-    from saesweep.config import TrainConfig
-    from saesweep.evals import reconstruction_metrics
-    from saesweep.export import SAE_LENS_FORMAT_VERSION  # noqa: F401  (format marker exists)
-    from saesweep.sae import build_sae
 
     arch, run_dir = trained_run
     lens = LensSAE.load_from_disk(str(run_dir / "sae"))
@@ -58,8 +53,6 @@ def test_sae_lens_loads_it_and_computes_the_same(trained_run):
     # Random inputs at the scale of real activations (norm ~100).
     torch.manual_seed(0)
     x = 4 * torch.randn(64, lens.cfg.d_in)
-    from safetensors.torch import load_file
-
     weights = load_file(str(run_dir / "sae" / "sae_weights.safetensors"))
     pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
     feats = lens.encode(x)

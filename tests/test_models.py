@@ -43,7 +43,8 @@ def tiny_hf_model_and_data(tmp_path_factory, smollm2):
 
     root = tmp_path_factory.mktemp("tiny-hub")
     tok = smollm2.tokenizer
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok),
+    # n_ctx as in the real gpt2 config.json: TransformerLens reads it
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, n_ctx=64, vocab_size=len(tok),
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     GPT2LMHeadModel(cfg).save_pretrained(root / "tiny-gpt2")

@@ -156,7 +156,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
-        """Called on a large sample of training inputs before evaluation and export."""
+        """Called on a sample of recent training inputs before evaluation and export."""
 
     # --- export to SAELens's on-disk format -----------------------------------
 

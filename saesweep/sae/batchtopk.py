@@ -69,8 +69,13 @@ class BatchTopKSAE(TopKFamilySAE):
         return pre * (pre > self.threshold.to(pre.dtype))
 
     @torch.no_grad()
-    def calibrate(self, x: torch.Tensor, chunk: int = 4096) -> None:
-        """Set the threshold so that k latents per token fire on average over x."""
+    def calibrate(self, x: torch.Tensor, chunk: int = 4096, max_tokens: int = 32768) -> None:
+        """Set the threshold so that k latents per token fire on average over x.
+
+        At most `max_tokens` of x are used: a million winners pin the threshold down,
+        and the whole buffer would cost several seconds of encoder passes.
+        """
+        x = x[:max_tokens]
         n_keep = self.cfg.k * len(x)
         width = min(self.d_sae, 4 * self.cfg.k)
         while True:

@@ -73,6 +73,21 @@ class ActivationBuffer:
             self._refill()
         return tuple(self.columns)
 
+    def state_dict(self) -> dict:
+        """Contents, read position, leftover source chunk and generator: all a resume needs."""
+        return {
+            "columns": [c.cpu() for c in self.columns] if self.columns is not None else None,
+            "read": self.read,
+            "spill": [c.cpu() for c in self._spill] if self._spill is not None else None,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.columns = [c.to(self.device) for c in state["columns"]] if state["columns"] is not None else None
+        self.read = state["read"]
+        self._spill = tuple(state["spill"]) if state["spill"] is not None else None
+        self.generator.set_state(state["generator"])
+
     def next_batch(self) -> Columns:
         if self.columns is None or self.read >= self.capacity // 2:
             self._refill()

@@ -79,6 +79,8 @@ class TrainingConfig:
     grad_clip_norm: Optional[float] = 1.0
     log_every: int = 10
     dead_after_tokens: int = 200_000
+    checkpoint_every_tokens: int = 10_000_000
+    resume: str = "auto"
 
 
 @dataclass
@@ -86,6 +88,16 @@ class EvalConfig:
     rows: int = 256
     ce_rows: int = 64
     batch_rows: int = 16
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    job_name: Optional[str] = None
+    mode: Optional[str] = None
 
 
 @dataclass
@@ -101,6 +113,7 @@ class TrainConfig:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     cache_dir: Optional[str] = None
 
 
@@ -145,7 +158,12 @@ def _check_values(cfg: TrainConfig) -> None:
          f"{t.total_tokens} is less than one batch (training.batch_size={t.batch_size})")
     need(cfg.buffer.size_tokens >= 2 * t.batch_size, "buffer.size_tokens",
          f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})")
+    need(t.resume in ("auto", "never", "force"), "training.resume", "valid: auto, never, force")
+    need(t.checkpoint_every_tokens >= 0, "training.checkpoint_every_tokens", "must be >= 0 (0 = only on signals)")
     need(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
+    need(cfg.logger.name in ("none", "wandb"), "logger.name", "valid: none, wandb")
+    need(cfg.logger.mode in (None, "online", "offline", "disabled"), "logger.mode",
+         "valid: online, offline, disabled, null")
     need(cfg.optimizer.name in ("adam", "adamw"), "optimizer.name", "valid: adam, adamw")
     need(cfg.scheduler.name in ("constant", "cosine", "warmup_decay"), "scheduler.name",
          "valid: constant, cosine, warmup_decay")

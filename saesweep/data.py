@@ -103,22 +103,29 @@ class TokenRows:
     _tokenizer: Any
     seed: int
 
-    def train_iter(self) -> Iterator[torch.Tensor]:
-        epoch = 0
-        while True:
-            if self._train is not None:
+    def train_iter(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """Endless training rows, epoch after epoch, skipping the first `start` (to resume)."""
+        if self._train is not None:
+            epoch, index = divmod(start, len(self._train))
+            while True:
                 order = torch.arange(len(self._train))
                 if self._cfg.shuffle:
-                    gen = torch.Generator().manual_seed(self.seed + epoch)
-                    order = torch.randperm(len(self._train), generator=gen)
-                rows = (self._train[i] for i in order)
-            else:
-                rows = iter_rows(self._stream, self._cfg, self._tokenizer)
-                for _ in range(len(self.eval_rows)):  # the held-out head of the stream
-                    next(rows, None)
+                    order = torch.randperm(len(self._train), generator=torch.Generator().manual_seed(self.seed + epoch))
+                for i in order[index:]:
+                    yield self._train[i]
+                index, epoch = 0, epoch + 1
+                log.warning("dataset %s: starting epoch %d (%d rows each)", self._cfg.path, epoch + 1, len(self._train))
+        epoch = 0
+        while True:
+            rows = iter_rows(self._stream, self._cfg, self._tokenizer)
             count = 0
-            for row in rows:
+            for i, row in enumerate(rows):
+                if i < len(self.eval_rows):  # the held-out head of the stream
+                    continue
                 count += 1
+                if start > 0:
+                    start -= 1
+                    continue
                 yield row
             if count == 0:
                 raise UserError(f"config key 'dataset.path': {self._cfg.path} has no training rows")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,6 +22,7 @@ log = logging.getLogger("saesweep")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
+    name_wandb_run(cfg, hydra_cfg)
     try:
         typed = validate(cfg)
         from saesweep.trainer import train  # heavy imports only after the config is known good
@@ -31,8 +33,22 @@ def main(cfg: DictConfig) -> float | None:
             raise  # let the launcher record this member as failed
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun with hydra.run.dir={hydra_cfg.runtime.output_dir} to resume", file=sys.stderr)
+        sys.exit(130)
     log.info("eval: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return result.get("explained_variance")
+
+
+def name_wandb_run(cfg: DictConfig, hydra_cfg: Any) -> None:
+    """Sweep members share a W&B group named after the sweep dir; runs are named by their overrides."""
+    logger = cfg.get("logger")
+    if not logger:
+        return
+    if logger.get("group") is None and hydra_cfg.mode == RunMode.MULTIRUN:
+        logger.group = str(hydra_cfg.sweep.dir)
+    if logger.get("job_name") is None and hydra_cfg.job.override_dirname:
+        logger.job_name = hydra_cfg.job.override_dirname
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,12 +22,15 @@ from tqdm import tqdm
 
 from saesweep.activations import ActivationSource
 from saesweep.buffer import ActivationBuffer
+from saesweep.checkpoint import CHECKPOINT_NAME, StopSignals, config_differences, load_checkpoint, save_checkpoint
 from saesweep.config import TrainConfig
 from saesweep.data import load_token_rows
 from saesweep.errors import UserError
 from saesweep.evals import evaluate
-from saesweep.export import atomic_write_text, save_sae
+from saesweep.atomic import atomic_write_text
+from saesweep.export import save_sae
 from saesweep.metrics import explained_variance
+from saesweep.metrics_log import MetricsLog
 from saesweep.models import check_hook, load_model
 from saesweep.optim import build_optimizer, build_scheduler
 from saesweep.sae import build_sae
@@ -46,11 +52,39 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    seed_everything(cfg.training.seed)
-    device = resolve_device(cfg.training.device)
+class RowCounter:
+    """Passes token rows through, counting them: the data position a checkpoint records."""
 
+    def __init__(self, rows: Iterator[torch.Tensor], consumed: int = 0):
+        self.rows = rows
+        self.consumed = consumed
+
+    def __iter__(self) -> "RowCounter":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        row = next(self.rows)
+        self.consumed += 1
+        return row
+
+
+# Keys that may change between an interrupted run and its resumption.
+RESUME_MAY_CHANGE = {"training.resume", "training.checkpoint_every_tokens", "training.log_every",
+                     "training.device", "eval", "cache_dir", "logger"}
+
+
+def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
+    flat = asdict(cfg)
+    for key in RESUME_MAY_CHANGE:
+        section, _, name = key.partition(".")
+        if name:
+            flat[section].pop(name, None)
+        else:
+            flat.pop(section, None)
+    return flat
+
+
+def load_model_checked(cfg: TrainConfig, device: torch.device) -> Any:
     model = load_model(cfg.model, device, cfg.cache_dir)
     check_hook(model, cfg.model.hook_point, "model.hook_point")
     if cfg.model.hook_point_out is not None:
@@ -59,72 +93,133 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError(
             f"config key 'dataset.context_size': {cfg.dataset.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}"
         )
+    return model
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if cfg.training.resume != "never" and (run_dir / "eval.json").exists():
+        log.info("%s has finished already (eval.json); nothing to do", run_dir)
+        return json.loads((run_dir / "eval.json").read_text())
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if cfg.training.resume != "never" else None
+    if checkpoint is not None and cfg.training.resume != "force":
+        changed = config_differences(checkpoint["config"], resumable_config(cfg))
+        if changed:
+            raise UserError(
+                f"run dir {run_dir} holds a checkpoint of a different config: {'; '.join(changed)}. "
+                "Use a new run dir, or training.resume=force to continue anyway"
+            )
+
+    seed_everything(cfg.training.seed)
+    device = resolve_device(cfg.training.device)
+    model = load_model_checked(cfg, device)
     rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed)
     source = ActivationSource(model, cfg.model.hook_point, cfg.model.hook_point_out, cfg.activations.exclude_bos)
+    rows_start = checkpoint["rows_consumed"] if checkpoint else 0
+    rows_used = RowCounter(rows.train_iter(rows_start), rows_start)
+    # A buffer larger than the run would compute activations nobody trains on.
+    capacity = max(2 * cfg.training.batch_size, min(cfg.buffer.size_tokens, cfg.training.total_tokens))
     buffer = ActivationBuffer(
-        source.batches(rows.train_iter(), cfg.activations.batch_rows),
-        capacity=cfg.buffer.size_tokens,
+        source.batches(rows_used, cfg.activations.batch_rows),
+        capacity=capacity,
         batch_size=cfg.training.batch_size,
         device=device,
         generator=torch.Generator().manual_seed(cfg.training.seed),
     )
-
     sae = build_sae(cfg.sae, source.d_in, source.d_out).to(device)
-    first = buffer.sample()
-    sae.fit_to_data(first[0], first[-1])
     optimizer = build_optimizer(sae.parameters(), cfg.optimizer)
     total_steps = cfg.training.total_tokens // cfg.training.batch_size
     scheduler = build_scheduler(optimizer, total_steps, cfg.scheduler)
+    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+
+    segment_start = time.perf_counter()  # throughput counts every LM pass, the first fill included
+    if checkpoint is None:
+        step, elapsed_before = 0, 0.0
+        first = buffer.sample()
+        sae.fit_to_data(first[0], first[-1])
+    else:
+        step, elapsed_before = checkpoint["step"], checkpoint["elapsed"]
+        sae.load_state_dict(checkpoint["sae"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        buffer.load_state_dict(checkpoint["buffer"])
+        tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        truncate_metrics(run_dir / "metrics.jsonl", step)
+        log.info("resuming %s from step %d of %d", run_dir, step, total_steps)
+
+    def save_state() -> None:
+        save_checkpoint(run_dir / CHECKPOINT_NAME, {
+            "config": resumable_config(cfg),
+            "step": step,
+            "elapsed": elapsed_before + time.perf_counter() - segment_start,
+            "rows_consumed": rows_used.consumed,
+            "sae": sae.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "buffer": buffer.state_dict(),
+            "tokens_since_fired": tokens_since_fired,
+            "torch_rng": torch.get_rng_state(),
+        })
+
     log.info("training %s: d_in=%d d_sae=%d for %d steps of %d tokens on %s",
              cfg.sae.architecture, sae.d_in, sae.d_sae, total_steps, cfg.training.batch_size, device)
-
-    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-    progress = tqdm(range(total_steps), desc="train", unit="step", dynamic_ncols=True)
-    start = time.perf_counter()
+    batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
+    crash_at = int(os.environ.get("SAESWEEP_CRASH_AT_STEP", 0))  # fault injection for crash tests
+    metrics = MetricsLog(run_dir, cfg.logger, cfg)
+    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     sae.train()
-    for step in progress:
-        batch = buffer.next_batch()
-        x, target = batch[0], batch[-1]
-        out = sae(x, target, step)
-        loss = sum(out.losses.values())
+    with StopSignals() as stop:
+        while step < total_steps:
+            batch = buffer.next_batch()
+            x, target = batch[0], batch[-1]
+            out = sae(x, target, step)
+            loss = sum(out.losses.values())
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.training.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm)
-        optimizer.step()
-        scheduler.step()
-        sae.after_step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.training.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            sae.after_step()
+            tokens_since_fired = torch.where(out.fired, 0, tokens_since_fired + len(x))
+            step += 1
+            progress.update()
 
-        tokens_since_fired = torch.where(out.fired, 0, tokens_since_fired + len(x))
-
-        if (step + 1) % cfg.training.log_every == 0 or step + 1 == total_steps:
-            tokens = (step + 1) * cfg.training.batch_size
-            record = {
-                "step": step + 1,
-                "tokens": tokens,
-                "lr": scheduler.get_last_lr()[0],
-                "loss": float(loss.detach()),
-                **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
-                "l0": float(out.l0),
-                "explained_variance": explained_variance(target, out.recon.detach()),
-                "dead_features": int((tokens_since_fired >= cfg.training.dead_after_tokens).sum()),
-                "tokens_per_second": tokens / (time.perf_counter() - start),
-            }
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            progress.set_postfix(
-                tok_s=f"{record['tokens_per_second']:.0f}",
-                L0=f"{record['l0']:.1f}",
-                EV=f"{record['explained_variance']:.3f}",
-            )
-    elapsed = time.perf_counter() - start
-    metrics_file.close()
+            if step % cfg.training.log_every == 0 or step == total_steps:
+                tokens = step * batch_size
+                record = {
+                    "step": step,
+                    "tokens": tokens,
+                    "lr": scheduler.get_last_lr()[0],
+                    "loss": float(loss.detach()),
+                    **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
+                    "l0": float(out.l0),
+                    "explained_variance": explained_variance(target, out.recon.detach()),
+                    "dead_features": int((tokens_since_fired >= cfg.training.dead_after_tokens).sum()),
+                    "tokens_per_second": tokens / (elapsed_before + time.perf_counter() - segment_start),
+                }
+                metrics.log(record)
+                progress.set_postfix(
+                    tok_s=f"{record['tokens_per_second']:.0f}",
+                    L0=f"{record['l0']:.1f}",
+                    EV=f"{record['explained_variance']:.3f}",
+                )
+            crossed = every > 0 and (step * batch_size) // every > ((step - 1) * batch_size) // every
+            if crossed or stop.received or step == total_steps:
+                save_state()
+            if step == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop.received:
+                log.warning("stopping on signal %d at step %d; checkpoint saved. To resume, rerun the "
+                            "same command with hydra.run.dir=%s", stop.received, step, run_dir)
+                stop.resend()
+    elapsed = elapsed_before + time.perf_counter() - segment_start
     progress.close()
 
     sae.calibrate(buffer.sample()[0])
-    tokens_trained = total_steps * cfg.training.batch_size
+    tokens_trained = total_steps * batch_size
     log.info("trained on %d tokens in %.1f s; evaluating on held-out rows", tokens_trained, elapsed)
     result = evaluate(sae, source, rows.eval_rows, cfg.eval.rows, cfg.eval.ce_rows, cfg.eval.batch_rows)
     result.update(
@@ -133,9 +228,21 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         tokens_per_second=tokens_trained / elapsed,
         bos_excluded=cfg.activations.exclude_bos,
     )
+    metrics.final(result)
+    metrics.close()
     save_sae(sae, run_dir / "sae", sae_metadata(cfg))
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    # eval.json now marks the run finished; the checkpoint (buffer included) is dead weight.
+    (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     return result
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from; they will be logged again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def sae_metadata(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,98 @@
+"""Checkpoints and stop signals: a run that is preempted or killed continues exactly.
+
+A checkpoint holds everything the next step depends on: SAE, optimizer and
+scheduler state, the step, the dead-latent counters, the activation buffer's
+contents and shuffling generator, how many token rows the LM has consumed, and the
+elapsed time. Resuming restores all of it, so an interrupted-and-resumed run ends
+with the same weights as an uninterrupted one (on CPU; GPU kernels need not be
+deterministic). It is written to a temp file and renamed: the previous checkpoint
+stays valid until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+from saesweep.atomic import atomic_write
+from saesweep.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, keep it for inspection
+        raise UserError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}); move it away to start afresh, "
+            "or set training.resume=never"
+        ) from None
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = sorted(set(saved) | set(current))
+    out: list[str] = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_differences(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name} ({a!r} -> {b!r})")
+    return out
+
+
+class StopSignals:
+    """Turns SIGUSR2 (SLURM/submitit preemption), SIGTERM and SIGINT into a flag the
+    loop checks between steps, so the checkpoint is taken at a consistent point.
+    `resend` then hands the signal to whoever handled it before us: submitit
+    requeues the job, the default SIGTERM action ends the process, and SIGINT
+    raises KeyboardInterrupt."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def resend(self) -> None:
+        """Deliver the received signal to the handler that was there before us."""
+        sig, self.received = self.received, None
+        previous = self._previous.get(sig, signal.SIG_DFL) if sig is not None else signal.SIG_IGN
+        if callable(previous):  # submitit's requeue, or Python's KeyboardInterrupt for SIGINT
+            previous(sig, None)
+        elif previous == signal.SIG_DFL:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)  # the default action: the process ends here

@@ -1,0 +1,53 @@
+"""Where training metrics go: metrics.jsonl always, Weights & Biases when asked."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from saesweep.config import LoggerConfig
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, run_config: Any):
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.wandb_run = None
+        if cfg.name == "wandb":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                group=cfg.group,
+                name=cfg.job_name,
+                mode=cfg.mode,
+                dir=str(run_dir),
+                config=asdict(run_config),
+                # a requeued job continues the same W&B run
+                id=_stable_run_id(run_dir),
+                resume="allow",
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def final(self, result: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({f"eval/{k}": v for k, v in result.items()})
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _stable_run_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]

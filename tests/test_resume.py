@@ -1,0 +1,87 @@
+"""Checkpoints: a run killed mid-way and rerun ends with the same weights as one never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_RUN, run_cli
+from saesweep.checkpoint import StopSignals, config_differences
+
+RUN = [*TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "sae" / "sae_weights.safetensors"))
+
+
+def metrics_without_timing(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    proc = run_cli("saesweep.train", *RUN, f"hydra.run.dir={run_dir}", cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("crash_step", [3, 6])
+def test_killed_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_path, crash_step):
+    args = [*RUN, f"hydra.run.dir={tmp_path}"]
+    crashed = run_cli("saesweep.train", *args, cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": str(crash_step)})
+    assert crashed.returncode == -signal.SIGKILL
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "eval.json").exists()
+
+    resumed = run_cli("saesweep.train", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    want, got = weights(uninterrupted), weights(tmp_path)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name], got[name], atol=1e-6), name
+    assert metrics_without_timing(tmp_path) == metrics_without_timing(uninterrupted)
+
+
+def test_finished_run_is_not_trained_again(uninterrupted):
+    before = (uninterrupted / "eval.json").read_text()
+    again = run_cli("saesweep.train", *RUN, f"hydra.run.dir={uninterrupted}", cwd=uninterrupted)
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+    assert (uninterrupted / "eval.json").read_text() == before
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+    args = [*RUN, f"hydra.run.dir={tmp_path}"]
+    run_cli("saesweep.train", *args, cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": "3"})
+    checkpoint_before = (tmp_path / "checkpoint.pt").read_bytes()
+    proc = run_cli("saesweep.train", *args, "sae.k=8", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "sae.k (16 -> 8)" in proc.stderr and "training.resume=force" in proc.stderr
+    assert (tmp_path / "checkpoint.pt").read_bytes() == checkpoint_before
+
+
+def test_config_differences_names_nested_keys():
+    saved = {"sae": {"k": 16, "architecture": "topk"}, "optimizer": {"lr": 1e-3}}
+    now = {"sae": {"k": 8, "architecture": "topk"}, "optimizer": {"lr": 1e-3}, "extra": 1}
+    assert config_differences(saved, now) == ["extra (None -> 1)", "sae.k (16 -> 8)"]
+
+
+def test_stop_signals_turn_a_signal_into_a_flag_then_hand_it_on():
+    seen = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(s))
+    try:
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop.received == signal.SIGUSR2 and seen == []
+            stop.resend()  # what submitit installed gets it now
+            assert seen == [signal.SIGUSR2] and stop.received is None
+        assert signal.getsignal(signal.SIGUSR2) is not None
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

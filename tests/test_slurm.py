@@ -1,0 +1,163 @@
+"""Sweeps through Hydra's submitit launcher on a real (one-node) SLURM cluster.
+
+The cluster tests need `bash tests/slurm/cluster.sh start` (root) and SAESWEEP_SLURM=1;
+without that variable they are skipped, with it a cluster that does not answer is a
+failure, not a skip. CI: .ci/run. The partition is $SAESWEEP_SLURM_PARTITION (default
+"debug", as cluster.sh). Jobs train the embedded model on CPU, ~30-60 s each, 2 at a time
+on a 2-CPU machine.
+
+The first test needs no cluster: it renders the batch script the `slurm` preset produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import TINY_RUN, run_cli
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PARTITION = os.environ.get("SAESWEEP_SLURM_PARTITION", "debug")
+ON_CLUSTER = os.environ.get("SAESWEEP_SLURM") == "1"
+
+# Fits the test cluster: 1 CPU and 3 GB per job, no GPU. timeout_min must stay > 10 (see
+# conf/hydra/launcher/slurm.yaml), or a preemption would count as a timeout.
+LAUNCHER = [
+    "hydra/launcher=slurm",
+    f"hydra.launcher.partition={PARTITION}",
+    "hydra.launcher.timeout_min=15",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=3",
+    "hydra.launcher.gpus_per_node=null",
+]
+SWEEP_TIMEOUT_S = 1200  # hard stop for a wedged sweep; a healthy one takes ~2-3 min
+
+
+def test_slurm_preset_renders_the_batch_script(tmp_path):
+    """The preset's fields reach sbatch the way the launcher passes them (no cluster needed)."""
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}"],
+                      return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    params.pop("_target_")
+    # as hydra_submitit_launcher's BaseSubmititLauncher.launch builds its executor
+    executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = _make_sbatch_string(command="python -m x", folder=executor.folder, map_count=3,
+                                 **executor._executor.parameters)
+    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=4", "#SBATCH --mem=32GB",
+                 "#SBATCH --time=120", "#SBATCH --signal=USR2@120", "#SBATCH --array=0-2%3",
+                 "export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK"):
+        assert line in script, (line, script)
+    assert "--partition" not in script  # null: the cluster's default partition
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The test cluster must answer; with SAESWEEP_SLURM=1 anything else is a failure."""
+    for tool in ("sinfo", "sbatch", "sacct", "scontrol"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} not on PATH: run 'bash tests/slurm/cluster.sh start' as root")
+    state = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%T"], capture_output=True, text=True)
+    if state.returncode != 0 or not set(state.stdout.split()) & {"idle", "mixed", "allocated", "completing"}:
+        pytest.fail(f"partition {PARTITION!r} not usable ({state.stdout.strip() or state.stderr.strip()}): "
+                    "run 'bash tests/slurm/cluster.sh start' as root")
+    # submitit's only source of job states; the real sacct fails without slurmdbd, and then a
+    # job that dies without a result file would leave the sweep waiting forever.
+    probe = subprocess.run(["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", "1"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail(f"sacct fails ({probe.stderr.strip()}); cluster.sh installs a stand-in in /usr/local/bin")
+    return PARTITION
+
+
+def submitit_logs(sweep_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(sweep_dir.glob(".submitit/*/*_log.*")))
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+def test_three_member_sweep_on_slurm(cluster, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli("saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
+                   "sae.k=4,8,16", *TINY_RUN, cwd=tmp_path, timeout=SWEEP_TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:], submitit_logs(sweep_dir)[-4000:])
+    members = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in members] == ["0", "1", "2"]
+    l0 = []
+    for member, k in zip(members, (4, 8, 16)):
+        assert f"sae.k={k}" in (member / ".hydra" / "overrides.yaml").read_text()
+        result = json.loads((member / "eval.json").read_text())
+        assert result["tokens_trained"] == 8192
+        l0.append(result["l0"])
+    # Each member trained its own k: BatchTopK is calibrated to about k active latents.
+    assert l0 == sorted(l0), l0
+    # They ran as SLURM array tasks, not locally.
+    assert list(sweep_dir.glob(".submitit/*_*/*_log.out")), sorted(sweep_dir.glob(".submitit/*"))
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+def test_a_failing_member_fails_the_sweep_and_is_named(cluster, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli("saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
+                   "sae.k=4,0", *TINY_RUN, cwd=tmp_path, timeout=SWEEP_TIMEOUT_S)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    # Hydra names the failing member by its overrides, then re-raises the member's own
+    # exception (pickled back from the job) in the launching process.
+    assert "Error executing job with overrides:" in output and "'sae.k=0'" in output, output[-4000:]
+    assert "config key 'sae.k': must be > 0, got 0" in output, output[-4000:]
+    # the good member still finished
+    assert (sweep_dir / "0" / "eval.json").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+def test_preempted_member_is_requeued_and_resumes(cluster, tmp_path):
+    """USR2 (what SLURM sends on preemption): checkpoint, requeue, continue, finish."""
+    sweep_dir = tmp_path / "sweep"
+    run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=32768"]
+    cmd = [sys.executable, "-m", "saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
+           "sae.k=8", *run]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = None
+    try:
+        metrics = sweep_dir / "0" / "metrics.jsonl"
+        deadline = time.monotonic() + 600
+        while not (metrics.exists() and metrics.read_text().strip()):  # in the training loop
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the member never started training"
+            time.sleep(0.5)
+        (job_dir,) = (sweep_dir / ".submitit").glob("[0-9]*")  # one member: a plain job, not an array
+        job_id = job_dir.name
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        out, err = proc.communicate(timeout=SWEEP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:  # a failed assertion or a timeout: leave nothing behind
+            proc.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id])
+    assert proc.returncode == 0, (out[-2000:], err[-4000:], submitit_logs(sweep_dir)[-4000:])
+    logs = submitit_logs(sweep_dir)
+    assert "this job is preempted" in logs, logs[-4000:]
+    assert "resuming" in (sweep_dir / "0" / "train.log").read_text()
+    result = json.loads((sweep_dir / "0" / "eval.json").read_text())
+    assert result["tokens_trained"] == 32768
+    job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in job, job

@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Union
 
 import torch
 
 from saesweep.config import OptimizerConfig, SchedulerConfig
+from saesweep.sae.base import ParamGroup
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Union[Iterable[ParamGroup], Iterable[torch.nn.Parameter]], cfg: OptimizerConfig
+) -> torch.optim.Optimizer:
+    """Adam(W) over `SAE.param_groups()` (or plain parameters: one group at the base lr).
+
+    Each group starts at lr_multiplier x cfg.lr. LambdaLR scales every group's own
+    initial lr by the schedule's factor, so the multipliers hold at every step.
+    """
+    items = list(params)
+    n_groups = sum(isinstance(g, ParamGroup) for g in items)
+    if n_groups == 0:
+        items = [ParamGroup("main", items)]
+    elif n_groups != len(items):
+        raise TypeError("build_optimizer: pass either ParamGroups or plain parameters, not a mix")
+    groups = [
+        {"params": g.params, "lr": cfg.lr * g.lr_multiplier, "name": g.name, "lr_multiplier": g.lr_multiplier}
+        for g in items
+        if g.params
+    ]
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, cfg: SchedulerConfig) -> float:

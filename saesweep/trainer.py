@@ -127,7 +127,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(cfg.training.seed),
     )
     sae = build_sae(cfg.sae, source.d_in, source.d_out).to(device)
-    optimizer = build_optimizer(sae.parameters(), cfg.optimizer)
+    optimizer = build_optimizer(sae.param_groups(), cfg.optimizer)
     total_steps = cfg.training.total_tokens // cfg.training.batch_size
     scheduler = build_scheduler(optimizer, total_steps, cfg.scheduler)
     tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)

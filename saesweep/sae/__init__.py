@@ -6,6 +6,8 @@ from typing import Optional
 
 from saesweep.sae.base import SAE, SAEConfig, StepOutput
 from saesweep.sae.batchtopk import BatchTopKSAE
+from saesweep.sae.gated import GatedSAE
+from saesweep.sae.jumprelu import JumpReLUSAE
 from saesweep.sae.standard import StandardSAE
 from saesweep.sae.topk import TopKSAE
 
@@ -13,6 +15,8 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "standard": StandardSAE,
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
+    "gated": GatedSAE,
+    "jumprelu": JumpReLUSAE,
 }
 
 

@@ -45,6 +45,15 @@ class SAEConfig:
 
 
 @dataclass
+class ParamGroup:
+    """Parameters that share an optimizer lr: `lr_multiplier` x the configured lr."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr_multiplier: float = 1.0
+
+
+@dataclass
 class StepOutput:
     """One training forward pass."""
 
@@ -90,6 +99,12 @@ class SAE(nn.Module):
         # folded into the weights at export, so saved SAEs read raw activations.
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("target_scale", torch.tensor(1.0))
+
+    def param_groups(self) -> list[ParamGroup]:
+        """Optimizer parameter groups; an architecture overrides this to give some
+        parameters (e.g. JumpReLU thresholds) their own lr multiplier. The first
+        group is the main one: its lr is what the trainer logs."""
+        return [ParamGroup("main", list(self.parameters()))]
 
     # --- set-up from the first buffer of activations -------------------------
 

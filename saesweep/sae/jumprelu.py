@@ -1,0 +1,192 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, arXiv:2407.14435), as SAELens "jumprelu".
+
+A latent fires when its pre-activation z exceeds its own threshold θ, and then
+passes z through unchanged: JumpReLU(z) = z H(z - θ). H has no useful gradient, so
+θ learns through a straight-through estimator: in the backward pass, the Dirac
+delta of H' is replaced by a rectangle kernel of width `bandwidth` (ε),
+    d/dθ [z H(z - θ)] ≈ -(θ/ε) K((z - θ)/ε),   d/dθ H(z - θ) ≈ -(1/ε) K((z - θ)/ε),
+with K(u) = 1 on |u| < 1/2, else 0. By default z gets the plain gradient H(z - θ)
+(DeepMind); `ste_to_input: true` also passes the estimator to z (Anthropic).
+
+Sparsity loss (`sparsity_loss_mode`): "step" is DeepMind's L0, Σ H(z - θ); "tanh"
+is Anthropic's Σ tanh(c · f · ‖W_dec row‖) (c = tanh_scale, f the activation).
+`pre_act_loss_coefficient` > 0 adds Anthropic's pre-activation loss
+Σ ReLU(θ - z) ‖W_dec row‖, restricted (as SAELens) to latents that have not fired
+for `pre_act_dead_after_tokens` training tokens; it pulls dead latents back up.
+
+The threshold is learned as log θ, as DeepMind and Language-Model-SAEs do: it stays
+positive without clamping. SAELens 6 learns θ itself and clamps it at 0, because
+Adam moves log θ by about lr per step, i.e. θ only by a relative ~lr; here the
+separate `threshold_lr_multiplier` is the knob for that speed. Thresholds act on
+pre-activations, which are the same in the scaled training space and in the
+exported raw-input SAE (input scaling is folded into W_enc), so θ is exported as is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from saesweep.errors import UserError
+from saesweep.sae.base import SAE, ParamGroup, SAEConfig
+
+SPARSITY_LOSS_MODES = ("step", "tanh")
+
+
+@dataclass
+class JumpReLUSAEConfig(SAEConfig):
+    # Defaults are SAELens's recommended (Anthropic-style) tanh setup; conf/architecture/jumprelu.yaml says why.
+    architecture: str = "jumprelu"
+    l0_coefficient: float = 5.0
+    l0_warm_up_steps: int = 0
+    sparsity_loss_mode: str = "tanh"
+    tanh_scale: float = 4.0
+    bandwidth: float = 2.0
+    init_threshold: float = 0.1
+    ste_to_input: bool = False
+    pre_act_loss_coefficient: float = 3e-6
+    pre_act_dead_after_tokens: int = 4_096_000
+    threshold_lr_multiplier: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise UserError(f"config key 'sae.{key}': {msg}")
+
+        need(self.l0_coefficient >= 0, "l0_coefficient", f"must be >= 0, got {self.l0_coefficient}")
+        need(self.l0_warm_up_steps >= 0, "l0_warm_up_steps", f"must be >= 0, got {self.l0_warm_up_steps}")
+        need(self.sparsity_loss_mode in SPARSITY_LOSS_MODES, "sparsity_loss_mode",
+             f"unknown mode {self.sparsity_loss_mode!r}; valid: {', '.join(SPARSITY_LOSS_MODES)}")
+        need(self.tanh_scale > 0, "tanh_scale", f"must be > 0, got {self.tanh_scale}")
+        need(self.bandwidth > 0, "bandwidth", f"must be > 0, got {self.bandwidth}")
+        need(self.init_threshold > 0, "init_threshold",
+             f"must be > 0 (the threshold is learned as its log), got {self.init_threshold}")
+        need(self.pre_act_loss_coefficient >= 0, "pre_act_loss_coefficient",
+             f"must be >= 0 (0 turns it off), got {self.pre_act_loss_coefficient}")
+        need(self.pre_act_dead_after_tokens > 0, "pre_act_dead_after_tokens",
+             f"must be > 0, got {self.pre_act_dead_after_tokens}")
+        need(self.threshold_lr_multiplier >= 0, "threshold_lr_multiplier",
+             f"must be >= 0, got {self.threshold_lr_multiplier}")
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The rectangle kernel K(u): 1 on (-1/2, 1/2), 0 elsewhere."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a broadcast gradient back to the shape of the tensor that was broadcast."""
+    return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """z H(z - θ) forward; the rectangle-kernel estimator for θ backward."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
+                ste_to_input: bool) -> torch.Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
+        return z * (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        jump = threshold / eps * rectangle((z - threshold) / eps) * grad
+        grad_z = (z > threshold).to(grad.dtype) * grad
+        if ctx.ste_to_input:
+            grad_z = grad_z + jump
+        return grad_z, _reduce_to(-jump, threshold), None, None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(z - θ) forward; -(1/ε) K((z - θ)/ε) as its θ-derivative backward."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
+                ste_to_input: bool) -> torch.Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        pseudo = rectangle((z - threshold) / eps) / eps * grad
+        grad_z = pseudo if ctx.ste_to_input else None
+        return grad_z, _reduce_to(-pseudo, threshold), None, None
+
+
+def jumprelu(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False) -> torch.Tensor:
+    return JumpReLUFunction.apply(z, threshold, bandwidth, ste_to_input)
+
+
+def heaviside_step(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False) -> torch.Tensor:
+    return StepFunction.apply(z, threshold, bandwidth, ste_to_input)
+
+
+class JumpReLUSAE(SAE):
+    config_class = JumpReLUSAEConfig
+    export_architecture = "jumprelu"
+
+    def __init__(self, cfg: JumpReLUSAEConfig, d_in: int, d_out: Optional[int] = None):
+        super().__init__(cfg, d_in, d_out)
+        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(cfg.init_threshold)))
+        # Training tokens since each latent last fired: picks the latents the
+        # pre-activation loss applies to. A buffer, so checkpoints carry it.
+        self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.long))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def param_groups(self) -> list[ParamGroup]:
+        rest = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        return [
+            ParamGroup("main", rest),
+            ParamGroup("threshold", [self.log_threshold], self.cfg.threshold_lr_multiplier),
+        ]
+
+    def l0_coefficient(self, step: int) -> float:
+        """Linear warm-up from 0 over l0_warm_up_steps, as SAELens."""
+        warm = self.cfg.l0_warm_up_steps
+        return self.cfg.l0_coefficient * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return jumprelu(pre, self.threshold.to(pre.dtype), self.cfg.bandwidth, self.cfg.ste_to_input)
+
+    def inference_activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold.to(pre.dtype)).to(pre.dtype)
+
+    def loss_terms(self, pre: torch.Tensor, acts: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        threshold = self.threshold.to(pre.dtype)
+        dec_norm = self.W_dec.norm(dim=1)
+        if cfg.sparsity_loss_mode == "step":
+            per_token = heaviside_step(pre, threshold, cfg.bandwidth, cfg.ste_to_input).sum(-1)
+        else:
+            per_token = torch.tanh(cfg.tanh_scale * acts * dec_norm).sum(-1)
+        losses = {"l0": self.l0_coefficient(step) * per_token.mean()}
+        if cfg.pre_act_loss_coefficient > 0:
+            dead = (self.tokens_since_fired >= cfg.pre_act_dead_after_tokens).to(pre.dtype)
+            below = (threshold - pre).relu() * dead * dec_norm
+            losses["pre_act"] = cfg.pre_act_loss_coefficient * below.sum(-1).mean()
+        if self.training:
+            with torch.no_grad():
+                fired = (acts != 0).any(0)
+                self.tokens_since_fired.add_(pre.shape[0]).masked_fill_(fired, 0)
+        return losses
+
+    @torch.no_grad()
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().export_tensors()
+        tensors["threshold"] = self.threshold.detach().clone()
+        return tensors

@@ -49,8 +49,8 @@ class BatchTopKSAE(TopKFamilySAE):
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("calibrated_threshold", torch.tensor(float("nan"), dtype=torch.float64))
 
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_topk_indices(pre, self.cfg.k)
+    def select(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_topk_indices(pre, k)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return batch_topk(pre, self.cfg.k)

@@ -7,7 +7,8 @@ everything after the selection works on the (row, latent, value) triples:
 - decode: `embedding_bag` over the active decoder rows (autograd built in);
 - encoder backward: a custom autograd function whose weight gradient is a sparse
   [d_sae, batch] x [batch, d_in] product instead of a dense one.
-Both match the dense computation to float rounding (tests/test_sparse.py).
+Both match the dense computation to float rounding (tests/test_sae.py,
+tests/test_sae_topk_family.py).
 """
 
 from __future__ import annotations
@@ -99,20 +100,59 @@ class _GatherPreActs(torch.autograd.Function):
         return None, grad_x, grad_W, grad_b, None, None
 
 
+def dense_pre_acts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """All pre-activations, outside autograd: used only to rank latents."""
+    with torch.no_grad():
+        return torch.addmm(b_enc, x, W_enc)
+
+
+def gather_active(
+    pre: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    relu: bool = True,
+) -> ActiveLatents:
+    """Pre-activations at (rows, cols) of `dense_pre_acts`, differentiable and sparse."""
+    values = _GatherPreActs.apply(pre[rows, cols], x, W_enc, b_enc, rows, cols)
+    if relu:
+        values = values.relu()
+    return ActiveLatents(rows, cols, values, x.shape[0], W_enc.shape[1])
+
+
 def encode_active(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, select
 ) -> ActiveLatents:
     """Dense pre-activations, `select(pre) -> (rows, cols)`, then ReLU'd active values."""
-    with torch.no_grad():
-        pre = torch.addmm(b_enc, x, W_enc)
-        rows, cols = select(pre)
-        values = pre[rows, cols]
-    values = _GatherPreActs.apply(values, x, W_enc, b_enc, rows, cols).relu()
-    return ActiveLatents(rows, cols, values, x.shape[0], W_enc.shape[1])
+    pre = dense_pre_acts(x, W_enc, b_enc)
+    rows, cols = select(pre)
+    return gather_active(pre, x, W_enc, b_enc, rows, cols)
 
 
-def decode_active(active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+def topk_among(pre: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of each row's k largest entries among the latents `candidates`.
+
+    Ranks only the candidate columns, so a few dead latents cost a few columns.
+    """
+    sub = pre.index_select(1, candidates)
+    idx = sub.topk(k, dim=-1, sorted=False).indices
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    return rows, candidates[idx.flatten()]
+
+
+def decode_active(
+    active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum of value x decoder row over each row's active latents (+ b_dec if given)."""
     out = F.embedding_bag(
         active.cols, W_dec, active.offsets(), mode="sum", per_sample_weights=active.values
     )
-    return out + b_dec
+    return out if b_dec is None else out + b_dec
+
+
+def latents_in(active: ActiveLatents, lo: int, hi: int) -> ActiveLatents:
+    """The active entries whose latent index lies in [lo, hi); rows stay sorted."""
+    keep = (active.cols >= lo) & (active.cols < hi)
+    return ActiveLatents(active.rows[keep], active.cols[keep], active.values[keep], active.n_rows, active.d_sae)

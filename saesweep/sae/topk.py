@@ -1,15 +1,42 @@
-"""TopK SAE: per token, the k largest pre-activations survive (then ReLU)."""
+"""TopK SAE: per token, the k largest pre-activations survive (then ReLU).
+
+The TopK family (TopK, BatchTopK, Matryoshka BatchTopK) shares two training aids:
+
+- AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", app. A.2):
+  latents that have not fired for `dead_steps_threshold` steps are "dead"; each
+  token's `aux_k` largest dead pre-activations must reconstruct the residual the
+  live latents left, which gives dead latents a gradient again. Normalised as the
+  newest SAELens (6.x, `TopKTrainingSAE.calculate_topk_aux_loss`): squared error
+  summed over features and averaged over tokens, like our `mse`, times
+  min(n_dead / aux_k, 1) so a handful of dead latents gets a small push, with the
+  raw (not ReLU'd) pre-activations and no decoder bias. EleutherAI sparsify instead
+  divides by the batch's total variance and ReLUs; the paper weighs it by 1/32
+  against a variance-normalised MSE. We follow SAELens, coefficient 1 included.
+- a k schedule (OpenMOSS Language-Model-SAEs, seed 004, "Activation Functions" >
+  "TopK" and "BatchTopK": `initial_k`, `k_warmup_steps`, `k_cold_booting_steps`,
+  `k_schedule_type`, `k_exponential_factor`): training starts with more active
+  latents and decays to k; see `scheduled_k`. Inference, calibration and export
+  always use the final k.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from saesweep.errors import UserError
 from saesweep.sae.base import SAE, SAEConfig, StepOutput, mse_loss
-from saesweep.sae.sparse import decode_active, encode_active, topk_indices
+from saesweep.sae.sparse import (
+    ActiveLatents,
+    decode_active,
+    dense_pre_acts,
+    gather_active,
+    topk_among,
+    topk_indices,
+)
 
 
 @dataclass
@@ -17,6 +44,20 @@ class TopKSAEConfig(SAEConfig):
     architecture: str = "topk"
     k: int = 32
     decoder_init_norm: float = 1.0
+    # AuxK: null -> half the width of what is reconstructed (d_in for an SAE), the
+    # paper's heuristic and SAELens's fixed choice; 0 (or a zero coefficient) -> off.
+    aux_k: Optional[int] = None
+    aux_k_coefficient: float = 1.0
+    # Steps without firing after which a latent counts as dead for AuxK. SAELens's
+    # 1000 never triggers in a short run; 50 steps of the default 4096 tokens is
+    # the 200k tokens `training.dead_after_tokens` uses in the logs.
+    dead_steps_threshold: int = 50
+    # k schedule: null initial_k -> constant k.
+    initial_k: Optional[int] = None
+    k_warmup_steps: int = 1000
+    k_cold_booting_steps: int = 0
+    k_schedule_type: str = "linear"  # linear | exponential
+    k_exponential_factor: float = 3.0
 
     def check(self) -> None:
         super().check()
@@ -24,6 +65,74 @@ class TopKSAEConfig(SAEConfig):
             raise UserError(f"config key 'sae.k': must be > 0, got {self.k}")
         if self.d_sae is not None and self.k > self.d_sae:
             raise UserError(f"config key 'sae.k': {self.k} exceeds sae.d_sae={self.d_sae}")
+        if self.aux_k is not None and self.aux_k < 0:
+            raise UserError(f"config key 'sae.aux_k': must be >= 0 (0 = off) or null, got {self.aux_k}")
+        if not self.aux_k_coefficient >= 0:
+            raise UserError(f"config key 'sae.aux_k_coefficient': must be >= 0, got {self.aux_k_coefficient}")
+        if self.dead_steps_threshold <= 0:
+            raise UserError(
+                f"config key 'sae.dead_steps_threshold': must be > 0, got {self.dead_steps_threshold}"
+            )
+        if self.initial_k is not None:
+            if self.initial_k < self.k:
+                raise UserError(
+                    f"config key 'sae.initial_k': must be >= sae.k={self.k} (k decays to sae.k), "
+                    f"got {self.initial_k}"
+                )
+            if self.d_sae is not None and self.initial_k > self.d_sae:
+                raise UserError(f"config key 'sae.initial_k': {self.initial_k} exceeds sae.d_sae={self.d_sae}")
+            if self.k_warmup_steps <= 0:
+                raise UserError(
+                    "config key 'sae.k_warmup_steps': must be > 0 when sae.initial_k is set "
+                    f"(steps over which k decays), got {self.k_warmup_steps}"
+                )
+        if self.k_warmup_steps < 0:
+            raise UserError(f"config key 'sae.k_warmup_steps': must be >= 0, got {self.k_warmup_steps}")
+        if self.k_cold_booting_steps < 0:
+            raise UserError(
+                f"config key 'sae.k_cold_booting_steps': must be >= 0, got {self.k_cold_booting_steps}"
+            )
+        if self.k_schedule_type not in ("linear", "exponential"):
+            raise UserError(
+                f"config key 'sae.k_schedule_type': valid: linear, exponential; got {self.k_schedule_type!r}"
+            )
+        if not self.k_exponential_factor > 0:
+            raise UserError(
+                f"config key 'sae.k_exponential_factor': must be > 0, got {self.k_exponential_factor}"
+            )
+
+
+def scheduled_k(
+    step: int,
+    k: int,
+    initial_k: Optional[int],
+    warmup_steps: int,
+    cold_booting_steps: int = 0,
+    schedule_type: str = "linear",
+    exponential_factor: float = 3.0,
+) -> int:
+    """k at a (0-based) training step, as OpenMOSS Language-Model-SAEs schedules it.
+
+    Seed 004 ("Activation Functions" > "TopK") names the options; the formulas are
+    those of its trainer: k = initial_k for the first `cold_booting_steps` steps,
+    then with progress p = min(1, (step - cold) / warmup):
+      linear:       initial_k + (k - initial_k) * p
+      exponential:  initial_k - (initial_k - k) * (1 - e^(-f p)) / (1 - e^(-f))
+    rounded up, and never below k. Its step counts may also be fractions of the
+    run; ours are whole steps, since an SAE does not know the run's length.
+    """
+    if initial_k is None or warmup_steps <= 0:
+        return k
+    if step < cold_booting_steps:
+        return initial_k
+    progress = min(1.0, (step - cold_booting_steps) / warmup_steps)
+    if schedule_type == "exponential":
+        f = exponential_factor
+        decay = (1.0 - math.exp(-f * progress)) / (1.0 - math.exp(-f))
+        current = initial_k - (initial_k - k) * decay
+    else:
+        current = initial_k + (k - initial_k) * progress
+    return max(k, math.ceil(current))
 
 
 def topk_per_row(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -35,8 +144,8 @@ def topk_per_row(pre: torch.Tensor, k: int) -> torch.Tensor:
 class TopKFamilySAE(SAE):
     """Shared by TopK and BatchTopK: train through the sparse kernels.
 
-    Subclasses say which latents survive (`select`) and how that reads densely
-    for inference (`activation`).
+    Subclasses say which latents survive (`select`), how that reads densely for
+    inference (`activation`) and may add reconstruction terms (`reconstruct`).
     """
 
     # Unit decoder rows make the ranking of pre-activations mean what it says.
@@ -46,24 +155,79 @@ class TopKFamilySAE(SAE):
         super().__init__(cfg, d_in, d_out)
         if cfg.k > self.d_sae:
             raise UserError(f"config key 'sae.k': {cfg.k} exceeds the SAE width {self.d_sae}")
+        if cfg.initial_k is not None and cfg.initial_k > self.d_sae:
+            raise UserError(f"config key 'sae.initial_k': {cfg.initial_k} exceeds the SAE width {self.d_sae}")
+        # The residual AuxK reconstructs has the target's width (d_in for an SAE).
+        aux_k = cfg.aux_k if cfg.aux_k is not None else max(1, self.d_out // 2)
+        self.aux_k = aux_k if cfg.aux_k_coefficient > 0 else 0
+        # Training steps since each latent last fired. A buffer, so checkpoints and
+        # resumed runs keep it; updated only in training mode.
+        self.register_buffer("steps_since_fired", torch.zeros(self.d_sae, dtype=torch.long))
 
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def current_k(self, step: int) -> int:
+        c = self.cfg
+        return scheduled_k(step, c.k, c.initial_k, c.k_warmup_steps, c.k_cold_booting_steps,
+                           c.k_schedule_type, c.k_exponential_factor)
+
+    def dead_latents(self) -> torch.Tensor:
+        """[d_sae] bool: latents silent for at least `dead_steps_threshold` steps.
+
+        SAELens counts a latent dead only after *more than* its window; ours after
+        exactly that many steps, like `training.dead_after_tokens`.
+        """
+        return self.steps_since_fired >= self.cfg.dead_steps_threshold
 
     def forward(self, x: torch.Tensor, target: torch.Tensor, step: int) -> StepOutput:
         x = x * self.input_scale
         target = target * self.target_scale
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        active = encode_active(x, self.W_enc, self.b_enc, self.select)
-        recon = decode_active(active, self.W_dec, self.b_dec)
+        pre = dense_pre_acts(x, self.W_enc, self.b_enc)
+        rows, cols = self.select(pre, self.current_k(step))
+        active = gather_active(pre, x, self.W_enc, self.b_enc, rows, cols)
+        recon, losses = self.reconstruct(active, target)
+        if self.aux_k > 0:
+            # Dead as of the steps before this one, as SAELens: this batch's firing
+            # only counts from the next step on.
+            residual = (target - recon).detach()
+            losses["auxk"] = self.auxk_loss(pre, x, residual, self.dead_latents())
+        fired = active.fired()
         self.on_active(active)
+        if self.training:
+            with torch.no_grad():
+                self.steps_since_fired.add_(1).masked_fill_(fired, 0)
         return StepOutput(
             recon=recon / self.target_scale,
-            losses={"mse": mse_loss(recon, target)},
+            losses=losses,
             l0=active.l0(),
-            fired=active.fired(),
+            fired=fired,
         )
+
+    def reconstruct(
+        self, active: ActiveLatents, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Reconstruction (scaled space) and its loss terms from the selected latents."""
+        recon = decode_active(active, self.W_dec, self.b_dec)
+        return recon, {"mse": mse_loss(recon, target)}
+
+    def auxk_loss(
+        self, pre: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor
+    ) -> torch.Tensor:
+        """AuxK: each token's top aux_k dead latents reconstruct `residual` (see module doc)."""
+        dead_idx = dead.nonzero().squeeze(1)
+        n_dead = dead_idx.numel()
+        if n_dead == 0:
+            return residual.new_zeros(())
+        k_aux = min(self.aux_k, n_dead)
+        scale = min(n_dead / self.aux_k, 1.0)
+        rows, cols = topk_among(pre, dead_idx, k_aux)
+        # Raw pre-activations, as SAELens: a negative one is still told which way to move.
+        aux = gather_active(pre, x, self.W_enc, self.b_enc, rows, cols, relu=False)
+        recon = decode_active(aux, self.W_dec)
+        return self.cfg.aux_k_coefficient * scale * mse_loss(recon, residual)
 
     def on_active(self, active: Any) -> None:
         """Hook for running statistics of the selected activations."""
@@ -73,8 +237,8 @@ class TopKSAE(TopKFamilySAE):
     config_class = TopKSAEConfig
     export_architecture = "topk"
 
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_indices(pre, self.cfg.k)
+    def select(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_indices(pre, k)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_per_row(pre, self.cfg.k)

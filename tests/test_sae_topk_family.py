@@ -10,7 +10,9 @@ import torch
 
 from saesweep.errors import UserError
 from saesweep.sae import build_sae
+from saesweep.export import save_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
+from saesweep.sae.matryoshka import MatryoshkaBatchTopKSAEConfig
 from saesweep.sae.topk import TopKSAEConfig, scheduled_k
 
 # d_in = 3, d_sae = 6. Decoder rows e1, e2, e3, e1, e2, e3; latents 3-5 read the
@@ -209,6 +211,112 @@ def test_initial_k_wider_than_the_sae_is_refused_when_the_width_comes_from_expan
         build_sae(TopKSAEConfig(expansion_factor=2, k=2, initial_k=20), d_in=4)
 
 
+# --- Matryoshka BatchTopK ----------------------------------------------------
+
+
+def test_matryoshka_prefix_losses_against_hand_computation():
+    cfg = MatryoshkaBatchTopKSAEConfig(d_sae=6, k=2, matryoshka_widths=[2, 4], normalize_activations="none",
+                                       apply_b_dec_to_input=False)
+    sae = build_sae(cfg, d_in=3)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor(W_ENC))
+        sae.b_enc.copy_(torch.tensor([0.0, 0.0, 0.0, 0.3, 0.2, 0.6]))
+        sae.W_dec.copy_(torch.tensor(W_DEC))
+        sae.b_dec.copy_(torch.tensor([0.5, 0.0, -0.5]))
+    assert sae.widths == (2, 4, 6)
+    out = sae(torch.tensor(X), torch.tensor(X), step=0)
+    # pre t0 = (2, 1, 0, 1.3, 0.7, 0.6), t1 = (0, 3, 1, 0.3, 1.7, 0.1); the batch's
+    # 2 x 2 best: t1 l1 = 3, t0 l0 = 2, t1 l4 = 1.7, t0 l3 = 1.3.
+    # prefix 2: t0 = b_dec + 2 e1 = (2.5, 0, -.5), t1 = b_dec + 3 e2 = (.5, 3, -.5)
+    #   errors vs (2,1,0), (0,3,1): .25+1+.25 = 1.5 and .25+0+2.25 = 2.5
+    # prefix 4 adds 1.3 e1 to t0: (3.8, 0, -.5) -> 3.24+1+.25 = 4.49; t1 still 2.5
+    # all 6 add 1.7 e2 to t1: (.5, 4.7, -.5) -> .25+2.89+2.25 = 5.39
+    assert out.losses["mse_prefix_2"].item() == pytest.approx((1.5 + 2.5) / 2)
+    assert out.losses["mse_prefix_4"].item() == pytest.approx((4.49 + 2.5) / 2)
+    assert out.losses["mse"].item() == pytest.approx((4.49 + 5.39) / 2)
+    assert {k for k in out.losses if k.startswith("mse")} == {"mse", "mse_prefix_2", "mse_prefix_4"}
+    assert torch.allclose(out.recon, torch.tensor([[3.8, 0.0, -0.5], [0.5, 4.7, -0.5]]))
+
+
+def test_matryoshka_sparse_path_matches_dense_reference_with_gradients():
+    torch.manual_seed(3)
+    widths = [8, 24]
+    cfg = MatryoshkaBatchTopKSAEConfig(d_sae=64, k=4, matryoshka_widths=widths, aux_k=0,
+                                       normalize_activations="none")
+    sae = build_sae(cfg, d_in=16).double()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+    x = torch.randn(32, 16, dtype=torch.float64)
+    out = sae(x, x, step=0)
+    sum(out.losses.values()).backward()
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    sparse_grads = [p.grad.clone() for p in params]
+    sae.zero_grad()
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    acts = sae.activation(pre)
+    assert {w for w in widths if ((acts[:, :w] != 0).any(1) & (acts[:, w:] != 0).any(1)).any()} == set(widths)
+    dense = {f"mse_prefix_{w}": (acts[:, :w] @ sae.W_dec[:w] + sae.b_dec - x).pow(2).sum(-1).mean() for w in widths}
+    dense["mse"] = (acts @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
+    sum(dense.values()).backward()
+
+    assert set(out.losses) == set(dense)
+    for name, value in dense.items():
+        assert out.losses[name].item() == pytest.approx(value.item(), rel=1e-10), name
+    for got, p in zip(sparse_grads, params):
+        assert torch.allclose(got, p.grad, atol=1e-6)
+
+
+def test_matryoshka_widths_validated_and_completed_with_the_sae_width():
+    def widths(ws, **kw):
+        cfg = MatryoshkaBatchTopKSAEConfig(k=2, matryoshka_widths=ws, **kw)
+        cfg.check()
+        return build_sae(cfg, d_in=4).widths
+
+    assert widths([4, 16], d_sae=32) == (4, 16, 32)
+    assert widths([4, 32], d_sae=32) == (4, 32)
+    assert widths([8], expansion_factor=4) == (8, 16)
+    for bad in ([], [0, 8], [8, 8], [16, 8], [8, 64]):
+        with pytest.raises(UserError, match="config key 'sae.matryoshka_widths'"):
+            widths(bad, d_sae=32)
+    with pytest.raises(UserError, match="config key 'sae.matryoshka_widths'"):
+        widths([8, 64], expansion_factor=4)  # width known only once d_in is
+
+
+def test_matryoshka_export_loads_in_sae_lens_with_identical_encode_decode(tmp_path):
+    from sae_lens import SAE as LensSAE
+
+    torch.manual_seed(0)
+    cfg = MatryoshkaBatchTopKSAEConfig(d_sae=48, k=6, matryoshka_widths=[6, 18],
+                                       normalize_activations="expected_average_only_in")
+    sae = build_sae(cfg, d_in=16)
+    x = 30 * torch.randn(512, 16) + 5  # far from unit scale, so the folded scaling matters
+    sae.fit_to_data(x, x)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    sae.train()
+    for step in range(5):
+        out = sae(x, x, step)
+        optimizer.zero_grad()
+        sum(out.losses.values()).backward()
+        optimizer.step()
+        sae.after_step()
+    sae.calibrate(x)
+    sae.eval()
+
+    save_sae(sae, tmp_path / "sae", {"model_name": "test", "hook_name": "blocks.0.hook_resid_post"})
+    saved = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert saved["architecture"] == "jumprelu"
+    assert saved["metadata"]["training_architecture"] == "matryoshka_batchtopk"
+    lens = LensSAE.load_from_disk(str(tmp_path / "sae"))
+    probe = 30 * torch.randn(64, 16) + 5
+    with torch.no_grad():
+        ours, theirs = sae.encode(probe), lens.encode(probe)
+        assert torch.allclose(theirs, ours, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(lens.decode(theirs), sae.decode(ours), rtol=1e-5, atol=1e-4)
+    assert (ours != 0).any()
+
+
 # --- CLI end to end ----------------------------------------------------------
 
 
@@ -230,3 +338,20 @@ def test_cli_topk_with_auxk_and_k_schedule(tmp_path):
     assert by_step[2]["l0"] > 16 and by_step[8]["l0"] <= 16
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["k"] == 16
+
+
+def test_cli_matryoshka_batchtopk(tmp_path):
+    from conftest import TINY_RUN, run_cli
+    from sae_lens import SAE as LensSAE
+
+    proc = run_cli("saesweep.train", "architecture=matryoshka_batchtopk", *TINY_RUN, "sae.k=16",
+                   f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # TINY_RUN's width is 2 x 576 = 1152: levels 128, 512 and the whole SAE
+    for r in lines:
+        assert math.isfinite(r["loss/mse_prefix_128"]) and math.isfinite(r["loss/mse_prefix_512"])
+        assert r["loss"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("loss/")), rel=1e-5)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["explained_variance"] > 0.2
+    assert LensSAE.load_from_disk(str(tmp_path / "sae")).cfg.d_sae == 1152

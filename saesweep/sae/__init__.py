@@ -8,6 +8,7 @@ from saesweep.sae.base import SAE, SAEConfig, StepOutput
 from saesweep.sae.batchtopk import BatchTopKSAE
 from saesweep.sae.gated import GatedSAE
 from saesweep.sae.jumprelu import JumpReLUSAE
+from saesweep.sae.matryoshka import MatryoshkaBatchTopKSAE
 from saesweep.sae.standard import StandardSAE
 from saesweep.sae.topk import TopKSAE
 
@@ -15,6 +16,7 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "standard": StandardSAE,
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
     "gated": GatedSAE,
     "jumprelu": JumpReLUSAE,
 }

@@ -1,0 +1,76 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025, arXiv:2503.17547).
+
+BatchTopK selection, but the first `w` latents must also reconstruct the input on
+their own, for each width `w` in `matryoshka_widths`: one squared-error term per
+prefix, summed with the full reconstruction's. The early latents then learn the
+general, frequent features and the later ones refine them instead of absorbing
+them. As SAELens 6 (`MatryoshkaBatchTopKTrainingSAE`): the widths must increase
+strictly, d_sae is appended as the last level when missing, every prefix includes
+b_dec, the terms are not averaged over levels, and the SAE is saved as a JumpReLU
+with BatchTopK's threshold (SAELens's matryoshka inference config is JumpReLU too),
+so the nesting lives only in the training loss. AuxK is the TopK family's plain one;
+SAELens's optional per-level variant (`use_matryoshka_aux_loss`) is not offered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+
+from saesweep.errors import UserError
+from saesweep.sae.base import mse_loss
+from saesweep.sae.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
+from saesweep.sae.sparse import ActiveLatents, decode_active, latents_in
+
+
+@dataclass
+class MatryoshkaBatchTopKSAEConfig(BatchTopKSAEConfig):
+    architecture: str = "matryoshka_batchtopk"
+    # Prefix widths; the SAE width is added as the last level if it is not there.
+    matryoshka_widths: List[int] = field(default_factory=lambda: [128, 512])
+
+    def check(self) -> None:
+        super().check()
+        widths = list(self.matryoshka_widths)
+        key = "config key 'sae.matryoshka_widths'"
+        if not widths:
+            raise UserError(f"{key}: must list at least one width")
+        if any(w <= 0 for w in widths):
+            raise UserError(f"{key}: widths must be > 0, got {widths}")
+        if any(b <= a for a, b in zip(widths, widths[1:])):
+            raise UserError(f"{key}: widths must increase strictly, got {widths}")
+        if self.d_sae is not None and widths[-1] > self.d_sae:
+            raise UserError(f"{key}: {widths[-1]} exceeds sae.d_sae={self.d_sae}")
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    config_class = MatryoshkaBatchTopKSAEConfig
+    export_architecture = "jumprelu"
+
+    def __init__(self, cfg: MatryoshkaBatchTopKSAEConfig, d_in: int, d_out: int | None = None):
+        super().__init__(cfg, d_in, d_out)
+        widths = list(cfg.matryoshka_widths)
+        if widths and widths[-1] > self.d_sae:
+            raise UserError(
+                f"config key 'sae.matryoshka_widths': {widths[-1]} exceeds the SAE width {self.d_sae}"
+            )
+        if not widths or widths[-1] != self.d_sae:
+            widths.append(self.d_sae)
+        self.widths: tuple[int, ...] = tuple(widths)
+
+    def reconstruct(
+        self, active: ActiveLatents, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Decode level by level, each adding its latents to the previous prefix."""
+        prefix_losses = {}
+        recon = self.b_dec.expand(active.n_rows, -1)
+        lo = 0
+        for hi in self.widths:
+            recon = recon + decode_active(latents_in(active, lo, hi), self.W_dec)
+            if hi < self.d_sae:
+                prefix_losses[f"mse_prefix_{hi}"] = mse_loss(recon, target)
+            lo = hi
+        # The full SAE is the outer level: its term keeps the name "mse".
+        return recon, {"mse": mse_loss(recon, target), **prefix_losses}

@@ -115,6 +115,17 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cache_dir: Optional[str] = None
+    objectives: list[str] = field(default_factory=lambda: ["fvu", "l0"])
+
+
+# eval.json metrics a run can return to an optimising sweeper; fvu = 1 - explained_variance.
+OBJECTIVES = ("fvu", "l0", "mse", "explained_variance", "ce_loss_score", "ce_sae", "dead_fraction")
+
+
+def objective_values(result: dict[str, Any], names: list[str]) -> float | list[float]:
+    """The values of `names` in a run's eval result: one float, or a list for several."""
+    values = [1.0 - result["explained_variance"] if n == "fvu" else float(result[n]) for n in names]
+    return values[0] if len(values) == 1 else values
 
 
 def _merge(schema: Any, node: Any, where: str) -> Any:
@@ -174,4 +185,7 @@ def _check_values(cfg: TrainConfig) -> None:
     need(0 <= cfg.dataset.holdout_fraction < 1, "dataset.holdout_fraction", "must be in [0, 1)")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          "training.device", "valid: auto, cpu, cuda, cuda:N")
+    bad = [name for name in cfg.objectives if name not in OBJECTIVES]
+    need(bool(cfg.objectives) and not bad, "objectives",
+         f"unknown {bad}; valid: {', '.join(OBJECTIVES)}" if bad else "needs at least one name")
     cfg.sae.check()

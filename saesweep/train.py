@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from saesweep.config import validate
+from saesweep.config import objective_values, validate
 from saesweep.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -20,7 +20,7 @@ log = logging.getLogger("saesweep")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | list[float]:
     hydra_cfg = HydraConfig.get()
     name_wandb_run(cfg, hydra_cfg)
     try:
@@ -37,7 +37,8 @@ def main(cfg: DictConfig) -> float | None:
         print(f"interrupted; rerun with hydra.run.dir={hydra_cfg.runtime.output_dir} to resume", file=sys.stderr)
         sys.exit(130)
     log.info("eval: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
-    return result.get("explained_variance")
+    # What an optimising sweeper (hydra/sweeper=pareto) minimises; grids ignore it.
+    return objective_values(result, typed.objectives)
 
 
 def name_wandb_run(cfg: DictConfig, hydra_cfg: Any) -> None:

@@ -70,7 +70,7 @@ class RowCounter:
 
 # Keys that may change between an interrupted run and its resumption.
 RESUME_MAY_CHANGE = {"training.resume", "training.checkpoint_every_tokens", "training.log_every",
-                     "training.device", "eval", "cache_dir", "logger"}
+                     "training.device", "eval", "cache_dir", "logger", "objectives"}
 
 
 def resumable_config(cfg: TrainConfig) -> dict[str, Any]:

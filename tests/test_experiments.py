@@ -22,6 +22,10 @@ from saesweep.config import validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+# Experiments whose params are search spaces (interval/tag) for hydra/sweeper=pareto; the
+# rest are grids for Hydra's basic sweeper.
+SEARCHES = sorted(n for n in EXPERIMENTS if "interval(" in (CONF_DIR / "experiment" / f"{n}.yaml").read_text())
+GRIDS = [n for n in EXPERIMENTS if n not in SEARCHES]
 
 
 def compose_train(overrides: list[str], hydra: bool = False):
@@ -37,17 +41,40 @@ def sweeper_params(name: str) -> dict[str, str]:
 
 
 def members(name: str) -> list[list[str]]:
-    """The override list of each sweep member: the grid over the params' comma lists."""
+    """The override list of each sweep member: the grid over the params' comma lists.
+
+    For a search, the corners of its space: each interval's bounds, each choice's options.
+    """
     axes = []
     for override in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sweeper_params(name).items()]):
         key = override.get_key_element()
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        if override.is_interval_sweep():
+            values = [override.value().start, override.value().end]
+        elif override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        else:
+            values = [override.value()]
         axes.append([f"{key}={v}" for v in values])
     return [list(m) for m in itertools.product(*axes)]
 
 
 def test_experiments_exist():
-    assert {"k_sweep", "l1_sweep", "arch_compare"} <= set(EXPERIMENTS)
+    assert {"k_sweep", "l1_sweep", "arch_compare"} <= set(GRIDS)
+    assert {"l1_search", "lr_search"} <= set(SEARCHES)
+
+
+@pytest.mark.parametrize("name", SEARCHES)
+def test_search_space_is_one_optuna_understands(name):
+    """Every param of a search experiment becomes an Optuna distribution; directions match objectives."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    cfg = compose_train(["hydra/sweeper=pareto", f"+experiment={name}"], hydra=True)
+    params = sweeper_params(name)
+    distributions, fixed = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
+    assert set(distributions) == set(params) and not fixed
+    direction = cfg.hydra.sweeper.direction
+    directions = [direction] if isinstance(direction, str) else list(direction)
+    assert len(directions) == len(cfg.objectives)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -59,7 +86,7 @@ def test_experiment_composes_and_every_member_validates(name):
         typed = validate(cfg)
         for override in OverridesParser.create().parse_overrides(overrides):
             key = override.get_key_element()
-            if not key.startswith(("+", "~")) and "/" not in key:  # a plain key, not a group
+            if not key.startswith(("+", "~")) and not (CONF_DIR / key).is_dir():  # a plain key, not a group
                 assert OmegaConf.select(cfg, key) == override.value(), override.input_line
         assert typed.sae.architecture in ("standard", "topk", "batchtopk")
 

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from conftest import TINY_RUN, run_cli
 
@@ -92,23 +94,33 @@ def submitit_logs(sweep_dir: Path) -> str:
 
 @pytest.mark.slurm
 @pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
-def test_three_member_sweep_on_slurm(cluster, tmp_path):
+def test_architecture_by_k_sweep_on_slurm(cluster, tmp_path):
+    """The design's sweep, `architecture=topk,batchtopk sae.k=...`: six jobs, six rows, six points."""
     sweep_dir = tmp_path / "sweep"
     proc = run_cli("saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
-                   "sae.k=4,8,16", *TINY_RUN, cwd=tmp_path, timeout=SWEEP_TIMEOUT_S)
+                   "architecture=topk,batchtopk", "sae.k=4,8,16", *TINY_RUN, cwd=tmp_path, timeout=SWEEP_TIMEOUT_S)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:], submitit_logs(sweep_dir)[-4000:])
-    members = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    assert [p.name for p in members] == ["0", "1", "2"]
-    l0 = []
-    for member, k in zip(members, (4, 8, 16)):
-        assert f"sae.k={k}" in (member / ".hydra" / "overrides.yaml").read_text()
+    members = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    assert [p.name for p in members] == [str(i) for i in range(6)]
+    l0 = {}
+    for member in members:
+        overrides = (member / ".hydra" / "overrides.yaml").read_text()
+        arch = "batchtopk" if "architecture=batchtopk" in overrides else "topk"
+        k = next(k for k in (4, 8, 16) if f"sae.k={k}\n" in overrides)
         result = json.loads((member / "eval.json").read_text())
         assert result["tokens_trained"] == 8192
-        l0.append(result["l0"])
-    # Each member trained its own k: BatchTopK is calibrated to about k active latents.
-    assert l0 == sorted(l0), l0
+        l0[arch, k] = result["l0"]
+    assert len(l0) == 6
+    # Each member trained its own k: TopK has exactly k active latents, BatchTopK about k.
+    for k in (4, 8, 16):
+        assert l0["topk", k] <= k
+    assert [l0["batchtopk", k] for k in (4, 8, 16)] == sorted(l0["batchtopk", k] for k in (4, 8, 16))
     # They ran as SLURM array tasks, not locally.
-    assert list(sweep_dir.glob(".submitit/*_*/*_log.out")), sorted(sweep_dir.glob(".submitit/*"))
+    assert len(list(sweep_dir.glob(".submitit/*_*/*_log.out"))) == 6, sorted(sweep_dir.glob(".submitit/*"))
+    # The sweep report, written by the Hydra callback when the multirun ended.
+    rows = [line for line in (sweep_dir / "report.md").read_text().splitlines() if line.startswith("| ") and "| done |" in line]
+    assert len(rows) == 6, rows
+    assert (sweep_dir / "pareto.png").stat().st_size > 0
 
 
 @pytest.mark.slurm
@@ -161,3 +173,14 @@ def test_preempted_member_is_requeued_and_resumes(cluster, tmp_path):
     assert result["tokens_trained"] == 32768
     job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
     assert "Restarts=1" in job, job
+
+    # The same config run uninterrupted, with the job's one thread, ends with the same weights.
+    plain = run_cli("saesweep.train", f"hydra.run.dir={tmp_path / 'plain'}", "sae.k=8", *run, cwd=tmp_path,
+                    env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    resumed = load_file(str(sweep_dir / "0" / "sae" / "sae_weights.safetensors"))
+    uninterrupted = load_file(str(tmp_path / "plain" / "sae" / "sae_weights.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
+

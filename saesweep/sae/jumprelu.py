@@ -125,11 +125,15 @@ class StepFunction(torch.autograd.Function):
         return grad_z, _reduce_to(-pseudo, threshold), None, None
 
 
-def jumprelu(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False) -> torch.Tensor:
+def jumprelu(
+    z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False
+) -> torch.Tensor:
     return JumpReLUFunction.apply(z, threshold, bandwidth, ste_to_input)
 
 
-def heaviside_step(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False) -> torch.Tensor:
+def heaviside_step(
+    z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False
+) -> torch.Tensor:
     return StepFunction.apply(z, threshold, bandwidth, ste_to_input)
 
 

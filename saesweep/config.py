@@ -189,3 +189,51 @@ def _check_values(cfg: TrainConfig) -> None:
     need(bool(cfg.objectives) and not bad, "objectives",
          f"unknown {bad}; valid: {', '.join(OBJECTIVES)}" if bad else "needs at least one name")
     cfg.sae.check()
+
+
+# --- python -m saesweep.evaluate ------------------------------------------------
+
+
+@dataclass
+class EvaluateModelConfig(ModelConfig):
+    # null: the hook recorded in the SAE's cfg.json (metadata.hook_name).
+    hook_point: Optional[str] = None
+
+
+@dataclass
+class EvaluateConfig:
+    """conf/evaluate.yaml: the model and dataset groups of training, plus the SAE to measure."""
+
+    sae_path: Optional[str] = None
+    out_dir: Optional[str] = None  # null: the Hydra run dir
+    device: str = "auto"
+    seed: int = 42
+    model: EvaluateModelConfig = field(default_factory=EvaluateModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache_dir: Optional[str] = None
+
+
+def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
+    """Check a composed conf/evaluate.yaml against EvaluateConfig, naming any bad key."""
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    typed: EvaluateConfig = _merge(EvaluateConfig, raw, "")
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise UserError(f"config key '{key}': {msg}")
+
+    need(bool(typed.sae_path), "sae_path",
+         "missing; give the SAE directory: python -m saesweep.evaluate sae_path=PATH (or PATH as the first argument)")
+    need(typed.device == "auto" or typed.device == "cpu" or typed.device.startswith("cuda"),
+         "device", "valid: auto, cpu, cuda, cuda:N")
+    need(typed.eval.rows > 0, "eval.rows", "must be > 0")
+    need(typed.eval.ce_rows >= 0, "eval.ce_rows", "must be >= 0 (0 skips the CE loss score)")
+    need(typed.eval.batch_rows > 0, "eval.batch_rows", "must be > 0")
+    need(typed.model.source in ("embedded", "pretrained"), "model.source", "valid: embedded, pretrained")
+    need(typed.dataset.source in ("embedded", "hf"), "dataset.source", "valid: embedded, hf")
+    need(typed.dataset.context_size >= 2, "dataset.context_size", "must be >= 2")
+    need(0 <= typed.dataset.holdout_fraction < 1, "dataset.holdout_fraction", "must be in [0, 1)")
+    return typed

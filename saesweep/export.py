@@ -1,4 +1,6 @@
-"""Write an SAE in SAELens's on-disk format: cfg.json + sae_weights.safetensors.
+"""Write an SAE in SAELens's on-disk format: cfg.json + sae_weights.safetensors,
+and sparsity.safetensors (log10 firing rate per latent over the eval window) when
+the caller has measured it.
 
 `sae_lens.SAE.load_from_disk(path)` loads the result with identical encode/decode.
 Written into a temporary sibling directory and renamed, so a crash never leaves a
@@ -11,12 +13,14 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import torch
 from safetensors.torch import save_file
 
 import saesweep
 from saesweep.sae import SAE
+from saesweep.sae_dir import CFG_FILENAME, SPARSITY_FILENAME, SPARSITY_KEY, WEIGHTS_FILENAME
 
 # The SAELens on-disk format version our files follow (its loader reads it from
 # metadata.sae_lens_version and would otherwise apply pre-6.0 key renames).
@@ -44,14 +48,23 @@ def sae_lens_config(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any]) -> Path:
+def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any], sparsity: Optional[torch.Tensor] = None) -> Path:
+    """Write the SAE (and `sparsity`, [d_sae] log10 firing rates, if given) as one directory."""
+    if sparsity is not None and tuple(sparsity.shape) != (sae.d_sae,):
+        raise ValueError(f"sparsity has shape {list(sparsity.shape)}; expected [{sae.d_sae}]")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in sae.export_tensors().items()}
-        save_file(tensors, str(staging / "sae_weights.safetensors"))
-        (staging / "cfg.json").write_text(json.dumps(sae_lens_config(sae, metadata), indent=2))
+        save_file(tensors, str(staging / WEIGHTS_FILENAME))
+        if sparsity is not None:
+            save_file({SPARSITY_KEY: sparsity.detach().float().cpu().contiguous()}, str(staging / SPARSITY_FILENAME))
+        (staging / CFG_FILENAME).write_text(json.dumps(sae_lens_config(sae, metadata), indent=2))
+        # mkdtemp makes the directory 0700: run outputs are for everyone who can see the run.
+        staging.chmod(0o755)
+        for f in staging.iterdir():
+            f.chmod(0o644)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     )
     metrics.final(result)
     metrics.close()
-    save_sae(sae, run_dir / "sae", sae_metadata(cfg))
+    save_sae(sae, run_dir / "sae", sae_metadata(cfg), sparsity=result.log10_firing_rate())
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
     # eval.json now marks the run finished; the checkpoint (buffer included) is dead weight.
     (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)

@@ -1,0 +1,199 @@
+"""Evaluate any SAELens-format SAE directory: `python -m saesweep.evaluate path/to/sae`.
+
+A Hydra app over the same `model` and `dataset` groups as training (conf/evaluate.yaml).
+It loads the SAE with saesweep's own reader (saesweep.sae_dir, no sae_lens needed),
+runs the training's evaluation code on the dataset's held-out rows, and writes into
+the run dir (or `out_dir`):
+- eval.json — the metrics of a training run's eval.json (l0, mse, explained_variance,
+  dead_fraction, dead_window_tokens, ce_*), plus what was evaluated (sae_path,
+  architecture, widths, hooks, model, dataset). Training-only keys (tokens_trained,
+  tokens_per_second) are absent: nothing was trained;
+- density.png — histogram of log10 firing rates, dead latents counted in the title;
+- sparsity.safetensors — the same rates in SAELens's format.
+
+The hook defaults to the one recorded in the SAE's cfg.json (metadata.hook_name), so
+an SAE is measured where it was trained unless `model.hook_point=` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from saesweep.config import EvaluateConfig, validate_evaluate
+from saesweep.errors import UserError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("saesweep.evaluate")
+
+
+def resolve_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"config key 'device': {name!r} but no CUDA GPU is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def resolve_hooks(cfg: EvaluateConfig, sae: Any) -> tuple[str, str | None]:
+    """The input hook (config, else the SAE's own) and the output hook for a transcoder."""
+    hook_in = cfg.model.hook_point or sae.hook_name
+    if not hook_in:
+        raise UserError(
+            f"config key 'model.hook_point': {sae.path / 'cfg.json'} records no hook_name; "
+            "set model.hook_point to the hook the SAE reads (e.g. blocks.6.hook_resid_post)"
+        )
+    hook_out = cfg.model.hook_point_out or (sae.hook_name_out if not cfg.model.hook_point else None)
+    return hook_in, (hook_out if hook_out != hook_in else None)
+
+
+def check_widths(sae: Any, source: Any, hook_in: str, hook_out: str | None, model_name: str) -> None:
+    """The SAE's widths against the model's activations at the chosen hooks."""
+    import torch
+
+    from saesweep.sae_dir import activation_width
+
+    probe = torch.full((1, 2), source.bos or 0, dtype=torch.long)
+    acts = source.hook_activations(probe)
+    widths = [activation_width(a.shape) for a in acts]
+    for (what, want, hook), got in zip([("d_in", sae.d_in, hook_in), ("d_out", sae.d_out, hook_out or hook_in)], [widths[0], widths[-1]]):
+        if want != got:
+            raise UserError(
+                f"{sae.path / 'cfg.json'}: the SAE's {what} is {want} but hook {hook!r} of model "
+                f"{model_name!r} has width {got}; choose the model and hook it was trained on "
+                "(model=..., model.hook_point=...)"
+            )
+
+
+def plot_density(log10_rate: Any, dead: int, tokens: int, path: Path, title: str) -> None:
+    """Histogram of log10 firing rates of the latents that fired; dead ones in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saesweep.atomic import atomic_write
+
+    alive = log10_rate[log10_rate > -10].double().numpy()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if len(alive):
+        ax.hist(alive, bins=50, color="#4C72B0")
+    ax.set_xlabel("log10 firing rate (fraction of eval tokens a latent is active on)")
+    ax.set_ylabel("latents")
+    d_sae = len(log10_rate)
+    ax.set_title(f"{title}\n{dead} of {d_sae} latents dead ({100 * dead / d_sae:.1f} %, never active "
+                 f"in {tokens:,} tokens)", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import save_file
+
+    from saesweep.activations import ActivationSource
+    from saesweep.atomic import atomic_write, atomic_write_text
+    from saesweep.data import load_token_rows
+    from saesweep.evals import evaluate
+    from saesweep.models import check_hook, load_model
+    from saesweep.sae_dir import SPARSITY_FILENAME, SPARSITY_KEY, load_sae_dir
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    sae = load_sae_dir(cfg.sae_path, device)  # before the model: a broken SAE dir fails fast
+    hook_in, hook_out = resolve_hooks(cfg, sae)
+    recorded = sae.metadata.get("model_name")
+    if recorded and recorded != cfg.model.name:
+        log.warning("the SAE records model %r; evaluating it on model.name=%r", recorded, cfg.model.name)
+
+    model = load_model(cfg.model, device, cfg.cache_dir)
+    check_hook(model, hook_in, "model.hook_point")
+    if hook_out is not None:
+        check_hook(model, hook_out, "model.hook_point_out")
+    if cfg.dataset.context_size > model.cfg.n_ctx:
+        raise UserError(
+            f"config key 'dataset.context_size': {cfg.dataset.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}"
+        )
+    source = ActivationSource(model, hook_in, hook_out, cfg.activations.exclude_bos)
+    check_widths(sae, source, hook_in, hook_out, cfg.model.name)
+
+    rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.seed).eval_rows
+    if len(rows) < cfg.eval.rows:
+        log.warning("only %d held-out rows (eval.rows=%d)", len(rows), cfg.eval.rows)
+    log.info("evaluating %s (%s, d_in=%d, d_sae=%d) at %s on %d held-out rows",
+             sae.path, sae.architecture, sae.d_in, sae.d_sae, hook_in, min(len(rows), cfg.eval.rows))
+    start = time.perf_counter()
+    result = evaluate(sae, source, rows, cfg.eval.rows, cfg.eval.ce_rows, cfg.eval.batch_rows)
+    log10_rate = result.log10_firing_rate()
+    dead = int((result.fire_counts == 0).sum())
+    result.update(
+        eval_seconds=time.perf_counter() - start,
+        bos_excluded=cfg.activations.exclude_bos,
+        sae_path=str(Path(cfg.sae_path).expanduser().resolve()),
+        architecture=sae.architecture,
+        d_in=sae.d_in,
+        d_out=sae.d_out,
+        d_sae=sae.d_sae,
+        hook_point=hook_in,
+        hook_point_out=hook_out,
+        model_name=cfg.model.name,
+        dataset_path=cfg.dataset.path,
+        eval_rows=min(len(rows), cfg.eval.rows),
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "eval.json", json.dumps(dict(result), indent=2) + "\n")
+    atomic_write(out_dir / SPARSITY_FILENAME,
+                 lambda tmp: save_file({SPARSITY_KEY: log10_rate.contiguous()}, str(tmp)))
+    plot_density(log10_rate, dead, int(result["dead_window_tokens"]), out_dir / "density.png",
+                 f"{sae.architecture} SAE at {hook_in}: {'/'.join(Path(cfg.sae_path).parts[-3:])}")
+    log.info("wrote %s, density.png, %s to %s", "eval.json", SPARSITY_FILENAME, out_dir)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    try:
+        typed = validate_evaluate(cfg)
+        out_dir = Path(typed.out_dir).expanduser() if typed.out_dir else Path(hydra_cfg.runtime.output_dir)
+        result = run_evaluation(typed, out_dir)
+    except UserError as e:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # let the launcher record this member as failed
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
+               if k in ("l0", "explained_variance", "mse", "dead_fraction", "ce_loss_score")}
+    log.info("eval: %s", summary)
+    return result.get("explained_variance")
+
+
+def positional_sae_path(argv: list[str]) -> list[str]:
+    """`evaluate PATH ...` -> `evaluate sae_path='PATH' ...`: a first argument that is
+    neither an override (no '=') nor a flag is the SAE directory. Quoted, so paths with
+    Hydra grammar characters (',', '=', spaces) arrive intact."""
+    if len(argv) > 1 and not argv[1].startswith("-") and ("=" not in argv[1] or Path(argv[1]).is_dir()):
+        escaped = argv[1].replace("\\", "\\\\").replace("'", "\\'")
+        return [argv[0], f"sae_path='{escaped}'", *argv[2:]]
+    return argv
+
+
+if __name__ == "__main__":
+    sys.argv = positional_sae_path(sys.argv)
+    main()

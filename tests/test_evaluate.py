@@ -339,3 +339,32 @@ def test_cli_on_a_sae_lens_saved_gated_sae_matches_sae_lens(held_out, smollm2, t
     assert ours["l0"] == pytest.approx(theirs["l0"], rel=0.01)
     assert ours["explained_variance"] == pytest.approx(theirs["explained_variance"], rel=0.01)
     assert not math.isnan(ours["mse"]) and "ce_loss_score" not in ours
+
+
+def test_identity_sae_on_an_attention_hook_recovers_everything(smollm2, tmp_path):
+    """A SAELens hook_z SAE that reconstructs exactly (ReLU(x) - ReLU(-x) = x): heads are
+    flattened into one vector per token and the splice puts them back, so EV and the CE
+    loss score are 1 and spliced CE equals clean CE."""
+    from saesweep.activations import ActivationSource
+    from saesweep.config import DatasetConfig
+    from saesweep.data import load_token_rows
+    from saesweep.evals import evaluate
+
+    hook = "blocks.0.attn.hook_z"
+    d = smollm2.cfg.n_heads * smollm2.cfg.d_head
+    eye = torch.eye(d)
+    sae = lens_sae("standard", d, 2 * d, {"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d),
+                                          "W_dec": torch.cat([eye, -eye]), "b_dec": torch.zeros(d)})
+    sae.cfg.metadata.hook_name = hook
+    sae.cfg.reshape_activations = "hook_z"
+    sae.save_model(tmp_path / "sae")
+    loaded = load_sae_dir(tmp_path / "sae")
+    assert loaded.hook_name == hook
+
+    rows = load_token_rows(DatasetConfig(), smollm2.tokenizer, eval_rows=4, seed=42).eval_rows
+    source = ActivationSource(smollm2, hook, None, exclude_bos=True)
+    result = evaluate(loaded, source, rows, n_rows=4, n_ce_rows=2, batch_rows=2)
+    assert result["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert result["ce_sae"] == pytest.approx(result["ce_clean"], abs=1e-4)
+    assert result["ce_ablation"] > result["ce_clean"] + 0.1  # zeroing the heads' outputs does hurt
+    assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-3)

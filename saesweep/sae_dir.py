@@ -256,14 +256,22 @@ def load_sae_dir(path: str | Path, device: torch.device | str = "cpu") -> Loaded
     return sae.to(device)
 
 
-def read_sparsity(path: str | Path) -> torch.Tensor:
-    """log10 firing rates from a sparsity.safetensors file."""
+def read_sparsity(path: str | Path, d_sae: int) -> torch.Tensor:
+    """log10 firing rates from a sparsity.safetensors file, checked against the SAE's width."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))[SPARSITY_KEY]
-    except Exception as e:  # any failure to read it means the same thing to the user
-        raise SAEDirError(f"{path}: no readable {SPARSITY_KEY!r} tensor ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SAEDirError(f"{path}: not a readable safetensors file ({first})") from None
+    if SPARSITY_KEY not in tensors:
+        raise SAEDirError(f"{path}: no tensor {SPARSITY_KEY!r} (found: {', '.join(sorted(tensors)) or 'none'})")
+    sparsity = tensors[SPARSITY_KEY]
+    if tuple(sparsity.shape) != (d_sae,):
+        raise SAEDirError(f"{path}: tensor {SPARSITY_KEY!r} has shape {list(sparsity.shape)}; expected [{d_sae}]")
+    return sparsity
 
 
 def log10_firing_rate(fire_counts: torch.Tensor, tokens: int, floor: float = 1e-10) -> torch.Tensor:

@@ -239,7 +239,7 @@ def release_entry(repo_id: str, runs: list[Run]) -> dict[str, Any]:
 
 def stage(root: Path, repo_id: str, stage_dir: Path) -> list[Run]:
     """Lay out the hub repository for the finished runs under root in stage_dir."""
-    from saesweep.sae_dir import load_sae_dir
+    from saesweep.sae_dir import SPARSITY_FILENAME, load_sae_dir, read_sparsity
 
     finished, unfinished = find_runs(root)
     if unfinished:
@@ -249,9 +249,11 @@ def stage(root: Path, repo_id: str, stage_dir: Path) -> list[Run]:
         raise UserError(f"{root}: no finished runs (a finished run dir holds sae/cfg.json and eval.json)")
     runs = [read_run(p) for p in finished]
     for run in runs:
-        load_sae_dir(run.path / "sae")  # never push a directory SAELens could not load
-        if not (run.path / "sae" / "sparsity.safetensors").exists():
-            log.warning("%s has no sparsity.safetensors (exported before saesweep wrote it)", run.path / "sae")
+        sae = load_sae_dir(run.path / "sae")  # never push a directory SAELens could not load
+        if (run.path / "sae" / SPARSITY_FILENAME).exists():
+            read_sparsity(run.path / "sae" / SPARSITY_FILENAME, sae.d_sae)
+        else:
+            log.warning("%s has no %s (exported before saesweep wrote it)", run.path / "sae", SPARSITY_FILENAME)
     assign_sae_ids(runs)
 
     if stage_dir.exists() and any(stage_dir.iterdir()):

@@ -124,6 +124,7 @@ def test_ids_stay_unique_when_runs_share_their_overrides(tmp_path):
     ("nothing_finished", "no finished runs"),
     ("stage_not_empty", "not empty"),
     ("broken_sae", "sae_weights.safetensors"),
+    ("sparsity_wrong_width", "sparsity.safetensors: tensor 'sparsity' has shape [5]"),
 ])
 def test_bad_input_gives_one_line_error(case, needle, tmp_path):
     run = fake_run(tmp_path / "run", k=4, overrides=[])
@@ -139,6 +140,10 @@ def test_bad_input_gives_one_line_error(case, needle, tmp_path):
     elif case == "broken_sae":
         weights = run / "sae" / "sae_weights.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
+    elif case == "sparsity_wrong_width":
+        from safetensors.torch import save_file
+
+        save_file({"sparsity": torch.zeros(5)}, str(run / "sae" / "sparsity.safetensors"))
     proc = run_cli("saesweep.upload", str(run), "--repo-id", repo, "--stage-dir", str(stage), "--dry-run", cwd=tmp_path)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -158,3 +163,12 @@ def test_push_without_a_reachable_hub_fails_in_one_line(tmp_path):
     assert len(errors) == 1 and "pushing to hub repo someone/x failed" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "stage" / HOOK / "sae_weights.safetensors").exists()
+
+
+def test_a_run_exported_before_sparsity_existed_is_staged_without_it(tmp_path):
+    run = fake_run(tmp_path / "run", k=4, overrides=[])
+    (run / "sae" / "sparsity.safetensors").unlink()
+    proc = dry_run(run, tmp_path / "stage", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "stage" / HOOK).iterdir()) == ["cfg.json", "eval.json", "sae_weights.safetensors"]
+    assert "has no sparsity.safetensors" in proc.stderr

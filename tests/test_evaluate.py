@@ -279,11 +279,12 @@ def held_out(smollm2):
     from saesweep.config import DatasetConfig
     from saesweep.data import load_token_rows
 
-    rows = load_token_rows(DatasetConfig(), smollm2.tokenizer, eval_rows=24, seed=42).eval_rows
+    token_rows = load_token_rows(DatasetConfig(), smollm2.tokenizer, eval_rows=24, seed=42)
+    rows = token_rows.eval_rows
     source = ActivationSource(smollm2, HOOK, None, exclude_bos=True)
     # weights come from other held-out rows than the 24 that are measured
     fit = torch.cat([chunk[0] for chunk in source.batches(rows[24:56], 16)])
-    return rows[:24], source, fit
+    return rows[:24], source, fit, token_rows
 
 
 @pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "gated"])
@@ -293,7 +294,7 @@ def test_l0_ev_and_density_match_sae_lens_evals(arch, held_out, smollm2, tmp_pat
 
     from saesweep.evals import evaluate
 
-    rows, source, fit = held_out
+    rows, source, fit, _ = held_out
     sae = lens_sae(arch, fit.shape[1], 2 * fit.shape[1], sparse_coding_weights(fit, arch))
     if arch == "topk":
         sae.cfg.k = 32
@@ -316,28 +317,64 @@ def test_l0_ev_and_density_match_sae_lens_evals(arch, held_out, smollm2, tmp_pat
     assert torch.allclose(ours.firing_rate(), density, atol=1e-6)
 
 
-def test_cli_on_a_sae_lens_saved_gated_sae_matches_sae_lens(held_out, smollm2, tmp_path):
-    """The acceptance check, through the command line: L0/EV within 1 % of SAELens's."""
+def train_with_sae_lens(model, token_rows, out_dir) -> None:
+    """A few steps of SAELens's own trainer on our training rows; it saves the SAE in out_dir."""
+    import itertools
+    import signal
+
+    import datasets
+    from sae_lens import (LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig,
+                          StandardTrainingSAEConfig)
+
+    train_rows = torch.stack(list(itertools.islice(token_rows.train_iter(), 160)))
+    bos = model.tokenizer.bos_token_id
+    cfg = LanguageModelSAERunnerConfig(
+        sae=StandardTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=2 * model.cfg.d_model, l1_coefficient=1.0,
+                                      dtype="float32", device="cpu", normalize_activations="expected_average_only_in"),
+        model_name="SmolLM2-135M-Instruct.Q4_1", hook_name=HOOK, dataset_path="shakespeare (saesweep rows)",
+        streaming=False, is_dataset_tokenized=True, context_size=train_rows.shape[1], n_batches_in_buffer=8,
+        training_tokens=8192, store_batch_size_prompts=16, train_batch_size_tokens=1024,
+        n_batches_for_norm_estimate=2, exclude_special_tokens=[bos], device="cpu", dtype="float32", lr=4e-3,
+        logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=None,
+        save_final_checkpoint=False, output_path=str(out_dir), verbose=False,
+    )
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch.manual_seed(0)
+    try:
+        LanguageModelSAETrainingRunner(cfg, override_dataset=datasets.Dataset.from_dict(
+            {"input_ids": train_rows.tolist()}), override_model=model).run()
+    finally:  # SAELens installs its own handlers and leaves them
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def test_cli_on_a_sae_lens_trained_sae_matches_sae_lens_evals(held_out, smollm2, tmp_path):
+    """The acceptance check: `python -m saesweep.evaluate` on an SAE trained and saved by
+    SAELens gives SAELens's own L0 and EV (and feature densities) on the same tokens."""
     from sae_lens import SAE as LensSAE
     from sae_lens.evals import get_sparsity_and_variance_metrics
     from sae_lens.training.activation_scaler import ActivationScaler
 
-    rows, _, fit = held_out
-    lens_sae("gated", fit.shape[1], 2 * fit.shape[1], sparse_coding_weights(fit, "gated")).save_model(tmp_path / "sae")
+    rows, _, _, token_rows = held_out
+    train_with_sae_lens(smollm2, token_rows, tmp_path / "sae")
     proc = run_cli("saesweep.evaluate", str(tmp_path / "sae"), *EVAL_ARGS, "eval.ce_rows=0",
                    f"out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = json.loads((tmp_path / "out" / "eval.json").read_text())
-    theirs, _ = get_sparsity_and_variance_metrics(
+    theirs, features = get_sparsity_and_variance_metrics(
         LensSAE.load_from_disk(str(tmp_path / "sae")), smollm2, RowsStore(rows), ActivationScaler(),
         n_batches=3, compute_l2_norms=False, compute_sparsity_metrics=True, compute_variance_metrics=True,
-        compute_featurewise_density_statistics=False, eval_batch_size_prompts=8, model_kwargs={},
+        compute_featurewise_density_statistics=True, eval_batch_size_prompts=8, model_kwargs={},
         ignore_tokens=[smollm2.tokenizer.bos_token_id],
     )
-    assert ours["architecture"] == "gated" and ours["dead_window_tokens"] == 24 * 127 - int(
-        (rows[:, 1:] == smollm2.tokenizer.bos_token_id).sum())
+    bos_inside = int((rows[:, 1:] == smollm2.tokenizer.bos_token_id).sum())
+    assert ours["architecture"] == "standard" and ours["dead_window_tokens"] == 24 * 127 - bos_inside
+    assert ours["l0"] > 1 and ours["explained_variance"] > 0.1  # it did learn something
     assert ours["l0"] == pytest.approx(theirs["l0"], rel=0.01)
     assert ours["explained_variance"] == pytest.approx(theirs["explained_variance"], rel=0.01)
+    density = torch.tensor(features["feature_density"])
+    ours_log10 = load_file(str(tmp_path / "out" / "sparsity.safetensors"))["sparsity"]
+    assert torch.allclose(ours_log10, torch.log10(density.clamp_min(1e-10)), atol=1e-4)
     assert not math.isnan(ours["mse"]) and "ce_loss_score" not in ours
 
 

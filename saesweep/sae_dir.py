@@ -63,7 +63,8 @@ class LoadedSAE(nn.Module):
         self.d_in = int(cfg["d_in"])
         self.d_sae = int(cfg["d_sae"])
         self.d_out = int(tensors["W_dec"].shape[1])
-        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
+        # SAELens's default, except for transcoders, whose b_dec has the output's width
+        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", architecture != "transcoder"))
         self.k = int(cfg["k"]) if architecture == "topk" else None
         self.rescale_by_decoder_norm = bool(cfg.get("rescale_acts_by_decoder_norm", False))
         for name, value in tensors.items():

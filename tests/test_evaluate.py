@@ -72,6 +72,27 @@ def test_reads_sae_lens_saved_dirs_with_sae_lens_encode_and_decode(arch, tmp_pat
         assert torch.allclose(ours.decode(got), sae.decode(want), atol=1e-4)
 
 
+def test_reads_a_sae_lens_transcoder_with_its_output_width(tmp_path):
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    cfg = sae_lens.TranscoderConfig(d_in=12, d_sae=40, d_out=7, apply_b_dec_to_input=False,
+                                    metadata=SAEMetadata(hook_name=HOOK, hook_name_out="blocks.6.hook_mlp_out"))
+    lens = sae_lens.Transcoder(cfg)
+    with torch.no_grad():
+        lens.b_enc.copy_(0.3 * torch.randn(40))
+        lens.b_dec.copy_(torch.randn(7))
+    lens.save_model(tmp_path / "tc")
+    saved = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    del saved["apply_b_dec_to_input"]  # a transcoder never subtracts b_dec, said or not
+    (tmp_path / "tc" / "cfg.json").write_text(json.dumps(saved))
+    ours = load_sae_dir(tmp_path / "tc")
+    assert (ours.d_in, ours.d_out, ours.hook_name_out) == (12, 7, "blocks.6.hook_mlp_out")
+    x = torch.randn(50, 12)
+    with torch.no_grad():
+        assert torch.allclose(ours.decode(ours.encode(x)), lens.decode(lens.encode(x)), atol=1e-5)
+
+
 @pytest.mark.parametrize("cfg", [
     StandardSAEConfig(d_sae=48, normalize_activations="expected_average_only_in"),
     TopKSAEConfig(d_sae=48, k=6, normalize_activations="expected_average_only_in"),

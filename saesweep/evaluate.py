@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -189,7 +190,8 @@ def positional_sae_path(argv: list[str]) -> list[str]:
     neither an override (no '=') nor a flag is the SAE directory. Quoted, so paths with
     Hydra grammar characters (',', '=', spaces) arrive intact."""
     if len(argv) > 1 and not argv[1].startswith("-") and ("=" not in argv[1] or Path(argv[1]).is_dir()):
-        escaped = argv[1].replace("\\", "\\\\").replace("'", "\\'")
+        escaped = argv[1].replace("'", "\\'")
+        escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)  # before the closing quote
         return [argv[0], f"sae_path='{escaped}'", *argv[2:]]
     return argv
 

@@ -426,3 +426,14 @@ def test_identity_sae_on_an_attention_hook_recovers_everything(smollm2, tmp_path
     assert result["ce_sae"] == pytest.approx(result["ce_clean"], abs=1e-4)
     assert result["ce_ablation"] > result["ce_clean"] + 0.1  # zeroing the heads' outputs does hurt
     assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_cli_takes_the_sae_dir_as_first_argument_whatever_its_name(tmp_path):
+    """Hydra's override grammar would split or reject these characters; the positional
+    form quotes the path, so it reaches the reader intact."""
+    sae_dir = tmp_path / "sweep k=16, it's\\"
+    path = corrupt("bad_json", write_sae_dir(sae_dir))
+    proc = run_cli("saesweep.evaluate", str(sae_dir), f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(path) in errors[0], proc.stderr[-2000:]

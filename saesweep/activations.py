@@ -1,4 +1,10 @@
-"""Activations from a live LM pass: run the model only as far as the hooks need."""
+"""Activations from a live LM pass: run the model only as far as the hooks need.
+
+`ActivationSource` turns token rows into activations (for training, evaluation and
+building the cache); `LiveFeed` is the training feed that runs it over the training
+rows. The other feed, `saesweep.cache.CacheReader`, reads the same chunks from disk;
+the buffer cannot tell them apart.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from saesweep.models import hook_layer
+
+Columns = tuple[torch.Tensor, ...]
 
 
 class ActivationSource:
@@ -19,10 +27,22 @@ class ActivationSource:
     def __init__(self, model: Any, hook_in: str, hook_out: str | None, exclude_bos: bool):
         self.model = model
         self.hooks = [hook_in] if hook_out in (None, hook_in) else [hook_in, hook_out]
+        self._setup(exclude_bos)
+
+    @classmethod
+    def for_hooks(cls, model: Any, hooks: list[str], exclude_bos: bool) -> "ActivationSource":
+        """Any number of hooks from one pass (the cache stores several at once)."""
+        source = cls.__new__(cls)
+        source.model = model
+        source.hooks = list(hooks)
+        source._setup(exclude_bos)
+        return source
+
+    def _setup(self, exclude_bos: bool) -> None:
         layers = [hook_layer(h) for h in self.hooks]
         self.stop_at_layer = None if None in layers else max(layers) + 1
         self.exclude_bos = exclude_bos
-        self.bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+        self.bos = self.model.tokenizer.bos_token_id if self.model.tokenizer is not None else None
 
     @property
     def d_in(self) -> int:
@@ -31,6 +51,10 @@ class ActivationSource:
     @property
     def d_out(self) -> int:
         return self._widths()[-1]
+
+    def widths(self) -> list[int]:
+        """Each hook's width, in hook order."""
+        return list(self._widths())
 
     def _widths(self) -> list[int]:
         if not hasattr(self, "_width_cache"):
@@ -60,14 +84,45 @@ class ActivationSource:
             return tokens != self.bos
         return torch.ones_like(tokens, dtype=torch.bool)
 
-    def batches(self, rows: Iterable[torch.Tensor], batch_rows: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def chunk(self, tokens: torch.Tensor) -> Columns:
+        """[n_tokens, d] per hook for a [rows, ctx] batch, BOS positions dropped if asked."""
+        acts = self.hook_activations(tokens)
+        mask = self.token_mask(tokens).to(acts[0].device)
+        return tuple(a[mask] for a in acts)
+
+    def batches(self, rows: Iterable[torch.Tensor], batch_rows: int) -> Iterator[Columns]:
         """(x,) or (x, target) chunks of [n_tokens, d], from batch_rows rows at a time."""
         it = iter(rows)
         while True:
             chunk = [r for _, r in zip(range(batch_rows), it)]
             if not chunk:
                 return
-            tokens = torch.stack(chunk)
-            acts = self.hook_activations(tokens)
-            mask = self.token_mask(tokens).to(acts[0].device)
-            yield tuple(a[mask] for a in acts)
+            yield self.chunk(torch.stack(chunk))
+
+
+class LiveFeed:
+    """Training activations from a live LM pass over the training rows.
+
+    Its position is the number of token rows consumed, which is all a checkpoint
+    needs: the rows' order is a function of the seed.
+    """
+
+    name = "live"
+
+    def __init__(self, source: ActivationSource, rows: Any, batch_rows: int, rows_consumed: int = 0):
+        self.rows_consumed = rows_consumed
+        self._chunks = source.batches(self._count(rows.train_iter(rows_consumed)), batch_rows)
+
+    def _count(self, rows: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for row in rows:
+            self.rows_consumed += 1
+            yield row
+
+    def __iter__(self) -> "LiveFeed":
+        return self
+
+    def __next__(self) -> Columns:
+        return next(self._chunks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows_consumed": self.rows_consumed}

@@ -46,6 +46,11 @@ class DatasetConfig:
 class ActivationsConfig:
     exclude_bos: bool = True
     batch_rows: int = 32
+    source: str = "live"
+    cache_dir: Optional[str] = None
+    cache_hooks: list[str] = field(default_factory=list)
+    cache_tokens: Optional[int] = None
+    shard_mb: float = 32.0
 
 
 @dataclass
@@ -181,6 +186,11 @@ def _check_values(cfg: TrainConfig) -> None:
     need(cfg.model.source in ("embedded", "pretrained"), "model.source",
          "valid: embedded, pretrained")
     need(cfg.dataset.source in ("embedded", "hf"), "dataset.source", "valid: embedded, hf")
+    a = cfg.activations
+    need(a.source in ("live", "cache", "auto"), "activations.source", "valid: live, cache, auto")
+    need(a.batch_rows > 0, "activations.batch_rows", "must be > 0")
+    need(a.cache_tokens is None or a.cache_tokens > 0, "activations.cache_tokens", "must be > 0 or null")
+    need(a.shard_mb > 0, "activations.shard_mb", "must be > 0")
     need(cfg.dataset.context_size >= 2, "dataset.context_size", "must be >= 2")
     need(0 <= cfg.dataset.holdout_fraction < 1, "dataset.holdout_fraction", "must be in [0, 1)")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from saesweep.activations import ActivationSource
 from saesweep.buffer import ActivationBuffer
+from saesweep.cache import open_training_feed
 from saesweep.checkpoint import CHECKPOINT_NAME, StopSignals, config_differences, load_checkpoint, save_checkpoint
 from saesweep.config import TrainConfig
 from saesweep.data import load_token_rows
@@ -52,25 +53,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class RowCounter:
-    """Passes token rows through, counting them: the data position a checkpoint records."""
-
-    def __init__(self, rows: Iterator[torch.Tensor], consumed: int = 0):
-        self.rows = rows
-        self.consumed = consumed
-
-    def __iter__(self) -> "RowCounter":
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        row = next(self.rows)
-        self.consumed += 1
-        return row
-
-
 # Keys that may change between an interrupted run and its resumption.
 RESUME_MAY_CHANGE = {"training.resume", "training.checkpoint_every_tokens", "training.log_every",
-                     "training.device", "eval", "cache_dir", "logger", "objectives"}
+                     "training.device", "eval", "cache_dir", "logger", "objectives",
+                     "activations.cache_dir", "activations.shard_mb"}
 
 
 def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -115,12 +101,12 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     model = load_model_checked(cfg, device)
     rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed)
     source = ActivationSource(model, cfg.model.hook_point, cfg.model.hook_point_out, cfg.activations.exclude_bos)
-    rows_start = checkpoint["rows_consumed"] if checkpoint else 0
-    rows_used = RowCounter(rows.train_iter(rows_start), rows_start)
+    # Live LM pass or the shared cache; either way the buffer gets chunks of activations.
+    feed = open_training_feed(cfg, model, source, rows, checkpoint)
     # A buffer larger than the run would compute activations nobody trains on.
     capacity = max(2 * cfg.training.batch_size, min(cfg.buffer.size_tokens, cfg.training.total_tokens))
     buffer = ActivationBuffer(
-        source.batches(rows_used, cfg.activations.batch_rows),
+        feed,
         capacity=capacity,
         batch_size=cfg.training.batch_size,
         device=device,
@@ -153,7 +139,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             "config": resumable_config(cfg),
             "step": step,
             "elapsed": elapsed_before + time.perf_counter() - segment_start,
-            "rows_consumed": rows_used.consumed,
+            **feed.state_dict(),  # the data position: rows consumed, or the cache read position
             "sae": sae.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -227,6 +213,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         train_seconds=elapsed,
         tokens_per_second=tokens_trained / elapsed,
         bos_excluded=cfg.activations.exclude_bos,
+        activation_source=feed.name,
     )
     metrics.final(result)
     metrics.close()

@@ -216,6 +216,34 @@ def test_unwritable_cache_dir_is_a_one_line_error(smollm2, tiny_rows, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_one_pass_caches_several_hooks_and_they_equal_live_activations(smollm2, tiny_rows, tmp_path):
+    """A cache for a transcoder (6 -> 7) that also stores layer 3: one LM pass, three hooks."""
+    from saesweep.activations import ActivationSource
+    from saesweep.cache import cache_token_rows
+
+    cfg = tiny_config(tmp_path)
+    cfg.activations.cache_tokens = 600  # 5 rows
+    cfg.activations.batch_rows = 2
+    cfg.activations.shard_mb = 0.001  # one LM batch a shard: 3 shards
+    cfg.model.hook_point_out = "blocks.7.hook_resid_post"
+    cfg.activations.cache_hooks = ["blocks.3.hook_resid_post"]
+    cache = ensure_cache(cfg, smollm2, tiny_rows)
+    hooks = ["blocks.3.hook_resid_post", "blocks.6.hook_resid_post", "blocks.7.hook_resid_post"]
+    assert cache.manifest["hooks"] == hooks and len(cache.manifest["shards"]) == 3
+    stored = [torch.cat(c) for c in zip(*(cache.load_shard(i, hooks) for i in range(3)))]
+    rows = cache_token_rows(cfg, tiny_rows, smollm2.tokenizer.bos_token_id)
+    live = ActivationSource.for_hooks(smollm2, hooks, exclude_bos=True).chunk(rows)
+    for hook, got, want in zip(hooks, stored, live):
+        assert torch.allclose(got, want, atol=1e-5), hook
+    # A transcoder reads its (input, target) pair from it, aligned token by token.
+    x, target = next(cache.reader(["blocks.6.hook_resid_post", "blocks.7.hook_resid_post"], seed=0))
+    pairs = {tuple(a[:4].tolist()): b for a, b in zip(stored[1], stored[2])}
+    for a, b in zip(x[:50], target[:50]):
+        assert torch.equal(pairs[tuple(a[:4].tolist())], b)
+    # The same config finds it again without building.
+    assert ensure_cache(cfg, smollm2, tiny_rows, build=False).key == cache.key
+
+
 # --------------------------------------------------------------------------- training from it
 
 

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -546,17 +545,14 @@ def _main(cfg: Any) -> None:
 def main() -> None:
     import hydra
 
+    from saesweep.cli import run
     from saesweep.train import CONF_DIR
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
     def app(cfg: Any) -> None:
-        try:
-            _main(cfg)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        _main(cfg)
 
-    app()
+    run(app)  # a UserError or a bad override: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saesweep.config import EvaluateConfig, validate_evaluate
+from saesweep.cli import debug, run
 from saesweep.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -172,9 +173,9 @@ def main(cfg: DictConfig) -> float | None:
         out_dir = Path(typed.out_dir).expanduser() if typed.out_dir else Path(hydra_cfg.runtime.output_dir)
         result = run_evaluation(typed, out_dir)
     except UserError as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # let the launcher record this member as failed
-        print(f"error: {e}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN or debug():
+            raise  # the launcher records this member as failed; saesweep.cli prints it in one line
+        print(f"error: {e}", file=sys.stderr)  # before Hydra would add its own report
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -196,6 +197,10 @@ def positional_sae_path(argv: list[str]) -> list[str]:
     return argv
 
 
-if __name__ == "__main__":
+def cli() -> None:
     sys.argv = positional_sae_path(sys.argv)
-    main()
+    run(main)
+
+
+if __name__ == "__main__":
+    cli()

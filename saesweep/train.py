@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saesweep.config import objective_values, validate
+from saesweep.cli import debug, run
 from saesweep.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -29,9 +30,9 @@ def main(cfg: DictConfig) -> float | list[float]:
 
         result = train(typed, Path(hydra_cfg.runtime.output_dir))
     except UserError as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # let the launcher record this member as failed
-        print(f"error: {e}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN or debug():
+            raise  # the launcher records this member as failed; saesweep.cli prints it in one line
+        print(f"error: {e}", file=sys.stderr)  # before Hydra would add its own report
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"interrupted; rerun with hydra.run.dir={hydra_cfg.runtime.output_dir} to resume", file=sys.stderr)
@@ -52,5 +53,9 @@ def name_wandb_run(cfg: DictConfig, hydra_cfg: Any) -> None:
         logger.job_name = hydra_cfg.job.override_dirname
 
 
+def cli() -> None:
+    run(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,29 +1,138 @@
-"""User mistakes at the command line: one line naming the key, non-zero exit, no traceback."""
+"""The bad-input catalogue: each mistake gives one `error:` line naming the key or file and
+what would be valid, exit code 2, no traceback, and leaves files already written intact.
+
+docs/errors.md lists the same cases with the exact line the user sees; a test checks it
+against the real output. After changing a message, regenerate it:
+    SAESWEEP_WRITE_ERROR_DOCS=1 python -m pytest -q tests/test_cli_errors.py
+"""
 
 from __future__ import annotations
 
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, TINY_RUN, run_cli
+
+DOCS = REPO / "docs" / "errors.md"
 
 
-@pytest.mark.parametrize(
-    "override,needle",
-    [
-        ("+sae.kk=3", "'sae.kk'"),
-        ("training.batch_size=abc", "'training.batch_size'"),
-        ("sae.k=0", "'sae.k'"),
-        ("training.device=cuda", "'training.device'"),
-    ],
-)
-def test_bad_input_gives_one_line_error(tmp_path, override, needle):
-    if override == "training.device=cuda":
-        import torch
+@dataclass
+class Case:
+    what: str  # the mistake, as the docs table says it
+    args: list[str]  # command-line arguments after `python -m saesweep.train`
+    needle: str  # must appear in the error line
 
-        if torch.cuda.is_available():
-            pytest.skip("a GPU is present")
-    proc = run_cli("saesweep.train", override, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+
+CASES = [
+    Case("unknown architecture", ["architecture=topkk"], "config group 'architecture' has no option 'topkk'"),
+    Case("unknown option of another group", ["model=gpt3"], "config group 'model' has no option 'gpt3'"),
+    Case("unknown experiment", ["+experiment=ksweep"], "did you mean 'k_sweep'"),
+    Case("unknown launcher preset", ["hydra/launcher=slurmm"], "config group 'hydra/launcher' has no option 'slurmm'"),
+    Case("misspelled key", ["sae.kk=3"], "config key 'sae.kk': not in the config (did you mean 'sae.k'"),
+    Case("misspelled group name", ["architecure=topk"], "did you mean 'architecture'"),
+    Case("new key with +", ["+training.bach_size=3"], "config key 'training.bach_size'"),
+    Case("override syntax error", ["sae.k=[1"], "cannot parse the override 'sae.k=[1'"),
+    Case("wrong type", ["training.batch_size=abc"], "config key 'training.batch_size'"),
+    Case("float for an integer", ["training.total_tokens=1e6"], "config key 'training.total_tokens'"),
+    Case("k <= 0", ["sae.k=0"], "config key 'sae.k': must be > 0"),
+    Case("k > d_sae", ["sae.d_sae=16", "sae.k=32"], "config key 'sae.k'"),
+    Case("neither d_sae nor expansion_factor", ["sae.d_sae=null", "sae.expansion_factor=null"], "set sae.d_sae or sae.expansion_factor"),
+    Case("lr <= 0", ["optimizer.lr=0"], "config key 'optimizer.lr': must be > 0"),
+    Case("total_tokens < batch_size", ["training.total_tokens=100"], "is less than one batch"),
+    Case("batch larger than the buffer", ["buffer.size_tokens=4096", "training.batch_size=4096"], "config key 'buffer.size_tokens'"),
+    Case("unknown optimizer name", ["optimizer.name=sgd"], "config key 'optimizer.name': valid: adam, adamw"),
+    Case("unknown objective", ["objectives=[fvu,loss]"], "config key 'objectives'"),
+    Case("training.device=cuda without a GPU", ["training.device=cuda"], "config key 'training.device'"),
+    Case("hook point not in the model", ["model.hook_point=blocks.6.hook_resid_pots"], "did you mean blocks.6.hook_resid_post"),
+    Case("transcoder output hook not in the model", ["model.hook_point_out=blocks.6.hook_mlp_outt"], "config key 'model.hook_point_out'"),
+    Case("transcoder output hook before the input hook",
+         ["model.hook_point=blocks.6.hook_resid_post", "model.hook_point_out=blocks.2.hook_mlp_out"],
+         "config key 'model.hook_point_out': blocks.2.hook_mlp_out comes before the input hook"),
+    Case("context_size above the model's n_ctx", ["dataset.context_size=100000"], "exceeds the model's n_ctx"),
+]
+
+
+def error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+    """Each case run once: (exit code, stderr, error line or '')."""
+    import torch
+
+    results = {}
+    for case in CASES:
+        if case.what.startswith("training.device=cuda") and torch.cuda.is_available():
+            continue
+        cwd = tmp_path_factory.mktemp("case")
+        proc = run_cli("saesweep.train", *TINY_RUN, *case.args, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        results[case.what] = (proc.returncode, proc.stderr, lines[0] if len(lines) == 1 else "")
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
+def test_bad_input_gives_one_line_error(outputs, case):
+    if case.what not in outputs:
+        pytest.skip("a GPU is present")
+    code, stderr, line = outputs[case.what]
+    assert code == 2, stderr[-3000:]
+    assert line, f"not exactly one error line:\n{stderr[-3000:]}"
+    assert case.needle in line, line
+    assert "Traceback" not in stderr
+
+
+def test_docs_table_shows_what_users_see(outputs):
+    rows = [f"| {c.what} | `{' '.join(c.args)}` | `{outputs[c.what][2]}` |" for c in CASES if c.what in outputs]
+    if os.environ.get("SAESWEEP_WRITE_ERROR_DOCS") == "1":
+        DOCS.parent.mkdir(exist_ok=True)
+        head, sep, _ = DOCS.read_text().partition("<!-- table -->") if DOCS.exists() else ("", "", "")
+        DOCS.write_text(head + "<!-- table -->\n" + "| mistake | arguments | what you see (exit code 2) |\n|---|---|---|\n"
+                        + "\n".join(rows) + "\n")
+    text = DOCS.read_text()
+    missing = [row for row in rows if row not in text]
+    assert not missing, "docs/errors.md is out of date (see this file's docstring):\n" + "\n".join(missing)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run_cli("saesweep.train", "sae.k=0", "--debug", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "must be > 0" in proc.stderr
+
+
+def test_a_failed_rerun_leaves_the_interrupted_run_intact(tmp_path):
+    """A mistake on a rerun into a run dir holding a checkpoint damages nothing there."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("saesweep.train", *TINY_RUN, "sae.k=4", "training.checkpoint_every_tokens=2048",
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": "5"})
+    assert proc.returncode == -9 and (run_dir / "checkpoint.pt").exists(), proc.stderr[-3000:]
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts
+              and p.name != "train.log"}
+    for bad in (["sae.k=0"], ["model.hook_point=blocks.6.hook_resid_pots"], ["sae.kk=3"]):
+        proc = run_cli("saesweep.train", *TINY_RUN, "sae.k=4", "training.checkpoint_every_tokens=2048", *bad,
+                       f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+    after = {p: p.read_bytes() for p in before}
+    assert after == before
+
+
+def test_unwritable_output_dir_is_named(tmp_path):
+    if os.geteuid() == 0:
+        # root writes anywhere; a path under a regular file cannot be created by anyone
+        target = tmp_path / "file"
+        target.write_text("")
+        run_dir = target / "run"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        run_dir = locked / "run"
+    proc = run_cli("saesweep.train", *TINY_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert str(run_dir) in error_line(proc) and "Traceback" not in proc.stderr

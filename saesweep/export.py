@@ -27,10 +27,20 @@ from saesweep.sae_dir import CFG_FILENAME, SPARSITY_FILENAME, SPARSITY_KEY, WEIG
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 
 
+# SAELens's transcoder classes. A TopK or gated transcoder has none; with equal widths it
+# is saved under its own architecture (apply_b_dec_to_input false computes exactly it).
+TRANSCODER_ARCHITECTURES = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
+
+
 def sae_lens_config(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
+    architecture = sae.export_architecture
+    transcoder = sae.transcoder or sae.d_out != sae.d_in
+    if transcoder:
+        architecture = TRANSCODER_ARCHITECTURES.get(architecture, architecture)
     return {
-        "architecture": sae.export_architecture,
+        "architecture": architecture,
         "d_in": sae.d_in,
+        **({"d_out": sae.d_out} if transcoder else {}),
         "d_sae": sae.d_sae,
         "dtype": "float32",
         "device": "cpu",

@@ -32,7 +32,7 @@ from saesweep.atomic import atomic_write_text
 from saesweep.export import save_sae
 from saesweep.metrics import explained_variance
 from saesweep.metrics_log import MetricsLog
-from saesweep.models import check_hook, load_model
+from saesweep.models import check_hook, hook_layer, load_model
 from saesweep.optim import build_optimizer, build_scheduler
 from saesweep.sae import build_sae
 
@@ -75,6 +75,12 @@ def load_model_checked(cfg: TrainConfig, device: torch.device) -> Any:
     check_hook(model, cfg.model.hook_point, "model.hook_point")
     if cfg.model.hook_point_out is not None:
         check_hook(model, cfg.model.hook_point_out, "model.hook_point_out")
+        layer_in, layer_out = hook_layer(cfg.model.hook_point), hook_layer(cfg.model.hook_point_out)
+        if layer_in is not None and layer_out is not None and layer_out < layer_in:
+            raise UserError(
+                f"config key 'model.hook_point_out': {cfg.model.hook_point_out} comes before the input hook "
+                f"{cfg.model.hook_point}; a transcoder maps an earlier hook to a later one"
+            )
     if cfg.dataset.context_size > model.cfg.n_ctx:
         raise UserError(
             f"config key 'dataset.context_size': {cfg.dataset.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}"
@@ -112,7 +118,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         device=device,
         generator=torch.Generator().manual_seed(cfg.training.seed),
     )
-    sae = build_sae(cfg.sae, source.d_in, source.d_out).to(device)
+    transcoder = cfg.model.hook_point_out not in (None, cfg.model.hook_point)
+    sae = build_sae(cfg.sae, source.d_in, source.d_out, transcoder).to(device)
     optimizer = build_optimizer(sae.param_groups(), cfg.optimizer)
     total_steps = cfg.training.total_tokens // cfg.training.batch_size
     scheduler = build_scheduler(optimizer, total_steps, cfg.scheduler)

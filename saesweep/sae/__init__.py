@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from saesweep.sae.base import SAE, SAEConfig, StepOutput
@@ -22,8 +23,15 @@ ARCHITECTURES: dict[str, type[SAE]] = {
 }
 
 
-def build_sae(cfg: SAEConfig, d_in: int, d_out: Optional[int] = None) -> SAE:
-    return ARCHITECTURES[cfg.architecture](cfg, d_in, d_out)
+def build_sae(cfg: SAEConfig, d_in: int, d_out: Optional[int] = None, transcoder: bool = False) -> SAE:
+    """The SAE for `cfg`; a transcoder reads one hook and reconstructs another."""
+    if transcoder and cfg.apply_b_dec_to_input:
+        # b_dec lives in the output hook's space: subtracting it from the input means
+        # nothing (SAELens refuses it for transcoders). The run's config is left as given.
+        cfg = dataclasses.replace(cfg, apply_b_dec_to_input=False)
+    sae = ARCHITECTURES[cfg.architecture](cfg, d_in, d_out)
+    sae.transcoder = transcoder
+    return sae
 
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "StepOutput", "build_sae"]

@@ -69,6 +69,8 @@ class SAE(nn.Module):
     unit_norm_decoder: ClassVar[bool] = False
     # Name SAELens uses for the saved (inference) architecture.
     export_architecture: ClassVar[str] = "standard"
+    # Reads one hook and reconstructs another (set by build_sae).
+    transcoder: bool = False
 
     def __init__(self, cfg: SAEConfig, d_in: int, d_out: Optional[int] = None):
         super().__init__()

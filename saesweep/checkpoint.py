@@ -33,6 +33,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    # Temp files of writes a crash interrupted; the checkpoint they would have replaced is intact.
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     if not path.exists():
         return None
     try:

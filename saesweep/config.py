@@ -86,6 +86,7 @@ class TrainingConfig:
     dead_after_tokens: int = 200_000
     checkpoint_every_tokens: int = 10_000_000
     resume: str = "auto"
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -175,6 +176,7 @@ def _check_values(cfg: TrainConfig) -> None:
     need(cfg.buffer.size_tokens >= 2 * t.batch_size, "buffer.size_tokens",
          f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})")
     need(t.resume in ("auto", "never", "force"), "training.resume", "valid: auto, never, force")
+    need(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", "must be >= 1")
     need(t.checkpoint_every_tokens >= 0, "training.checkpoint_every_tokens", "must be >= 0 (0 = only on signals)")
     need(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
     need(cfg.logger.name in ("none", "wandb"), "logger.name", "valid: none, wandb")

@@ -28,7 +28,7 @@ from saesweep.config import TrainConfig
 from saesweep.data import load_token_rows
 from saesweep.errors import UserError
 from saesweep.evals import evaluate
-from saesweep.atomic import atomic_write_text
+from saesweep.atomic import atomic_write, atomic_write_text
 from saesweep.export import save_sae
 from saesweep.metrics import explained_variance
 from saesweep.metrics_log import MetricsLog
@@ -55,7 +55,7 @@ def resolve_device(name: str) -> torch.device:
 
 # Keys that may change between an interrupted run and its resumption.
 RESUME_MAY_CHANGE = {"training.resume", "training.checkpoint_every_tokens", "training.log_every",
-                     "training.device", "eval", "cache_dir", "logger", "objectives",
+                     "training.device", "training.max_nonfinite_steps", "eval", "cache_dir", "logger", "objectives",
                      "activations.cache_dir", "activations.shard_mb"}
 
 
@@ -128,6 +128,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     segment_start = time.perf_counter()  # throughput counts every LM pass, the first fill included
     if checkpoint is None:
         step, elapsed_before = 0, 0.0
+        truncate_metrics(run_dir / "metrics.jsonl", 0)  # lines of a run killed before its first checkpoint
         first = buffer.sample()
         sae.fit_to_data(first[0], first[-1])
     else:
@@ -141,8 +142,13 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         truncate_metrics(run_dir / "metrics.jsonl", step)
         log.info("resuming %s from step %d of %d", run_dir, step, total_steps)
 
+    # Fault injection for the crash tests: SAESWEEP_CRASH_AT_STEP=N is a SIGKILL after step N
+    # (and its checkpoint, if one is due); N:checkpoint kills half-way through writing it.
+    crash_step, _, crash_where = os.environ.get("SAESWEEP_CRASH_AT_STEP", "0").partition(":")
+    crash_at = int(crash_step)
+
     def save_state() -> None:
-        save_checkpoint(run_dir / CHECKPOINT_NAME, {
+        state = {
             "config": resumable_config(cfg),
             "step": step,
             "elapsed": elapsed_before + time.perf_counter() - segment_start,
@@ -153,16 +159,20 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             "buffer": buffer.state_dict(),
             "tokens_since_fired": tokens_since_fired,
             "torch_rng": torch.get_rng_state(),
-        })
+        }
+        if step == crash_at and crash_where == "checkpoint":
+            atomic_write(run_dir / CHECKPOINT_NAME, lambda tmp: _die_mid_write(state, tmp))
+        save_checkpoint(run_dir / CHECKPOINT_NAME, state)
 
     log.info("training %s: d_in=%d d_sae=%d for %d steps of %d tokens on %s",
              cfg.sae.architecture, sae.d_in, sae.d_sae, total_steps, cfg.training.batch_size, device)
     batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
-    crash_at = int(os.environ.get("SAESWEEP_CRASH_AT_STEP", 0))  # fault injection for crash tests
     metrics = MetricsLog(run_dir, cfg.logger, cfg)
-    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     sae.train()
-    with StopSignals() as stop:
+    nonfinite = 0  # consecutive skipped steps
+    # The bar is closed however the loop ends, so an error message starts on its own line.
+    with StopSignals() as stop, tqdm(total=total_steps, initial=step, desc="train", unit="step",
+                                     dynamic_ncols=True) as progress:
         while step < total_steps:
             batch = buffer.next_batch()
             x, target = batch[0], batch[-1]
@@ -171,8 +181,23 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.training.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm)
+            # With no clipping the max norm is inf: the gradients stay as they are, but we
+            # still get their norm for the finiteness check below.
+            grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm or float("inf"))
+            # One host sync per step: a NaN/Inf step would poison Adam's moments for good.
+            if not torch.isfinite(loss.detach() + grad_norm):
+                nonfinite += 1
+                log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                            step, float(loss.detach()), float(grad_norm), nonfinite)
+                if nonfinite >= cfg.training.max_nonfinite_steps:
+                    save_state()  # the state is the last good one: bad steps were never applied
+                    raise UserError(
+                        f"training diverged: {nonfinite} steps in a row had a non-finite loss or gradient "
+                        f"(at step {step}); the last good state is in {run_dir / CHECKPOINT_NAME}. Lower "
+                        "optimizer.lr or set training.grad_clip_norm, then rerun with training.resume=force"
+                    )
+                continue
+            nonfinite = 0
             optimizer.step()
             scheduler.step()
             sae.after_step()
@@ -202,14 +227,20 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             crossed = every > 0 and (step * batch_size) // every > ((step - 1) * batch_size) // every
             if crossed or stop.received or step == total_steps:
                 save_state()
-            if step == crash_at:
+            if step == crash_at and not crash_where:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop.received:
-                log.warning("stopping on signal %d at step %d; checkpoint saved. To resume, rerun the "
-                            "same command with hydra.run.dir=%s", stop.received, step, run_dir)
+                if stop.received == signal.SIGINT:
+                    # Ctrl-C is a person who wants to look at what they have; a preempted
+                    # job (USR2/TERM) has seconds left and only needs the checkpoint.
+                    sae.calibrate(buffer.sample()[0])
+                    save_sae(sae, run_dir / "sae", {**sae_metadata(cfg), "partial": True,
+                                                    "tokens_trained": step * batch_size})
+                log.warning("stopping on signal %d at step %d; checkpoint saved%s. To resume, rerun the "
+                            "same command with hydra.run.dir=%s", stop.received, step,
+                            " and the SAE so far in sae/" if stop.received == signal.SIGINT else "", run_dir)
                 stop.resend()
     elapsed = elapsed_before + time.perf_counter() - segment_start
-    progress.close()
 
     sae.calibrate(buffer.sample()[0])
     tokens_trained = total_steps * batch_size
@@ -229,6 +260,12 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     # eval.json now marks the run finished; the checkpoint (buffer included) is dead weight.
     (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     return result
+
+
+def _die_mid_write(state: dict[str, Any], tmp: Path) -> None:
+    torch.save(state, tmp)
+    os.truncate(tmp, tmp.stat().st_size // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -33,16 +33,20 @@ def uninterrupted(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("crash_step", [3, 6])
+# Early (before the first checkpoint), mid-run (after one), and half-way through writing one.
+@pytest.mark.parametrize("crash_step", ["1", "5", "6:checkpoint"])
 def test_killed_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_path, crash_step):
     args = [*RUN, f"hydra.run.dir={tmp_path}"]
     crashed = run_cli("saesweep.train", *args, cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": str(crash_step)})
     assert crashed.returncode == -signal.SIGKILL
-    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "eval.json").exists()
+    assert (tmp_path / "checkpoint.pt").exists() == (crash_step != "1") and not (tmp_path / "eval.json").exists()
+    if crash_step == "6:checkpoint":
+        assert list(tmp_path.glob(".checkpoint.pt.*.tmp")), "the write was not interrupted"
 
     resumed = run_cli("saesweep.train", *args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout + resumed.stderr
+    assert ("resuming" in resumed.stdout + resumed.stderr) == (crash_step != "1")
+    assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))
     want, got = weights(uninterrupted), weights(tmp_path)
     assert want.keys() == got.keys()
     for name in want:

@@ -65,7 +65,10 @@ def test_batchtopk_keeps_k_per_token_on_average_over_the_batch():
     assert out.recon.tolist() == [[3.0, 5.0], [0.5, 0.5]]
     assert out.losses["mse"].item() == pytest.approx((1.5**2 + 1.5**2 + 0) / 2)
     assert out.l0.item() == 1.0
-    # the running threshold after one batch is that batch's smallest survivor
+    # the running threshold after one step is that batch's smallest survivor, committed
+    # by after_step (a step the trainer skips as non-finite never gets there)
+    assert float(sae.threshold) == 0.0
+    sae.after_step()
     assert float(sae.threshold) == pytest.approx(2.0)
     # inference: a JumpReLU at that threshold, row by row
     assert sae.encode(x).tolist() == [[0.0, 0.0, 2.5], [0.0, 0.0, 0.0]]

@@ -48,6 +48,7 @@ class BatchTopKSAE(TopKFamilySAE):
         self.register_buffer("threshold_ema", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("calibrated_threshold", torch.tensor(float("nan"), dtype=torch.float64))
+        self._smallest_survivor: torch.Tensor | None = None  # this step's, until after_step
 
     def select(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return batch_topk_indices(pre, k)
@@ -94,13 +95,21 @@ class BatchTopKSAE(TopKFamilySAE):
 
     @torch.no_grad()
     def on_active(self, active: ActiveLatents) -> None:
+        # Only noted here: the trainer skips a step whose loss is not finite, and such a
+        # step's activations must not reach the running threshold. after_step commits it.
         if not self.training:
             return
         positive = active.values.detach()
         positive = positive[positive > 0]
-        if positive.numel():
+        self._smallest_survivor = positive.min() if positive.numel() else None
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        super().after_step()
+        smallest, self._smallest_survivor = self._smallest_survivor, None
+        if smallest is not None:
             lr = self.cfg.threshold_lr
-            self.threshold_ema.mul_(1 - lr).add_(lr * positive.min().double())
+            self.threshold_ema.mul_(1 - lr).add_(lr * smallest.double())
             self.threshold_updates += 1
 
     def export_tensors(self) -> dict[str, torch.Tensor]:

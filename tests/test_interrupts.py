@@ -1,0 +1,61 @@
+"""Interrupts and divergence: Ctrl-C keeps the work, NaN steps are skipped, then stop the run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import TINY_RUN, run_cli
+
+
+def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
+    run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=65536"]
+    args = [sys.executable, "-m", "saesweep.train", *run, "sae.k=8", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        metrics = tmp_path / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().strip()):  # in the training loop
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert f"hydra.run.dir={tmp_path}" in err and "to resume" in err, err[-2000:]
+    assert "Traceback" not in err
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "eval.json").exists()
+    meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
+    assert meta["partial"] is True and 0 < meta["tokens_trained"] < 65536
+
+    resumed = run_cli("saesweep.train", *run, "sae.k=8", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    assert "partial" not in json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
+    assert json.loads((tmp_path / "eval.json").read_text())["tokens_trained"] == 65536
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
+    """lr 1e30 blows the weights up after one step: every later loss is inf."""
+    proc = run_cli("saesweep.train", *TINY_RUN, "optimizer.lr=1e30", "training.grad_clip_norm=null",
+                   "training.max_nonfinite_steps=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged: 3 steps in a row" in errors[0], proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("step skipped") == 3
+    # the last good state was kept: the skipped steps left no NaN in weights or running stats
+    # (calibrated_threshold is NaN until the end-of-training calibration, by design)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    tensors = {k: t for k, t in state["sae"].items() if t.is_floating_point() and k != "calibrated_threshold"}
+    assert {"W_enc", "threshold_ema"} <= tensors.keys()
+    assert all(torch.isfinite(t).all() for t in tensors.values()), {k: t.abs().max() for k, t in tensors.items()}
+    assert state["step"] == 1  # the one step before the blow-up
+    assert not (tmp_path / "eval.json").exists()

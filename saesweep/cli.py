@@ -12,22 +12,34 @@ import dataclasses
 import difflib
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 from saesweep.errors import UserError
 
 
-# Set by `run`: the user asked for tracebacks. Apps that print a UserError themselves
-# (to keep Hydra's own report of a failed job off the screen) re-raise it instead.
+# Set by `run`: the user asked for tracebacks.
 DEBUG = False
 
 
-def debug() -> bool:
-    return DEBUG
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Inside a Hydra task: a UserError of a single run is printed as one line (exit 2)
+    before Hydra can add its own report of the failed job; in a multirun it propagates,
+    so the launcher records the member as failed, and `run` prints it at the end."""
+    try:
+        yield
+    except UserError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN or DEBUG:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(main: Callable[[], Any]) -> None:

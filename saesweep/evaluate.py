@@ -27,11 +27,10 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saesweep.config import EvaluateConfig, validate_evaluate
-from saesweep.cli import debug, run
+from saesweep.cli import run, user_errors
 from saesweep.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -169,14 +168,10 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
-        typed = validate_evaluate(cfg)
-        out_dir = Path(typed.out_dir).expanduser() if typed.out_dir else Path(hydra_cfg.runtime.output_dir)
-        result = run_evaluation(typed, out_dir)
-    except UserError as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN or debug():
-            raise  # the launcher records this member as failed; saesweep.cli prints it in one line
-        print(f"error: {e}", file=sys.stderr)  # before Hydra would add its own report
-        sys.exit(2)
+        with user_errors():
+            typed = validate_evaluate(cfg)
+            out_dir = Path(typed.out_dir).expanduser() if typed.out_dir else Path(hydra_cfg.runtime.output_dir)
+            result = run_evaluation(typed, out_dir)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

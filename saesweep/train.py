@@ -13,8 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saesweep.config import objective_values, validate
-from saesweep.cli import debug, run
-from saesweep.errors import UserError
+from saesweep.cli import run, user_errors
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("saesweep")
@@ -25,15 +24,11 @@ def main(cfg: DictConfig) -> float | list[float]:
     hydra_cfg = HydraConfig.get()
     name_wandb_run(cfg, hydra_cfg)
     try:
-        typed = validate(cfg)
-        from saesweep.trainer import train  # heavy imports only after the config is known good
+        with user_errors():
+            typed = validate(cfg)
+            from saesweep.trainer import train  # heavy imports only after the config is known good
 
-        result = train(typed, Path(hydra_cfg.runtime.output_dir))
-    except UserError as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN or debug():
-            raise  # the launcher records this member as failed; saesweep.cli prints it in one line
-        print(f"error: {e}", file=sys.stderr)  # before Hydra would add its own report
-        sys.exit(2)
+            result = train(typed, Path(hydra_cfg.runtime.output_dir))
     except KeyboardInterrupt:
         print(f"interrupted; rerun with hydra.run.dir={hydra_cfg.runtime.output_dir} to resume", file=sys.stderr)
         sys.exit(130)

@@ -36,6 +36,24 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout
     )
 
 
+def train_a_few_steps(sae, x, target=None, steps: int = 5, lr: float = 1e-2) -> None:
+    """Fit scaling, take a few Adam steps, calibrate, switch to eval: an SAE worth exporting."""
+    import torch
+
+    target = x if target is None else target
+    sae.fit_to_data(x, target)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    sae.train()
+    for step in range(steps):
+        out = sae(x, target, step)
+        optimizer.zero_grad()
+        sum(out.losses.values()).backward()
+        optimizer.step()
+        sae.after_step()
+    sae.calibrate(x)
+    sae.eval()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded model as a HookedTransformer (converted once per cache)."""

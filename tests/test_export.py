@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from conftest import train_a_few_steps
+
 from saesweep.export import save_sae
 from saesweep.sae import build_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
@@ -27,17 +29,7 @@ def test_sae_lens_load_from_disk_encodes_and_decodes_like_our_module(cfg, tmp_pa
     torch.manual_seed(0)
     sae = build_sae(cfg, d_in=16)
     x = 30 * torch.randn(512, 16) + 5  # raw activations far from unit scale, so folding matters
-    sae.fit_to_data(x, x)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    sae.train()
-    for step in range(5):
-        out = sae(x, x, step)
-        optimizer.zero_grad()
-        sum(out.losses.values()).backward()
-        optimizer.step()
-        sae.after_step()
-    sae.calibrate(x)
-    sae.eval()
+    train_a_few_steps(sae, x)
 
     save_sae(sae, tmp_path / "sae", {"model_name": "test", "hook_name": "blocks.0.hook_resid_post"})
     lens = LensSAE.load_from_disk(str(tmp_path / "sae"))

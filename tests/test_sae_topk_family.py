@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import train_a_few_steps
 from saesweep.errors import UserError
 from saesweep.sae import build_sae
 from saesweep.export import save_sae
@@ -292,17 +293,7 @@ def test_matryoshka_export_loads_in_sae_lens_with_identical_encode_decode(tmp_pa
                                        normalize_activations="expected_average_only_in")
     sae = build_sae(cfg, d_in=16)
     x = 30 * torch.randn(512, 16) + 5  # far from unit scale, so the folded scaling matters
-    sae.fit_to_data(x, x)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    sae.train()
-    for step in range(5):
-        out = sae(x, x, step)
-        optimizer.zero_grad()
-        sum(out.losses.values()).backward()
-        optimizer.step()
-        sae.after_step()
-    sae.calibrate(x)
-    sae.eval()
+    train_a_few_steps(sae, x)
 
     save_sae(sae, tmp_path / "sae", {"model_name": "test", "hook_name": "blocks.0.hook_resid_post"})
     saved = json.loads((tmp_path / "sae" / "cfg.json").read_text())

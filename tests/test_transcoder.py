@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, run_cli, train_a_few_steps
 from saesweep.export import save_sae
 from saesweep.sae import build_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
@@ -31,16 +31,7 @@ def test_transcoder_export_loads_in_sae_lens_and_matches(cfg, d_out, lens_arch, 
     sae = build_sae(cfg, d_in=16, d_out=d_out, transcoder=True)
     assert not sae.cfg.apply_b_dec_to_input and cfg.apply_b_dec_to_input  # the run's config is untouched
     x, y = 30 * torch.randn(512, 16) + 5, 3 * torch.randn(512, d_out) - 1
-    sae.fit_to_data(x, y)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for step in range(5):
-        out = sae(x, y, step)
-        optimizer.zero_grad()
-        sum(out.losses.values()).backward()
-        optimizer.step()
-        sae.after_step()
-    sae.calibrate(x)
-    sae.eval()
+    train_a_few_steps(sae, x, y)
     save_sae(sae, tmp_path / "sae", {"hook_name": "in", "hook_name_out": "out"})
     saved = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert saved["architecture"] == lens_arch and saved["apply_b_dec_to_input"] is False

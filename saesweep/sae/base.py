@@ -147,6 +147,10 @@ class SAE(nn.Module):
         acts = self.activation(pre)
         recon = self.decode_scaled(acts)
         losses = {"mse": mse_loss(recon, target), **self.loss_terms(pre, acts, step)}
+        return self.step_output(recon, losses, acts)
+
+    def step_output(self, recon: torch.Tensor, losses: dict[str, torch.Tensor], acts: torch.Tensor) -> StepOutput:
+        """A dense training pass's result; `recon` is in the scaled space."""
         active = acts.detach() != 0
         return StepOutput(
             recon=recon / self.target_scale,

@@ -83,13 +83,7 @@ class GatedSAE(SAE):
             "l1": self.l1_coefficient(step) * (gate_acts * self.W_dec.norm(dim=1)).sum(-1).mean(),
             "aux_recon": mse_loss(via_gate, target),
         }
-        active = acts.detach() != 0
-        return StepOutput(
-            recon=recon / self.target_scale,
-            losses=losses,
-            l0=active.sum(-1).float().mean(),
-            fired=active.any(0),
-        )
+        return self.step_output(recon, losses, acts)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.combine(*self.gate_and_magnitude(x * self.input_scale))

@@ -64,17 +64,20 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="more overrides for both arms (e.g. eval.ce_rows=8)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
-        work = Path(tmp)
-        # Cache first: if the machine gets quieter over time, that favours live (conservative).
-        cache = sweep("cache", args.tokens, args.extra, work)
-        live = sweep("live", args.tokens, args.extra, work)
+    # Kept after the run (logs, run dirs, the cache) for a breakdown; delete it by hand.
+    work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    # Cache first: if the machine gets quieter over time, that favours live (conservative).
+    cache = sweep("cache", args.tokens, args.extra, work)
+    (manifest,) = (work / "acts").glob("*/manifest.json")
+    cache["cache_build_seconds"] = json.loads(manifest.read_text())["build_seconds"]
+    live = sweep("live", args.tokens, args.extra, work)
     ratio = cache["wall_seconds"] / live["wall_seconds"]
     result = {
         "tokens_per_run": args.tokens,
         "runs": 4,
         "extra_overrides": args.extra,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "work_dir": str(work),
         "note": "CPU shared with other jobs while measured (see load averages); arms ran back to back, cache first",
         "live": live,
         "cache": cache,
@@ -95,6 +98,7 @@ def main() -> None:
           for r in (live, cache)),
         "",
         f"cache / live wall time: **{ratio:.1%}** (bar: <= 45 %). Overrides: {' '.join(args.extra) or 'none'}.",
+        f"The cache arm's LM pass (build) took {cache['cache_build_seconds']} s of its {cache['wall_seconds']} s.",
         f"Machine: {result['machine']}; {result['note']}.",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -170,3 +171,33 @@ def test_b_dec_init_mean_and_geometric_median():
     sae = build_sae(StandardSAEConfig(d_sae=4, b_dec_init="mean", normalize_activations="none"), d_in=1)
     sae.fit_to_data(pts, pts)
     assert sae.b_dec.item() == pytest.approx(11 / 3)
+
+
+def test_init_norm_search_finds_the_scale_with_the_least_mse():
+    """One latent, x > 0, b = 0: recon = relu(s x) s = s^2 x, so the MSE is least at s = 1."""
+    sae = build_sae(StandardSAEConfig(d_sae=1, b_dec_init="zeros", normalize_activations="none",
+                                      decoder_init_norm=0.1, init_norm_search=True), d_in=1)
+    x = torch.tensor([[0.5], [1.0], [2.0]])
+    sae.fit_to_data(x, x)
+    assert sae.W_dec.item() == pytest.approx(1.0, abs=0.03)
+    assert sae.W_enc.item() == pytest.approx(sae.W_dec.item())  # still tied
+    assert sae.training  # the mode it was in
+
+
+def test_init_norm_search_never_loses_to_the_default_scale_and_leaves_running_state():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8) * 3 + 1
+    for cfg in (StandardSAEConfig(d_sae=32, decoder_init_norm=0.1),
+                BatchTopKSAEConfig(d_sae=32, k=4, decoder_init_norm=1.0)):
+        plain = build_sae(cfg, d_in=8)
+        searched = build_sae(dataclasses.replace(cfg, init_norm_search=True), d_in=8)
+        searched.load_state_dict(plain.state_dict())
+        plain.fit_to_data(x, x)
+        searched.fit_to_data(x, x)
+        with torch.no_grad():
+            mse = [float(s.eval()(x, x, 0).losses["mse"]) for s in (plain, searched)]
+        assert mse[1] <= mse[0], (cfg.architecture, mse)
+        if cfg.architecture == "batchtopk":
+            # unit decoder rows stay unit; the probes left no running threshold behind
+            assert torch.allclose(searched.W_dec.norm(dim=1), torch.ones(32))
+            assert int(searched.threshold_updates) == 0

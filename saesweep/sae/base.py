@@ -25,6 +25,7 @@ class SAEConfig:
     b_dec_init: str = "mean"  # mean | geometric_median | zeros
     decoder_init_norm: Optional[float] = 0.1
     normalize_activations: str = "none"  # none | expected_average_only_in
+    init_norm_search: bool = False
 
     def check(self) -> None:
         if self.d_sae is None and self.expansion_factor is None:
@@ -121,6 +122,37 @@ class SAE(nn.Module):
             self.b_dec.copy_(y.mean(0))
         elif self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(y))
+        if self.cfg.init_norm_search:
+            self.search_init_norm(x, target)
+
+    @torch.no_grad()
+    def search_init_norm(self, x: torch.Tensor, target: torch.Tensor, max_tokens: int = 4096) -> float:
+        """Scale the initial weights to the norm that minimises the first batch's MSE.
+
+        Language-Model-SAEs' `grid_search_init_norm`: a log grid from 0.01 to 10, then a
+        finer one around the best. The scale multiplies the decoder rows (kept unit for
+        architectures that renormalise them every step, where only the encoder scales)
+        and the encoder is re-tied to the decoder's transpose where the widths allow.
+        """
+        x, target = x[:max_tokens], target[:max_tokens]
+        direction = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        enc_direction = direction.T if self.d_in == self.d_out else self.W_enc / self.W_enc.norm(dim=0).clamp_min(1e-12)
+        was_training = self.training
+        self.eval()  # no running statistics (thresholds, dead counters) from the probes
+
+        def mse_at(scale: float) -> float:
+            self.W_dec.copy_(direction if self.unit_norm_decoder else direction * scale)
+            self.W_enc.copy_(enc_direction * scale)
+            return float(self(x, target, 0).losses["mse"])
+
+        coarse = torch.logspace(-2, 1, 31).tolist()
+        best = min(coarse, key=mse_at)
+        i = coarse.index(best)
+        fine = torch.linspace(coarse[max(i - 1, 0)], coarse[min(i + 1, len(coarse) - 1)], 21).tolist()
+        best = min(fine, key=mse_at)
+        mse_at(best)
+        self.train(was_training)
+        return best
 
     # --- the maths ------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 A checkpoint holds everything the next step depends on: SAE, optimizer and
 scheduler state, the step, the dead-latent counters, the activation buffer's
-contents and shuffling generator, how many token rows the LM has consumed, and the
-elapsed time. Resuming restores all of it, so an interrupted-and-resumed run ends
+contents and shuffling generator, the data position (token rows the LM has consumed,
+or the read position in the activation cache), and the elapsed time. Resuming restores all of it, so an interrupted-and-resumed run ends
 with the same weights as an uninterrupted one (on CPU; GPU kernels need not be
 deterministic). It is written to a temp file and renamed: the previous checkpoint
 stays valid until the new one is complete.

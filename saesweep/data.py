@@ -62,6 +62,10 @@ def load_hf_dataset(cfg: DatasetConfig) -> Any:
         return datasets.load_dataset(cfg.path, **kwargs)
     except FileNotFoundError as e:
         raise UserError(f"config key 'dataset.path': {cfg.path!r} not found ({e})") from None
+    except Exception as e:  # whatever the builder chokes on (an empty file gives StopIteration)
+        what = f"{cfg.path!r}" + (f" with data_files={cfg.data_files!r}" if cfg.data_files else "")
+        reason = str(e).splitlines()[0] if str(e) else "is it empty?"
+        raise UserError(f"config key 'dataset.path': cannot load {what}: {type(e).__name__}: {reason}") from None
 
 
 def _documents(ds: Any, cfg: DatasetConfig) -> Iterator[Any]:

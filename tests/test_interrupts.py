@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import TINY_RUN, run_cli
@@ -59,3 +60,25 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert all(torch.isfinite(t).all() for t in tensors.values()), {k: t.abs().max() for k, t in tensors.items()}
     assert state["step"] == 1  # the one step before the blow-up
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Disk full half-way through torch.save: the old checkpoint stays, no temp file is left."""
+    import errno
+
+    from saesweep import checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def disk_full(state, f):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

@@ -36,6 +36,21 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout
     )
 
 
+def weights(run_dir: Path) -> dict:
+    """A finished run's exported SAE tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "sae" / "sae_weights.safetensors"))
+
+
+def metrics_without_timing(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock field, for comparing interrupted and straight runs."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
+
+
 def train_a_few_steps(sae, x, target=None, steps: int = 5, lr: float = 1e-2) -> None:
     """Fit scaling, take a few Adam steps, calibrate, switch to eval: an SAE worth exporting."""
     import torch

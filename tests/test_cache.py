@@ -16,9 +16,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
 from saesweep.cache import (
     activation_spec,
     cache_key,
@@ -47,15 +46,6 @@ def only_cache(path):
     """The single cache (key dir) under an activations dir."""
     (found,) = [p for p in path.iterdir() if p.is_dir()]
     return found
-
-
-def weights(run_dir):
-    return load_file(str(run_dir / "sae" / "sae_weights.safetensors"))
-
-
-def metrics_without_timing(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
 
 
 @pytest.fixture(scope="module")

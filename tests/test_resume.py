@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
 from saesweep.checkpoint import StopSignals, config_differences
 
 RUN = [*TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]
-
-
-def weights(run_dir):
-    return load_file(str(run_dir / "sae" / "sae_weights.safetensors"))
-
-
-def metrics_without_timing(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
 
 
 @pytest.fixture(scope="module")

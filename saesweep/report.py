@@ -197,8 +197,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def report_rows(members: list[Member]) -> tuple[list[str], list[dict[str, Any]]]:
     """Column names and one dict per member; metric values as floats, missing ones as None."""
     fixed = ["member", "status", "architecture"]
-    # An override key can clash with a fixed column (the `architecture` config group does).
-    overrides = {k: f"{k} (override)" if k in fixed or k in METRICS else k for k in differing_overrides(members)}
+    keys = differing_overrides(members)
+    # The `architecture` group override names the architecture column's value again,
+    # unless a group option is named differently from the architecture it selects.
+    if all((m.overrides or {}).get("architecture") in (None, m.architecture) for m in members):
+        keys = [k for k in keys if k != "architecture"]
+    # An override key can still clash with a fixed column or a metric.
+    overrides = {k: f"{k} (override)" if k in fixed or k in METRICS else k for k in keys}
     columns = [*fixed, *overrides.values(), *METRICS, "reason"]
     rows = []
     for m in members:

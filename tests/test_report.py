@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from saesweep.errors import UserError
-from saesweep.report import SweepReportCallback, differing_overrides, load_sweep, main, pareto_front, write_report
+from saesweep.report import SweepReportCallback, differing_overrides, load_sweep, main, pareto_front, report_rows, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -124,21 +124,21 @@ def test_csv_and_md(sweep, tmp_path):
     out = tmp_path / "out"
     assert write_report(sweep, out) == out / "report.md"
     assert (out / "report.csv").read_text() == (
-        "member,status,architecture,architecture (override),sae.k,optimizer.lr,"
+        "member,status,architecture,sae.k,optimizer.lr,"
         "l0,explained_variance,mse,dead_fraction,ce_loss_score,tokens_trained,tokens_per_second,reason\n"
-        "0,done,topk,topk,16,,16,0.71,0.0123,0.05,0.82,1000000,12345.6,\n"
-        "1,done,batchtopk,batchtopk,32,1e-3,32.5,0.8,0.009,0,0.9,1000000,11000,\n"
-        "2,failed,topk,topk,64,,,,,,,,,train.log: RuntimeError: CUDA out of memory\n"
-        "3,unfinished,batchtopk,batchtopk,128,,,,,,,,,\n"
+        "0,done,topk,16,,16,0.71,0.0123,0.05,0.82,1000000,12345.6,\n"
+        "1,done,batchtopk,32,1e-3,32.5,0.8,0.009,0,0.9,1000000,11000,\n"
+        "2,failed,topk,64,,,,,,,,,train.log: RuntimeError: CUDA out of memory\n"
+        "3,unfinished,batchtopk,128,,,,,,,,,\n"
     )
     md = (out / "report.md").read_text().splitlines()
     assert md[0] == f"# Sweep report: {sweep}"
     assert md[2] == "4 members: 2 done, 1 failed, 1 unfinished"
-    assert md[4] == ("| member | status | architecture | architecture (override) | sae.k | optimizer.lr | l0 | "
+    assert md[4] == ("| member | status | architecture | sae.k | optimizer.lr | l0 | "
                      "explained_variance | mse | dead_fraction | ce_loss_score | tokens_trained | tokens_per_second "
                      "| reason |")
-    assert md[6] == "| 0 | done | topk | topk | 16 |  | 16.0 | 0.7100 | 0.0123 | 0.050 | 0.8200 | 1,000,000 | 12,346 |  |"
-    assert md[8] == "| 2 | failed | topk | topk | 64 |  |  |  |  |  |  |  |  | train.log: RuntimeError: CUDA out of memory |"
+    assert md[6] == "| 0 | done | topk | 16 |  | 16.0 | 0.7100 | 0.0123 | 0.050 | 0.8200 | 1,000,000 | 12,346 |  |"
+    assert md[8] == "| 2 | failed | topk | 64 |  |  |  |  |  |  |  |  | train.log: RuntimeError: CUDA out of memory |"
     assert len([line for line in md if line.startswith("| ")]) == 5
     assert not (sweep / "report.csv").exists()  # --out is respected
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left behind
@@ -231,3 +231,15 @@ def test_callback_ignores_single_runs(sweep):
     config = OmegaConf.create({"hydra": {"mode": "RUN", "sweep": {"dir": str(sweep)}}})
     SweepReportCallback().on_job_end(config, job_return=None)
     assert not (sweep / "report.md").exists()
+
+
+def test_architecture_override_column_only_when_it_says_something(tmp_path):
+    # A group option named after its architecture repeats the architecture column: dropped.
+    make_member(tmp_path, "0", ["architecture=topk"], "topk", eval_json=EVAL_1)
+    make_member(tmp_path, "1", ["architecture=batchtopk"], "batchtopk", eval_json=EVAL_1)
+    columns, _ = report_rows(load_sweep(tmp_path))
+    assert "architecture (override)" not in columns
+    # A user's own option (conf/architecture/wide_topk.yaml selecting topk) is kept.
+    make_member(tmp_path, "2", ["architecture=wide_topk"], "topk", eval_json=EVAL_1)
+    columns, rows = report_rows(load_sweep(tmp_path))
+    assert [r["architecture (override)"] for r in rows] == ["topk", "batchtopk", "wide_topk"]

@@ -38,8 +38,32 @@ class DatasetConfig:
     is_tokenized: bool = False
     context_size: int = 128
     prepend_bos: bool = True
+    # SAELens's windowing tokens: "bos" | "eos" | "sep" | a token id | null (see saesweep.data)
+    begin_batch_token: Optional[Any] = None
+    begin_sequence_token: Optional[Any] = None
+    sequence_separator_token: Optional[Any] = None
     shuffle: bool = True
     holdout_fraction: float = 0.05
+
+
+SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")
+WINDOW_TOKEN_KEYS = ("begin_batch_token", "begin_sequence_token", "sequence_separator_token")
+
+
+def check_dataset(d: DatasetConfig) -> None:
+    """Dataset values that can be judged before any tokenizer loads."""
+    if d.source not in ("embedded", "hf"):
+        raise UserError("config key 'dataset.source': valid: embedded, hf")
+    if d.context_size < 2:
+        raise UserError("config key 'dataset.context_size': must be >= 2")
+    if not 0 <= d.holdout_fraction < 1:
+        raise UserError("config key 'dataset.holdout_fraction': must be in [0, 1)")
+    for key in WINDOW_TOKEN_KEYS:
+        value = getattr(d, key)
+        is_id = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not (value is None or is_id or value in SPECIAL_TOKEN_NAMES):
+            raise UserError(f"config key 'dataset.{key}': {value!r}; valid: "
+                            f"{', '.join(SPECIAL_TOKEN_NAMES)}, null, or a token id >= 0")
 
 
 @dataclass
@@ -187,14 +211,12 @@ def _check_values(cfg: TrainConfig) -> None:
          "valid: constant, cosine, warmup_decay")
     need(cfg.model.source in ("embedded", "pretrained"), "model.source",
          "valid: embedded, pretrained")
-    need(cfg.dataset.source in ("embedded", "hf"), "dataset.source", "valid: embedded, hf")
+    check_dataset(cfg.dataset)
     a = cfg.activations
     need(a.source in ("live", "cache", "auto"), "activations.source", "valid: live, cache, auto")
     need(a.batch_rows > 0, "activations.batch_rows", "must be > 0")
     need(a.cache_tokens is None or a.cache_tokens > 0, "activations.cache_tokens", "must be > 0 or null")
     need(a.shard_mb > 0, "activations.shard_mb", "must be > 0")
-    need(cfg.dataset.context_size >= 2, "dataset.context_size", "must be >= 2")
-    need(0 <= cfg.dataset.holdout_fraction < 1, "dataset.holdout_fraction", "must be in [0, 1)")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          "training.device", "valid: auto, cpu, cuda, cuda:N")
     bad = [name for name in cfg.objectives if name not in OBJECTIVES]
@@ -245,7 +267,5 @@ def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
     need(typed.eval.ce_rows >= 0, "eval.ce_rows", "must be >= 0 (0 skips the CE loss score)")
     need(typed.eval.batch_rows > 0, "eval.batch_rows", "must be > 0")
     need(typed.model.source in ("embedded", "pretrained"), "model.source", "valid: embedded, pretrained")
-    need(typed.dataset.source in ("embedded", "hf"), "dataset.source", "valid: embedded, hf")
-    need(typed.dataset.context_size >= 2, "dataset.context_size", "must be >= 2")
-    need(0 <= typed.dataset.holdout_fraction < 1, "dataset.holdout_fraction", "must be in [0, 1)")
+    check_dataset(typed.dataset)
     return typed

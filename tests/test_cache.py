@@ -121,6 +121,7 @@ def test_key_is_stable_across_processes_and_sensitive_to_every_field(built, smol
         "exclude_bos": key_with(activations__exclude_bos=False),
         "dataset path": key_with(dataset__path="elsewhere"),
         "holdout": key_with(dataset__holdout_fraction=0.1),
+        "windowing": key_with(dataset__sequence_separator_token="eos"),
     }
     assert all(k != base for k in changed.values()), changed
     assert len(set(changed.values())) == len(changed)

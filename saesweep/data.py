@@ -264,7 +264,8 @@ def _documents(ds: Any, cfg: DatasetConfig, tokenizer: Any) -> Iterator[list[int
     limit = vocab_size(tokenizer)
     for i, example in enumerate(ds):
         if column not in example:
-            hint = " (set dataset.is_tokenized=true for token ids)" if "input_ids" in example and not cfg.is_tokenized else ""
+            ids_here = "input_ids" in example and not cfg.is_tokenized
+            hint = " (set dataset.is_tokenized=true for token ids)" if ids_here else ""
             raise UserError(
                 f"config key 'dataset.column': no column {column!r} in {cfg.path}; "
                 f"columns: {', '.join(example)}{hint}"

@@ -224,7 +224,8 @@ def test_local_formats_give_the_same_rows(tmp_path, kind, streaming):
 
 def test_a_missing_split_of_a_saved_dataset_dict_is_named(tmp_path):
     path, _ = write_format(tmp_path, "save_to_disk dict")
-    with pytest.raises(UserError, match=r"^config key 'dataset.split': 'test' is not a split of .*; valid: train, validation"):
+    with pytest.raises(UserError, match=r"^config key 'dataset.split': 'test' is not a split of .*; "
+                                        r"valid: train, validation"):
         load_hf_dataset(DatasetConfig(source="hf", path=str(path), split="test"))
 
 
@@ -264,7 +265,8 @@ def test_shuffle_is_a_seeded_permutation_per_epoch(tmp_path):
     assert len(train) == 12 and len(data.eval_rows) == 1  # round(13 * 0.05) -> at least 1
 
     def epochs(seed, n=2, shuffle=True):
-        it = load_token_rows(DatasetConfig(**{**cfg.__dict__, "shuffle": shuffle}), CharTokenizer(), 4, seed).train_iter()
+        other = DatasetConfig(**{**cfg.__dict__, "shuffle": shuffle})
+        it = load_token_rows(other, CharTokenizer(), 4, seed).train_iter()
         return [[tuple(next(it).tolist()) for _ in range(12)] for _ in range(n)]
 
     first, second = epochs(0)
@@ -337,4 +339,5 @@ def test_docs_list_the_dataset_errors(tmp_path):
         text = head + start + "| mistake | arguments | what you see |\n|---|---|---|\n" + table + end + tail
         DOCS.write_text(text)
     missing = [row for row in table.splitlines() if row not in text]
-    assert not missing, "docs/errors.md is out of date (SAESWEEP_WRITE_ERROR_DOCS=1 python -m pytest tests/test_data.py):\n" + "\n".join(missing)
+    assert not missing, ("docs/errors.md is out of date (SAESWEEP_WRITE_ERROR_DOCS=1 python -m pytest "
+                         "tests/test_data.py):\n" + "\n".join(missing))

@@ -88,7 +88,8 @@ def test_config_composes_with_the_training_groups(dataset):
     with pytest.raises(UserError, match=r"^config key 'pretokenize.output_path': missing"):
         pt.validate_pretokenize(compose_pretokenize([f"dataset={dataset}"]))
     with pytest.raises(UserError, match=r"^config key 'dataset.sequence_separator_token'"):
-        pt.validate_pretokenize(compose_pretokenize(["pretokenize.output_path=out", "dataset.sequence_separator_token=x"]))
+        pt.validate_pretokenize(compose_pretokenize(["pretokenize.output_path=out",
+                                                     "dataset.sequence_separator_token=x"]))
 
 
 def test_pretokenized_shakespeare_trains_to_the_same_sae_as_the_text(tmp_path):

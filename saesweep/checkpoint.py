@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from saesweep.atomic import atomic_write
 from saesweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,31 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    save_checkpoints({path: state})
+
+
+def save_checkpoints(states: dict[Path, dict[str, Any]], write: Callable[[Any, Path], None] | None = None) -> None:
+    """Write the checkpoints of a group's members as one step: every temp file is complete
+    before the first rename, so a crash while writing leaves every previous checkpoint.
+    Only a crash between the renames (microseconds) leaves members at different points,
+    and the trainer then resumes them as separate subgroups. `write(state, tmp)` defaults
+    to torch.save (looked up per call, so tests can replace it)."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, state in states.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=Path(path).parent)
+            os.close(fd)
+            temps.append((Path(tmp), Path(path)))
+            (write or torch.save)(state, Path(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; run outputs are for everyone who can see the run
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -28,6 +28,9 @@ class MetricsLog:
                 # a requeued job continues the same W&B run
                 id=_stable_run_id(run_dir),
                 resume="allow",
+                # A group trains several runs in one process; the default would hand the
+                # second member the first member's run.
+                reinit="create_new",
             )
 
     def log(self, record: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from saesweep.config import objective_values, validate
 from saesweep.cli import run, user_errors
+from saesweep.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("saesweep")
@@ -35,6 +36,40 @@ def main(cfg: DictConfig) -> float | list[float]:
     log.info("eval: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     # What an optimising sweeper (hydra/sweeper=pareto) minimises; grids ignore it.
     return objective_values(result, typed.objectives)
+
+
+def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any]:
+    """`main` for the members of a grouped sweep (hydra/launcher=grouped), trained together
+    on one LM pass: per member the objective values, or the exception that failed it."""
+    typed: list[Any] = []
+    for cfg, hydra_cfg in zip(cfgs, hydra_cfgs):
+        name_wandb_run(cfg, hydra_cfg)
+        try:
+            typed.append(validate(cfg))
+        except UserError as e:  # this member fails, the others train
+            typed.append(e)
+    valid = [i for i, t in enumerate(typed) if not isinstance(t, UserError)]
+    if not valid:
+        return typed
+    from saesweep.trainer import train_group
+
+    sweep_dir = hydra_cfgs[0].sweep.dir
+    try:
+        results = train_group([typed[i] for i in valid], [Path(hydra_cfgs[i].runtime.output_dir) for i in valid],
+                              resume_hint=f"hydra.sweep.dir={sweep_dir}")
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same sweep with hydra.sweep.dir={sweep_dir} to resume", file=sys.stderr)
+        sys.exit(130)
+    outcomes = list(typed)
+    for i, result in zip(valid, results):
+        if isinstance(result, Exception):
+            outcomes[i] = result
+            continue
+        log.info("eval %s: %s", hydra_cfgs[i].runtime.output_dir,
+                 {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
+                 extra={"run_dir": hydra_cfgs[i].runtime.output_dir})  # into this member's log only
+        outcomes[i] = objective_values(result, typed[i].objectives)
+    return outcomes
 
 
 def name_wandb_run(cfg: DictConfig, hydra_cfg: Any) -> None:

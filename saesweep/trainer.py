@@ -1,4 +1,10 @@
-"""The training loop: one loop for every architecture.
+"""The training loop: one loop for every architecture, and for a group of SAEs.
+
+A group is several SAEs that differ only in their own, optimizer and scheduler
+settings: they share the LM, the token rows, the activation feed and the buffer, so
+the LM runs once for all of them, while each member keeps its own SAE, optimizer,
+scheduler, dead-latent counters, metrics log, checkpoint and run dir. A single run
+is a group of one.
 
 The SAE returns a dict of named loss terms; the loop sums them, steps the
 optimizer, logs, and at the end evaluates on held-out rows and exports.
@@ -12,9 +18,10 @@ import os
 import random
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 import torch
@@ -23,12 +30,12 @@ from tqdm import tqdm
 from saesweep.activations import ActivationSource
 from saesweep.buffer import ActivationBuffer
 from saesweep.cache import open_training_feed
-from saesweep.checkpoint import CHECKPOINT_NAME, StopSignals, config_differences, load_checkpoint, save_checkpoint
+from saesweep.checkpoint import CHECKPOINT_NAME, StopSignals, config_differences, load_checkpoint, save_checkpoints
 from saesweep.config import TrainConfig
 from saesweep.data import load_token_rows
 from saesweep.errors import UserError
 from saesweep.evals import evaluate
-from saesweep.atomic import atomic_write, atomic_write_text
+from saesweep.atomic import atomic_write_text
 from saesweep.export import save_sae
 from saesweep.metrics import explained_variance
 from saesweep.metrics_log import MetricsLog
@@ -37,6 +44,9 @@ from saesweep.optim import build_optimizer, build_scheduler
 from saesweep.sae import build_sae
 
 log = logging.getLogger(__name__)
+
+# What train_group gives back per member: its eval result, or the exception that stopped it.
+Outcome = Union[dict[str, Any], Exception]
 
 
 def seed_everything(seed: int) -> None:
@@ -89,24 +99,65 @@ def load_model_checked(cfg: TrainConfig, device: torch.device) -> Any:
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    if cfg.training.resume != "never" and (run_dir / "eval.json").exists():
-        log.info("%s has finished already (eval.json); nothing to do", run_dir)
-        return json.loads((run_dir / "eval.json").read_text())
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if cfg.training.resume != "never" else None
-    if checkpoint is not None and cfg.training.resume != "force":
-        changed = config_differences(checkpoint["config"], resumable_config(cfg))
-        if changed:
-            raise UserError(
-                f"run dir {run_dir} holds a checkpoint of a different config: {'; '.join(changed)}. "
-                "Use a new run dir, or training.resume=force to continue anyway"
-            )
+    """Train one SAE into run_dir (a group of one); its eval result."""
+    outcome = train_group([cfg], [Path(run_dir)])[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
+
+def train_group(cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str | None = None) -> list[Outcome]:
+    """Train one SAE per config on one shared activation stream, each into its own run dir.
+
+    The configs must agree on everything but sae, optimizer, scheduler, objectives and
+    logger (the grouped launcher checks that). A member that fails (bad checkpoint,
+    divergence, an error in its step) gets its exception as outcome; the others go on.
+    Members whose checkpoints are at different points of the stream (a member added to
+    the sweep, a crash between two checkpoint renames) are trained one subgroup after
+    another, so each resumes exactly. `resume_hint` says how to rerun, for the stop message.
+    """
+    run_dirs = [Path(d) for d in run_dirs]
+    resume_hint = resume_hint or f"hydra.run.dir={run_dirs[0]}"
+    outcomes: list[Outcome | None] = [None] * len(cfgs)
+    subgroups: dict[int | None, list[Member]] = {}  # by checkpoint position; None: not started
+    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+        try:
+            finished = finished_result(cfg, run_dir)
+            if finished is not None:
+                outcomes[i] = finished
+                continue
+            member = Member(i, cfg, run_dir, named=len(cfgs) > 1)
+        except UserError as e:
+            outcomes[i] = e
+            continue
+        subgroups.setdefault(member.position, []).append(member)
+    if not subgroups:
+        return outcomes  # type: ignore[return-value]
+
+    cfg = next(iter(subgroups.values()))[0].cfg  # what the members share
     seed_everything(cfg.training.seed)
     device = resolve_device(cfg.training.device)
     model = load_model_checked(cfg, device)
-    rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed)
+    rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed,
+                           total_tokens=cfg.training.total_tokens)
     source = ActivationSource(model, cfg.model.hook_point, cfg.model.hook_point_out, cfg.activations.exclude_bos)
+    for members in subgroups.values():
+        for member, outcome in zip(members, train_together(members, model, source, rows, device, resume_hint)):
+            outcomes[member.index] = outcome
+    return outcomes  # type: ignore[return-value]
+
+
+def finished_result(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    if cfg.training.resume != "never" and (run_dir / "eval.json").exists():
+        log.info("%s has finished already (eval.json); nothing to do", run_dir)
+        return json.loads((run_dir / "eval.json").read_text())
+    return None
+
+
+def train_together(members: list[Member], model: Any, source: ActivationSource, rows: Any,
+                   device: torch.device, resume_hint: str) -> list[Outcome]:
+    """The loop: members at the same point of the same activation stream, one batch each step."""
+    cfg, checkpoint = members[0].cfg, members[0].checkpoint
     # Live LM pass or the shared cache; either way the buffer gets chunks of activations.
     feed = open_training_feed(cfg, model, source, rows, checkpoint)
     # A buffer larger than the run would compute activations nobody trains on.
@@ -118,148 +169,284 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         device=device,
         generator=torch.Generator().manual_seed(cfg.training.seed),
     )
-    transcoder = cfg.model.hook_point_out not in (None, cfg.model.hook_point)
-    sae = build_sae(cfg.sae, source.d_in, source.d_out, transcoder).to(device)
-    optimizer = build_optimizer(sae.param_groups(), cfg.optimizer)
-    total_steps = cfg.training.total_tokens // cfg.training.batch_size
-    scheduler = build_scheduler(optimizer, total_steps, cfg.scheduler)
-    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+    batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
+    total_steps = cfg.training.total_tokens // batch_size
 
     segment_start = time.perf_counter()  # throughput counts every LM pass, the first fill included
     if checkpoint is None:
-        step, elapsed_before = 0, 0.0
-        truncate_metrics(run_dir / "metrics.jsonl", 0)  # lines of a run killed before its first checkpoint
+        batches, elapsed_before = 0, 0.0  # batches drawn from the buffer: the stream position
         first = buffer.sample()
-        sae.fit_to_data(first[0], first[-1])
+        for member in members:
+            member.start(source, device, total_steps, first)
     else:
-        step, elapsed_before = checkpoint["step"], checkpoint["elapsed"]
-        sae.load_state_dict(checkpoint["sae"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        batches, elapsed_before = stream_position(checkpoint), checkpoint["elapsed"]
         buffer.load_state_dict(checkpoint["buffer"])
-        tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        truncate_metrics(run_dir / "metrics.jsonl", step)
-        log.info("resuming %s from step %d of %d", run_dir, step, total_steps)
+        for member in members:
+            member.start(source, device, total_steps)
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - segment_start
 
     # Fault injection for the crash tests: SAESWEEP_CRASH_AT_STEP=N is a SIGKILL after step N
     # (and its checkpoint, if one is due); N:checkpoint kills half-way through writing it.
     crash_step, _, crash_where = os.environ.get("SAESWEEP_CRASH_AT_STEP", "0").partition(":")
     crash_at = int(crash_step)
 
-    def save_state() -> None:
-        state = {
-            "config": resumable_config(cfg),
-            "step": step,
-            "elapsed": elapsed_before + time.perf_counter() - segment_start,
-            **feed.state_dict(),  # the data position: rows consumed, or the cache read position
-            "sae": sae.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "buffer": buffer.state_dict(),
-            "tokens_since_fired": tokens_since_fired,
-            "torch_rng": torch.get_rng_state(),
-        }
-        if step == crash_at and crash_where == "checkpoint":
-            atomic_write(run_dir / CHECKPOINT_NAME, lambda tmp: _die_mid_write(state, tmp))
-        save_checkpoint(run_dir / CHECKPOINT_NAME, state)
+    def save(to_save: list[Member]) -> None:
+        shared = {"batches": batches, "elapsed": elapsed(), **feed.state_dict(), "buffer": buffer.state_dict()}
+        write = _die_mid_write if batches == crash_at and crash_where == "checkpoint" else torch.save
+        save_checkpoints({m.run_dir / CHECKPOINT_NAME: m.state(shared) for m in to_save}, write)
 
-    log.info("training %s: d_in=%d d_sae=%d for %d steps of %d tokens on %s",
-             cfg.sae.architecture, sae.d_in, sae.d_sae, total_steps, cfg.training.batch_size, device)
-    batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
-    metrics = MetricsLog(run_dir, cfg.logger, cfg)
-    sae.train()
-    nonfinite = 0  # consecutive skipped steps
+    log.info("training %d SAE(s) (%s) d_in=%d for %d steps of %d tokens on %s", len(members),
+             ", ".join(f"{m.cfg.sae.architecture} d_sae={m.sae.d_sae}" for m in members),
+             source.d_in, total_steps, batch_size, device)
     # The bar is closed however the loop ends, so an error message starts on its own line.
-    with StopSignals() as stop, tqdm(total=total_steps, initial=step, desc="train", unit="step",
-                                     dynamic_ncols=True) as progress:
-        while step < total_steps:
+    with StopSignals() as stop, tqdm(total=total_steps, initial=min(m.step for m in members), desc="train",
+                                     unit="step", dynamic_ncols=True) as progress:
+        while training := [m for m in members if m.error is None and m.step < total_steps]:
             batch = buffer.next_batch()
-            x, target = batch[0], batch[-1]
-            out = sae(x, target, step)
-            loss = sum(out.losses.values())
+            batches += 1
+            for member in training:
+                member.train_step(batch[0], batch[-1], elapsed)
+                if member.error is not None:
+                    save([member])  # its last good state: bad steps were never applied
+            progress.update(min(m.step for m in training) - progress.n)
+            progress.set_postfix(tok_s=f"{batches * batch_size / elapsed():.0f}",
+                                 L0="/".join(f"{m.last_l0:.1f}" for m in members))
 
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # With no clipping the max norm is inf: the gradients stay as they are, but we
-            # still get their norm for the finiteness check below.
-            grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm or float("inf"))
-            # One host sync per step: a NaN/Inf step would poison Adam's moments for good.
-            if not torch.isfinite(loss.detach() + grad_norm):
-                nonfinite += 1
-                log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
-                            step, float(loss.detach()), float(grad_norm), nonfinite)
-                if nonfinite >= cfg.training.max_nonfinite_steps:
-                    save_state()  # the state is the last good one: bad steps were never applied
-                    raise UserError(
-                        f"training diverged: {nonfinite} steps in a row had a non-finite loss or gradient "
-                        f"(at step {step}); the last good state is in {run_dir / CHECKPOINT_NAME}. Lower "
-                        "optimizer.lr or set training.grad_clip_norm, then rerun with training.resume=force"
-                    )
-                continue
-            nonfinite = 0
-            optimizer.step()
-            scheduler.step()
-            sae.after_step()
-            tokens_since_fired = torch.where(out.fired, 0, tokens_since_fired + len(x))
-            step += 1
-            progress.update()
-
-            if step % cfg.training.log_every == 0 or step == total_steps:
-                tokens = step * batch_size
-                record = {
-                    "step": step,
-                    "tokens": tokens,
-                    "lr": scheduler.get_last_lr()[0],
-                    "loss": float(loss.detach()),
-                    **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
-                    "l0": float(out.l0),
-                    "explained_variance": explained_variance(target, out.recon.detach()),
-                    "dead_features": int((tokens_since_fired >= cfg.training.dead_after_tokens).sum()),
-                    "tokens_per_second": tokens / (elapsed_before + time.perf_counter() - segment_start),
-                }
-                metrics.log(record)
-                progress.set_postfix(
-                    tok_s=f"{record['tokens_per_second']:.0f}",
-                    L0=f"{record['l0']:.1f}",
-                    EV=f"{record['explained_variance']:.3f}",
-                )
-            crossed = every > 0 and (step * batch_size) // every > ((step - 1) * batch_size) // every
-            if crossed or stop.received or step == total_steps:
-                save_state()
-            if step == crash_at and not crash_where:
+            crossed = every > 0 and (batches * batch_size) // every > ((batches - 1) * batch_size) // every
+            healthy = [m for m in members if m.error is None]
+            done = all(m.step == total_steps for m in healthy)
+            if crossed or stop.received or done:
+                save(healthy)
+            if batches == crash_at and not crash_where:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop.received:
                 if stop.received == signal.SIGINT:
                     # Ctrl-C is a person who wants to look at what they have; a preempted
                     # job (USR2/TERM) has seconds left and only needs the checkpoint.
-                    sae.calibrate(buffer.sample()[0])
-                    save_sae(sae, run_dir / "sae", {**sae_metadata(cfg), "partial": True,
-                                                    "tokens_trained": step * batch_size})
+                    for member in healthy:
+                        member.export_partial(buffer.sample()[0])
                 log.warning("stopping on signal %d at step %d; checkpoint saved%s. To resume, rerun the "
-                            "same command with hydra.run.dir=%s", stop.received, step,
-                            " and the SAE so far in sae/" if stop.received == signal.SIGINT else "", run_dir)
+                            "same command with %s", stop.received, batches,
+                            " and the SAE so far in sae/" if stop.received == signal.SIGINT else "", resume_hint)
                 stop.resend()
-    elapsed = elapsed_before + time.perf_counter() - segment_start
 
-    sae.calibrate(buffer.sample()[0])
-    tokens_trained = total_steps * batch_size
-    log.info("trained on %d tokens in %.1f s; evaluating on held-out rows", tokens_trained, elapsed)
-    result = evaluate(sae, source, rows.eval_rows, cfg.eval.rows, cfg.eval.ce_rows, cfg.eval.batch_rows)
-    result.update(
-        tokens_trained=tokens_trained,
-        train_seconds=elapsed,
-        tokens_per_second=tokens_trained / elapsed,
-        bos_excluded=cfg.activations.exclude_bos,
-        activation_source=feed.name,
-    )
-    metrics.final(result)
-    metrics.close()
-    save_sae(sae, run_dir / "sae", sae_metadata(cfg), sparsity=result.log10_firing_rate())
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
-    # eval.json now marks the run finished; the checkpoint (buffer included) is dead weight.
-    (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    return result
+    train_seconds = elapsed()
+    log.info("trained on %d tokens in %.1f s; evaluating on held-out rows", total_steps * batch_size, train_seconds)
+    eval_source = SharedEvalActivations(source) if len(members) > 1 else source
+    outcomes: list[Outcome] = []
+    for member in members:
+        if member.error is None:
+            member.finish(eval_source, rows, buffer.sample()[0], train_seconds, feed.name)
+        outcomes.append(member.error if member.error is not None else member.result)
+    return outcomes
+
+
+def stream_position(checkpoint: dict[str, Any]) -> int:
+    # Checkpoints of single runs written before groups existed count steps only; there
+    # every batch was a step unless skipped.
+    return checkpoint.get("batches", checkpoint["step"])
+
+
+class Member:
+    """One SAE of a group, with all that is its own: optimizer, scheduler, counters,
+    torch RNG (so its init and any random op match a separate run), log and run dir."""
+
+    def __init__(self, index: int, cfg: TrainConfig, run_dir: Path, named: bool):
+        self.index, self.cfg, self.run_dir, self.named = index, cfg, run_dir, named
+        self.log = MemberLog(log, run_dir, named)
+        self.checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if cfg.training.resume != "never" else None
+        if self.checkpoint is not None and cfg.training.resume != "force":
+            changed = config_differences(self.checkpoint["config"], resumable_config(cfg))
+            if changed:
+                raise UserError(
+                    f"run dir {run_dir} holds a checkpoint of a different config: {'; '.join(changed)}. "
+                    "Use a new run dir, or training.resume=force to continue anyway"
+                )
+        self.position = stream_position(self.checkpoint) if self.checkpoint is not None else None
+        self.error: Exception | None = None
+        self.result: dict[str, Any] = {}
+        self.last_l0 = float("nan")
+
+    def start(self, source: ActivationSource, device: torch.device, total_steps: int,
+              first: tuple[torch.Tensor, ...] | None = None) -> None:
+        """Build the SAE and its optimizer: fitted to the first fill, or as checkpointed."""
+        cfg, checkpoint = self.cfg, self.checkpoint
+        # Seeded here, per member, so each SAE starts as it would in a separate run.
+        torch.manual_seed(cfg.training.seed)
+        transcoder = cfg.model.hook_point_out not in (None, cfg.model.hook_point)
+        self.sae = build_sae(cfg.sae, source.d_in, source.d_out, transcoder).to(device)
+        self.optimizer = build_optimizer(self.sae.param_groups(), cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.scheduler)
+        self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
+        self.nonfinite = 0  # consecutive skipped steps
+        if checkpoint is None:
+            self.step = 0
+            truncate_metrics(self.run_dir / "metrics.jsonl", 0)  # lines of a run killed before its first checkpoint
+            self.sae.fit_to_data(first[0], first[-1])
+            self.rng_state = torch.get_rng_state()
+        else:
+            self.step = checkpoint["step"]
+            self.sae.load_state_dict(checkpoint["sae"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
+            self.rng_state = checkpoint["torch_rng"]
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            self.log.info("resuming %s from step %d of %d", self.run_dir, self.step, total_steps)
+            self.checkpoint = None  # the buffer copy in it is large
+        self.metrics = MetricsLog(self.run_dir, cfg.logger, cfg)
+        self.sae.train()
+
+    @contextmanager
+    def own_rng(self) -> Iterator[None]:
+        torch.set_rng_state(self.rng_state)
+        try:
+            yield
+        finally:
+            self.rng_state = torch.get_rng_state()
+
+    def train_step(self, x: torch.Tensor, target: torch.Tensor, elapsed: Callable[[], float]) -> None:
+        """One optimizer step on this batch, or a skipped one; any error ends this member only."""
+        try:
+            with self.own_rng():
+                self._step(x, target, elapsed)
+        except Exception as e:
+            self.fail(e)
+            self.metrics.close()
+
+    def fail(self, error: Exception) -> None:
+        """Record what ended this member. A single run's caller reports it; in a group the
+        others go on, so say it now, in this member's log."""
+        self.error = error
+        if self.named:
+            self.log.error("%s: %s", type(error).__name__, error, exc_info=not isinstance(error, UserError))
+
+    def _step(self, x: torch.Tensor, target: torch.Tensor, elapsed: Callable[[], float]) -> None:
+        cfg, sae = self.cfg, self.sae
+        out = sae(x, target, self.step)
+        loss = sum(out.losses.values())
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # With no clipping the max norm is inf: the gradients stay as they are, but we
+        # still get their norm for the finiteness check below.
+        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm or float("inf"))
+        # One host sync per step: a NaN/Inf step would poison Adam's moments for good.
+        if not torch.isfinite(loss.detach() + grad_norm):
+            self.nonfinite += 1
+            self.log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                             self.step, float(loss.detach()), float(grad_norm), self.nonfinite)
+            if self.nonfinite >= cfg.training.max_nonfinite_steps:
+                raise UserError(
+                    f"training diverged: {self.nonfinite} steps in a row had a non-finite loss or gradient "
+                    f"(at step {self.step}); the last good state is in {self.run_dir / CHECKPOINT_NAME}. Lower "
+                    "optimizer.lr or set training.grad_clip_norm, then rerun with training.resume=force"
+                )
+            return
+        self.nonfinite = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        sae.after_step()
+        self.tokens_since_fired = torch.where(out.fired, 0, self.tokens_since_fired + len(x))
+        self.step += 1
+
+        total_steps = cfg.training.total_tokens // cfg.training.batch_size
+        if self.step % cfg.training.log_every == 0 or self.step == total_steps:
+            tokens = self.step * cfg.training.batch_size
+            self.last_l0 = float(out.l0)
+            self.metrics.log({
+                "step": self.step,
+                "tokens": tokens,
+                "lr": self.scheduler.get_last_lr()[0],
+                "loss": float(loss.detach()),
+                **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
+                "l0": self.last_l0,
+                "explained_variance": explained_variance(target, out.recon.detach()),
+                "dead_features": int((self.tokens_since_fired >= cfg.training.dead_after_tokens).sum()),
+                "tokens_per_second": tokens / elapsed(),
+            })
+
+    def state(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """This member's checkpoint: the shared stream state plus its own; a single run's format."""
+        return {
+            "config": resumable_config(self.cfg),
+            "step": self.step,
+            **shared,  # stream position (batches, feed position, buffer) and elapsed time
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+            "torch_rng": self.rng_state,
+        }
+
+    def export_partial(self, sample: torch.Tensor) -> None:
+        with self.own_rng():
+            self.sae.calibrate(sample)
+        save_sae(self.sae, self.run_dir / "sae", {**sae_metadata(self.cfg), "partial": True,
+                                                  "tokens_trained": self.step * self.cfg.training.batch_size})
+
+    def finish(self, source: ActivationSource | SharedEvalActivations, rows: Any, sample: torch.Tensor, train_seconds: float,
+               feed_name: str) -> None:
+        """Calibrate, evaluate on held-out rows, export; eval.json last, as it marks the run finished."""
+        cfg = self.cfg
+        try:
+            with self.own_rng():
+                self.sae.calibrate(sample)
+                result = evaluate(self.sae, source, rows.eval_rows, cfg.eval.rows, cfg.eval.ce_rows,
+                                  cfg.eval.batch_rows)
+            tokens_trained = self.step * cfg.training.batch_size
+            result.update(
+                tokens_trained=tokens_trained,
+                train_seconds=train_seconds,
+                tokens_per_second=tokens_trained / train_seconds,
+                bos_excluded=cfg.activations.exclude_bos,
+                activation_source=feed_name,
+            )
+            self.metrics.final(result)
+            self.metrics.close()
+            save_sae(self.sae, self.run_dir / "sae", sae_metadata(cfg), sparsity=result.log10_firing_rate())
+            atomic_write_text(self.run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+        except Exception as e:
+            self.fail(e)
+            return
+        # eval.json now marks the run finished; the checkpoint (buffer included) is dead weight.
+        (self.run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        self.result = result
+
+
+class SharedEvalActivations:
+    """The ActivationSource for a group's evaluations: every member is measured on the same
+    held-out rows, so their hook activations are computed once and kept (eval.rows x
+    context x d floats). The CE passes still run per member."""
+
+    def __init__(self, source: ActivationSource):
+        self._source = source
+        self._memo: dict[tuple[int, tuple[int, ...], int], list[tuple[torch.Tensor, ...]]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def batches(self, rows: Any, batch_rows: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        if not isinstance(rows, torch.Tensor):
+            return self._source.batches(rows, batch_rows)
+        key = (rows.data_ptr(), tuple(rows.shape), batch_rows)
+        if key not in self._memo:
+            self._memo[key] = list(self._source.batches(rows, batch_rows))
+        return iter(self._memo[key])
+
+
+class MemberLog(logging.LoggerAdapter):
+    """Tags a member's log records with its run dir (the grouped launcher routes them to
+    that member's log file only) and, in a group, prefixes them with the member's dir name."""
+
+    def __init__(self, logger: logging.Logger, run_dir: Path, named: bool):
+        super().__init__(logger, {"run_dir": str(run_dir)})
+        self.prefix = f"[{run_dir.name}] " if named else ""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.prefix}{msg}", {**kwargs, "extra": self.extra}
 
 
 def _die_mid_write(state: dict[str, Any], tmp: Path) -> None:

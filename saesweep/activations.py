@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from saesweep.models import hook_layer
+from saesweep.models import LanguageModel
 
 Columns = tuple[torch.Tensor, ...]
 
@@ -24,13 +24,13 @@ class ActivationSource:
     BOS positions are dropped when `exclude_bos` is set.
     """
 
-    def __init__(self, model: Any, hook_in: str, hook_out: str | None, exclude_bos: bool):
+    def __init__(self, model: LanguageModel, hook_in: str, hook_out: str | None, exclude_bos: bool):
         self.model = model
         self.hooks = [hook_in] if hook_out in (None, hook_in) else [hook_in, hook_out]
         self._setup(exclude_bos)
 
     @classmethod
-    def for_hooks(cls, model: Any, hooks: list[str], exclude_bos: bool) -> "ActivationSource":
+    def for_hooks(cls, model: LanguageModel, hooks: list[str], exclude_bos: bool) -> "ActivationSource":
         """Any number of hooks from one pass (the cache stores several at once)."""
         source = cls.__new__(cls)
         source.model = model
@@ -39,8 +39,6 @@ class ActivationSource:
         return source
 
     def _setup(self, exclude_bos: bool) -> None:
-        layers = [hook_layer(h) for h in self.hooks]
-        self.stop_at_layer = None if None in layers else max(layers) + 1
         self.exclude_bos = exclude_bos
         self.bos = self.model.tokenizer.bos_token_id if self.model.tokenizer is not None else None
 
@@ -62,22 +60,9 @@ class ActivationSource:
             self._width_cache = [a.shape[-1] for a in self.hook_activations(probe)]
         return self._width_cache
 
-    @torch.inference_mode()
     def hook_activations(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """[rows, ctx, d] activations at each hook."""
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab(act: torch.Tensor, hook: Any) -> None:
-            captured[hook.name] = act
-
-        tokens = tokens.to(self.model.cfg.device)
-        self.model.run_with_hooks(
-            tokens,
-            fwd_hooks=[(h, grab) for h in self.hooks],
-            stop_at_layer=self.stop_at_layer,
-            return_type=None,
-        )
-        return [captured[h] for h in self.hooks]
+        """[rows, ctx, d] activations at each hook (the model stops after the last one)."""
+        return self.model.run_to_hooks(tokens.to(self.model.cfg.device), self.hooks)
 
     def token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.exclude_bos and self.bos is not None:

@@ -39,7 +39,7 @@ from saesweep.activations import ActivationSource, Columns, LiveFeed
 from saesweep.atomic import atomic_write, atomic_write_text
 from saesweep.config import TrainConfig, TrainingConfig
 from saesweep.errors import UserError
-from saesweep.models import cache_root, hook_layer
+from saesweep.models import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +87,20 @@ def weights_fingerprint(model: Any, hooks: list[str]) -> str:
     """sha256 of the weights that can reach the hooks, plus the architecture config.
 
     Hashing tensors in memory (not files on disk) works the same for every way a
-    model loads (embedded, local dir, hub) and sees what TransformerLens made of
-    them; blocks after the last hook, the final norm and the unembedding are left out,
-    as they cannot change the activations (~0.5 s for SmolLM2 up to layer 6 on CPU).
+    model loads (embedded, local dir, hub) and sees what the backend made of
+    them; layers after the last hook and the unembedding (and TransformerLens's final
+    norm) are left out, as they cannot change the activations (~0.5 s for SmolLM2 up
+    to layer 6 on CPU).
     """
-    layers = [hook_layer(h) for h in hooks]
+    layers = [model.hook_layer(h) for h in hooks]
     last = None if None in layers else max(layers)
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        parts = name.split(".")
         if last is not None:
-            if parts[0] == "blocks" and int(parts[1]) > last:
+            layer = model.hook_layer(name)  # parameters are named like hooks: blocks.N..., model.layers.N...
+            if layer is not None and layer > last:
                 continue
-            if parts[0] in ("ln_final", "unembed"):
+            if name.split(".")[0] in ("ln_final", "unembed", "lm_head"):
                 continue
         if name.endswith(".mask"):  # the causal mask follows from n_ctx, hashed below
             continue
@@ -137,6 +138,7 @@ def activation_spec(cfg: TrainConfig, model: Any, token_rows: torch.Tensor, hook
         "model": {
             "name": cfg.model.name,
             "source": cfg.model.source,
+            "backend": cfg.model.backend,
             "dtype": cfg.model.dtype,
             "from_pretrained_kwargs": dict(cfg.model.from_pretrained_kwargs),
             "weights_sha256": weights_fingerprint(model, hooks),

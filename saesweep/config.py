@@ -16,10 +16,15 @@ from omegaconf.errors import OmegaConfBaseException
 from saesweep.errors import UserError
 
 
+# model.backend: who runs the LM (hook names differ: TransformerLens hook points or module paths).
+MODEL_BACKENDS = ("transformer_lens", "hf")
+
+
 @dataclass
 class ModelConfig:
     name: str = "SmolLM2-135M-Instruct.Q4_1"
     source: str = "embedded"
+    backend: str = "transformer_lens"  # or "hf" (saesweep.models)
     hook_point: str = "blocks.6.hook_resid_post"
     hook_point_out: Optional[str] = None
     dtype: str = "float32"
@@ -211,6 +216,7 @@ def _check_values(cfg: TrainConfig) -> None:
          "valid: constant, cosine, warmup_decay")
     need(cfg.model.source in ("embedded", "pretrained"), "model.source",
          "valid: embedded, pretrained")
+    need(cfg.model.backend in MODEL_BACKENDS, "model.backend", f"valid: {', '.join(MODEL_BACKENDS)}")
     check_dataset(cfg.dataset)
     a = cfg.activations
     need(a.source in ("live", "cache", "auto"), "activations.source", "valid: live, cache, auto")
@@ -267,5 +273,6 @@ def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
     need(typed.eval.ce_rows >= 0, "eval.ce_rows", "must be >= 0 (0 skips the CE loss score)")
     need(typed.eval.batch_rows > 0, "eval.batch_rows", "must be > 0")
     need(typed.model.source in ("embedded", "pretrained"), "model.source", "valid: embedded, pretrained")
+    need(typed.model.backend in MODEL_BACKENDS, "model.backend", f"valid: {', '.join(MODEL_BACKENDS)}")
     check_dataset(typed.dataset)
     return typed

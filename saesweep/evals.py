@@ -13,8 +13,6 @@ as SAELens does for hook_z SAEs.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from saesweep.activations import ActivationSource
@@ -60,6 +58,7 @@ def reconstruction_metrics(sae: SAE, source: ActivationSource, rows: torch.Tenso
 def ce_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_rows: int) -> dict[str, float]:
     model = source.model
     hook_in, hook_out = source.hooks[0], source.hooks[-1]
+    transcoder = hook_out != hook_in
     device = sae.W_enc.device
     totals = {"clean": 0.0, "sae": 0.0, "ablation": 0.0}
     count = 0
@@ -68,26 +67,23 @@ def ce_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_row
         keep = (~source.token_mask(tokens))[..., None]  # positions left untouched (BOS)
         captured: dict[str, torch.Tensor] = {}
 
-        def grab(act: torch.Tensor, hook: Any) -> None:
+        def grab(act: torch.Tensor) -> None:
             captured["in"] = act
 
-        def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            x = (captured["in"] if hook_out != hook_in else act).to(device, torch.float32)
+        def splice(act: torch.Tensor) -> torch.Tensor:
+            x = (captured["in"] if transcoder else act).to(device, torch.float32)
             recon = sae.decode(sae.encode(x.flatten(2))).to(act.dtype).to(act.device).view(act.shape)
             mask = keep.view(*keep.shape[:2], *([1] * (act.ndim - 2)))
             return torch.where(mask, act, recon)
 
-        def ablate(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        def ablate(act: torch.Tensor) -> torch.Tensor:
             mask = keep.view(*keep.shape[:2], *([1] * (act.ndim - 2)))
             return torch.where(mask, act, torch.zeros_like(act))
 
-        def loss(hooks: list) -> torch.Tensor:
-            return model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=hooks)
-
         per_token = {
-            "clean": loss([]),
-            "sae": loss(([(hook_in, grab)] if hook_out != hook_in else []) + [(hook_out, splice)]),
-            "ablation": loss([(hook_out, ablate)]),
+            "clean": model.loss_with_hooks(tokens, []),
+            "sae": model.loss_with_hooks(tokens, ([(hook_in, grab)] if transcoder else []) + [(hook_out, splice)]),
+            "ablation": model.loss_with_hooks(tokens, [(hook_out, ablate)]),
         }
         for name, value in per_token.items():
             totals[name] += float(value.double().sum())

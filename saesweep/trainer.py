@@ -85,7 +85,7 @@ def load_model_checked(cfg: TrainConfig, device: torch.device) -> Any:
     check_hook(model, cfg.model.hook_point, "model.hook_point")
     if cfg.model.hook_point_out is not None:
         check_hook(model, cfg.model.hook_point_out, "model.hook_point_out")
-        layer_in, layer_out = hook_layer(cfg.model.hook_point), hook_layer(cfg.model.hook_point_out)
+        layer_in, layer_out = model.hook_layer(cfg.model.hook_point), model.hook_layer(cfg.model.hook_point_out)
         if layer_in is not None and layer_out is not None and layer_out < layer_in:
             raise UserError(
                 f"config key 'model.hook_point_out': {cfg.model.hook_point_out} comes before the input hook "

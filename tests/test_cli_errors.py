@@ -61,6 +61,11 @@ CASES = [
     Case("corrupt checkpoint in the run dir", [], "checkpoint {dir}/run/checkpoint.pt is unreadable",
          files={"run/checkpoint.pt": "not a checkpoint"}),
     Case("context_size above the model's n_ctx", ["dataset.context_size=100000"], "exceeds the model's n_ctx"),
+    Case("unknown model backend", ["model.backend=tl"], "config key 'model.backend': valid: transformer_lens, hf"),
+    Case("HF module path not in the model", ["model=smollm2-135m-hf", "model.hook_point=model.layers.6.mpl"],
+         "did you mean model.layers.6.mlp"),
+    Case("a from_pretrained keyword the loader refuses", ["model=smollm2-135m-hf", "+model.from_pretrained_kwargs.no_such=1"],
+         "config key 'model.from_pretrained_kwargs': the loader refused them"),
 ]
 
 

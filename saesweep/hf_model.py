@@ -118,8 +118,10 @@ class HFLanguageModel:
         tokens = tokens.to(self.cfg.device)
         with torch.inference_mode(), self._hooked(hooks):
             logits = self.hf(input_ids=tokens, use_cache=False).logits
-        log_probs = logits.float().log_softmax(-1)[:, :-1]
-        return -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
+        per_token = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
+        )
+        return per_token.view(tokens.shape[0], -1)
 
     @contextmanager
     def _hooked(self, hooks: list[tuple[str, HookFn]]) -> Iterator[None]:

@@ -66,6 +66,8 @@ CASES = [
          "did you mean model.layers.6.mlp"),
     Case("a from_pretrained keyword the loader refuses", ["model=smollm2-135m-hf", "+model.from_pretrained_kwargs.no_such=1"],
          "config key 'model.from_pretrained_kwargs': the loader refused them"),
+    Case("grouped members differ in a shared key", ["hydra.mode=MULTIRUN", "hydra/launcher=grouped", "training.seed=1,2"],
+         "config key 'training.seed': differs between grouped members"),
 ]
 
 

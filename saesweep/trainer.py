@@ -39,7 +39,7 @@ from saesweep.atomic import atomic_write_text
 from saesweep.export import save_sae
 from saesweep.metrics import explained_variance
 from saesweep.metrics_log import MetricsLog
-from saesweep.models import check_hook, hook_layer, load_model
+from saesweep.models import check_hook, load_model
 from saesweep.optim import build_optimizer, build_scheduler
 from saesweep.sae import build_sae
 
@@ -475,5 +475,8 @@ def sae_metadata(cfg: TrainConfig) -> dict[str, Any]:
         "exclude_bos": cfg.activations.exclude_bos,
         "dataset_path": cfg.dataset.path,
         "model_from_pretrained_kwargs": dict(cfg.model.from_pretrained_kwargs),
+        # SAELens's name for what the hook names refer to: module paths of the HF model,
+        # or TransformerLens hook points.
+        "model_class_name": "AutoModelForCausalLM" if cfg.model.backend == "hf" else "HookedTransformer",
         "seqpos_slice": [None],
     }

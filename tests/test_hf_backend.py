@@ -207,6 +207,8 @@ def test_a_cli_run_on_the_hf_backend_trains_the_sae_transformer_lens_does(runs):
     hf, tl = (json.loads((runs[b] / "eval.json").read_text()) for b in ("hf", "transformer_lens"))
     cfg = json.loads((runs["hf"] / "sae" / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "model.layers.6" and cfg["d_in"] == 576
+    assert cfg["metadata"]["model_class_name"] == "AutoModelForCausalLM"
+    assert json.loads((runs["transformer_lens"] / "sae" / "cfg.json").read_text())["metadata"]["model_class_name"] == "HookedTransformer"
     assert hf["tokens_trained"] == tl["tokens_trained"] == 8192
     for key in ("explained_variance", "ce_loss_score", "ce_clean", "ce_sae", "ce_ablation", "l0", "dead_fraction"):
         assert hf[key] == pytest.approx(tl[key], rel=1e-3, abs=1e-3), key

@@ -39,9 +39,9 @@ SPARSITY_LOSS_MODES = ("step", "tanh")
 
 @dataclass
 class JumpReLUSAEConfig(SAEConfig):
-    # Defaults are SAELens's recommended (Anthropic-style) tanh setup; conf/architecture/jumprelu.yaml says why.
+    # Defaults: SAELens's (Anthropic-style) tanh setup, retuned for short runs; conf/architecture/jumprelu.yaml says why.
     architecture: str = "jumprelu"
-    l0_coefficient: float = 5.0
+    l0_coefficient: float = 2.0
     l0_warm_up_steps: int = 0
     sparsity_loss_mode: str = "tanh"
     tanh_scale: float = 4.0
@@ -49,7 +49,7 @@ class JumpReLUSAEConfig(SAEConfig):
     init_threshold: float = 0.1
     ste_to_input: bool = False
     pre_act_loss_coefficient: float = 3e-6
-    pre_act_dead_after_tokens: int = 4_096_000
+    pre_act_dead_after_tokens: int = 100_000
     threshold_lr_multiplier: float = 1.0
 
     def check(self) -> None:

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""SAE training step alone, on activations already in memory: saesweep vs SAELens vs sparsify.
+
+Part (a) of the benchmark suite: no language model in the timed span. Every trainer
+gets the same [tokens, d_in] activations (real ones: SmolLM2 layer 6 residual stream
+on Shakespeare, BOS dropped, or random ones with --random) and takes the same number
+of optimizer steps of `--batch` tokens, each step as that trainer's own loop does it:
+
+  saesweep   BatchTopK and TopK as `saesweep.trainer` steps them: forward (sparse
+             decoder), summed losses, backward, grad-norm clip with the finiteness check
+             (one host sync), Adam, scheduler, after_step (threshold EMA, decoder norms).
+  SAELens    BatchTopKTrainingSAE.training_forward_pass (its AuxK on), its firing
+             statistics, backward, clip 1.0, Adam, scheduler - as SAETrainer._train_step.
+  sparsify   SparseCoder (TopK, unit-norm decoder), FVU loss against the batch variance,
+             backward, removal of the gradient parallel to decoder rows, schedule-free
+             sign-SGD - as sparsify's Trainer.fit.
+
+Repeats are interleaved (A B C, A B C, ...) so drift in a shared machine's load hits
+every trainer alike; the table shows medians and the ratios of medians.
+
+    python benchmarks/bench_step.py                       # CPU, d_sae 4608, 3 repeats
+    python benchmarks/bench_step.py --device cuda --d-sae 24576 --d-in 768 --random
+
+Writes benchmarks/results/step_<device>.json and .md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def real_activations(tokens: int, device: torch.device) -> torch.Tensor:
+    """SmolLM2 layer-6 residual activations of the first training rows, BOS dropped."""
+    from saesweep.activations import ActivationSource
+    from saesweep.config import DatasetConfig, ModelConfig
+    from saesweep.data import load_token_rows
+    from saesweep.models import load_model
+
+    model = load_model(ModelConfig(), torch.device("cpu"), None)
+    rows = load_token_rows(DatasetConfig(), model.tokenizer, 16, seed=0)
+    source = ActivationSource(model, "blocks.6.hook_resid_post", None, exclude_bos=True)
+    chunks, have = [], 0
+    for (x,) in source.batches(rows.train_iter(), 32):
+        chunks.append(x)
+        have += len(x)
+        if have >= tokens:
+            break
+    return torch.cat(chunks)[:tokens].to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# Each factory returns step(x) -> None, with its model and optimizer built and warm.
+
+def saesweep_step(arch: str, d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    from saesweep.config import OptimizerConfig, SchedulerConfig
+    from saesweep.optim import build_optimizer, build_scheduler
+    from saesweep.sae import ARCHITECTURES, build_sae
+
+    cfg = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=d_sae, k=k)
+    sae = build_sae(cfg, d_in).to(acts.device)
+    sae.fit_to_data(acts[:4096], acts[:4096])
+    optimizer = build_optimizer(sae.param_groups(), OptimizerConfig())
+    scheduler = build_scheduler(optimizer, 10**9, SchedulerConfig())
+    sae.train()
+    state = {"step": 0}
+
+    def step(x: torch.Tensor) -> None:
+        out = sae(x, x, state["step"])
+        loss = sum(out.losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        if not torch.isfinite(loss.detach() + norm):  # the trainer's one host sync per step
+            raise RuntimeError("non-finite step")
+        optimizer.step()
+        scheduler.step()
+        sae.after_step()
+        state["step"] += 1
+
+    return step
+
+
+def saelens_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=str(acts.device)))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=4e-4, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    coefficients = {name: c.value for name, c in sae.get_coefficients().items()} if hasattr(sae, "get_coefficients") else {}
+    coefficients = {name: (c.value if hasattr(c, "value") else float(c)) for name, c in coefficients.items()}
+    since_fired = torch.zeros(d_sae, device=acts.device)
+    state = {"step": 0}
+
+    def step(x: torch.Tensor) -> None:
+        sae.train()
+        out = sae.training_forward_pass(step_input=TrainStepInput(
+            sae_in=x, coefficients=coefficients, dead_neuron_mask=since_fired > 1000,
+            n_training_steps=state["step"], is_logging_step=False,
+        ))
+        with torch.no_grad():
+            fired = out.feature_acts.bool().float()
+            since_fired.add_(1)
+            since_fired[fired.sum(-2).bool()] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        state["step"] += 1
+
+    return step
+
+
+def sparsify_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=acts.device, dtype=torch.float32)
+    sae.b_dec.data = acts[:4096].mean(0)
+    optimizer = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]),
+                                    momentum=0.95)
+    optimizer.train()
+
+    def step(x: torch.Tensor) -> None:
+        sae.set_decoder_norm_to_unit_norm()
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        out = sae(x=x, y=x, dead_mask=None, total_variance=total_variance)
+        out.fvu.backward()
+        float(out.fvu.detach())  # sparsify's loop reads the loss every step for its logs
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def time_steps(step: Callable[[torch.Tensor], None], acts: torch.Tensor, batch: int, steps: int,
+               device: torch.device) -> float:
+    """Seconds per step over `steps` steps (after 2 warm-up steps), cycling through acts."""
+    n = len(acts) // batch
+    for i in range(2):
+        step(acts[(i % n) * batch:(i % n + 1) * batch])
+    sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        j = i % n
+        step(acts[j * batch:(j + 1) * batch])
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--d-in", type=int, default=576)
+    p.add_argument("--d-sae", type=int, default=4608)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--random", action="store_true", help="Gaussian activations instead of SmolLM2's (needed when d_in != 576)")
+    p.add_argument("--trainers", default="saesweep_batchtopk,saesweep_topk,saelens_batchtopk,sparsify_topk")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    n_tokens = args.batch * 4
+    if args.random:
+        acts = torch.randn(n_tokens, args.d_in, device=device)
+    else:
+        if args.d_in != 576:
+            p.error("--d-in other than 576 needs --random (SmolLM2's residual stream is 576 wide)")
+        acts = real_activations(n_tokens, device)
+
+    factories = {
+        "saesweep_batchtopk": lambda: saesweep_step("batchtopk", args.d_in, args.d_sae, args.k, acts),
+        "saesweep_topk": lambda: saesweep_step("topk", args.d_in, args.d_sae, args.k, acts),
+        "saelens_batchtopk": lambda: saelens_step(args.d_in, args.d_sae, args.k, acts),
+        "sparsify_topk": lambda: sparsify_step(args.d_in, args.d_sae, args.k, acts),
+    }
+    names = args.trainers.split(",")
+    steps = {name: factories[name]() for name in names}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(args.repeats):
+        for name in names:
+            s = time_steps(steps[name], acts, args.batch, args.steps, device)
+            seconds[name].append(s)
+            print(f"repeat {repeat}: {name:20s} {s * 1000:8.1f} ms/step  {args.batch / s:10,.0f} tokens/s", flush=True)
+
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    result = {
+        "benchmark": "sae_step_only",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "machine": machine(device),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "seconds_per_step": seconds,
+        "median_seconds_per_step": median,
+        "median_tokens_per_second": {name: args.batch / s for name, s in median.items()},
+    }
+    out = args.out or REPO / "benchmarks" / "results" / f"step_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def machine(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "gpu": None,
+            "load_average": os.getloadavg()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    for package in ("sae_lens", "sparsify"):
+        try:
+            from importlib.metadata import version
+            info[package] = version(package.replace("_", "-") if package == "sae_lens" else "eai-sparsify")
+        except Exception:
+            info[package] = None
+    return info
+
+
+def markdown(r: dict) -> str:
+    c, med = r["config"], r["median_seconds_per_step"]
+    ours = min((s for n, s in med.items() if n.startswith("saesweep")), default=None)
+    lines = [
+        "# SAE training step alone (activations in memory)",
+        "",
+        f"Generated by `benchmarks/bench_step.py` on {r['date']}: d_in {c['d_in']}, d_sae {c['d_sae']}, "
+        f"k {c['k']}, {c['batch']} tokens/step, {c['steps']} timed steps x {c['repeats']} interleaved repeats, "
+        f"{'random' if c['random'] else 'SmolLM2 layer-6'} activations, device `{c['device']}`.",
+        "",
+        f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
+        f"({r['machine']['torch_threads']} threads), GPU: {r['machine']['gpu'] or 'none'}, "
+        f"sae-lens {r['machine']['sae_lens']}, eai-sparsify {r['machine']['sparsify']}; "
+        f"load average at the end {', '.join(f'{x:.2f}' for x in r['machine']['load_average'])}.",
+        "",
+        "| trainer | median ms/step | tokens/s | fastest saesweep / this |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, s in med.items():
+        lines.append(f"| {name} | {s * 1000:.1f} | {c['batch'] / s:,.0f} | {s / ours:.2f}x |")
+    lines += ["", "Per-repeat ms/step: " + "; ".join(
+        f"{n} " + ", ".join(f"{v * 1000:.0f}" for v in vals) for n, vals in r["seconds_per_step"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -120,7 +120,7 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
-    rows: int = 256
+    rows: int = 640
     ce_rows: int = 64
     batch_rows: int = 16
 

@@ -261,6 +261,11 @@ def markdown(r: dict) -> str:
     ]
     for name, s in med.items():
         lines.append(f"| {name} | {s * 1000:.1f} | {c['batch'] / s:,.0f} | {s / ours:.2f}x |")
+    pairs = [("saesweep_batchtopk", "saelens_batchtopk"), ("saesweep_batchtopk", "sparsify_topk"),
+             ("saesweep_topk", "sparsify_topk"), ("saesweep_topk", "saelens_batchtopk")]
+    like = [f"{a} is {med[b] / med[a]:.2f}x {b}" for a, b in pairs if a in med and b in med]
+    if like:
+        lines += ["", "Speed-ups (ratio of median step times): " + "; ".join(like) + "."]
     lines += ["", "Per-repeat ms/step: " + "; ".join(
         f"{n} " + ", ".join(f"{v * 1000:.0f}" for v in vals) for n, vals in r["seconds_per_step"].items()), ""]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -211,8 +212,10 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
                 if member.error is not None:
                     save([member])  # its last good state: bad steps were never applied
             progress.update(min(m.step for m in training) - progress.n)
+            # L0 is known from the first logging step on (it costs a host sync to read).
+            known = not all(math.isnan(m.last_l0) for m in members)
             progress.set_postfix(tok_s=f"{batches * batch_size / elapsed():.0f}",
-                                 L0="/".join(f"{m.last_l0:.1f}" for m in members))
+                                 **({"L0": "/".join(f"{m.last_l0:.1f}" for m in members)} if known else {}))
 
             crossed = every > 0 and (batches * batch_size) // every > ((batches - 1) * batch_size) // every
             healthy = [m for m in members if m.error is None]

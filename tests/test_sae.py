@@ -115,6 +115,28 @@ def test_batch_topk_indices_exact_even_when_one_row_dominates():
     assert torch.all(rows[1:] >= rows[:-1])
 
 
+def test_batch_topk_indices_exact_with_ties_at_the_cutoff():
+    from saesweep.sae.sparse import batch_topk_indices
+
+    pre = torch.zeros(4, 50)
+    pre[:, :3] = 1.0  # 12 clear winners, then 188 ties at 0 for the remaining 8 of 20 places
+    rows, cols = batch_topk_indices(pre, k=5)
+    assert len(rows) == 20 and torch.all(rows[1:] >= rows[:-1])
+    assert set(((rows * 50 + cols)[pre[rows, cols] == 1.0]).tolist()) == {r * 50 + c for r in range(4) for c in range(3)}
+
+
+def test_batch_topk_indices_equal_a_full_ranking_on_random_batches():
+    from saesweep.sae.sparse import batch_topk_indices
+
+    torch.manual_seed(1)
+    for n_rows, d_sae, k in ((64, 512, 8), (3, 40, 4), (16, 64, 32)):
+        pre = torch.randn(n_rows, d_sae)
+        rows, cols = batch_topk_indices(pre, k)
+        want = pre.flatten().topk(min(k * n_rows, pre.numel())).indices.sort().values
+        assert torch.equal((rows * d_sae + cols).sort().values, want)  # exactly the winners
+        assert torch.all(rows[1:] >= rows[:-1])  # grouped by row, as the sparse kernels need
+
+
 def test_decoder_rows_renormalised_after_step_for_topk_family():
     sae = build_sae(TopKSAEConfig(d_sae=8, k=2), d_in=4)
     with torch.no_grad():

@@ -57,19 +57,24 @@ def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
 
     Ranks each row's 4k best candidates first (much cheaper than ranking all
     n_rows * d_sae entries); if some row had all its candidates chosen it might
-    deserve more, and the exact full ranking is used instead.
+    deserve more, and the exact full ranking is used instead. Among the candidates,
+    the winners are those at or above the n_keep-th largest value (a selection, not a
+    sort), and a boolean mask lists them already in row order; ties at that value
+    would let more through, so then the candidates are ranked instead.
     """
     n_rows, d_sae = pre.shape
     n_keep = min(k * n_rows, pre.numel())
     width = min(d_sae, 4 * k)
     cand_vals, cand_cols = pre.topk(width, dim=-1, sorted=False)
-    chosen = cand_vals.flatten().topk(n_keep, sorted=False).indices
+    flat_vals = cand_vals.flatten()
+    cutoff = flat_vals.kthvalue(flat_vals.numel() - n_keep + 1).values
+    chosen = (flat_vals >= cutoff).nonzero().squeeze(1)
+    if chosen.numel() != n_keep:  # ties at the cutoff
+        chosen = flat_vals.topk(n_keep, sorted=False).indices.sort().values
     rows = chosen // width
     if width < d_sae and bool((torch.bincount(rows, minlength=n_rows) == width).any()):
         flat = pre.flatten().topk(n_keep, sorted=False).indices.sort().values
         return flat // d_sae, flat % d_sae
-    chosen = chosen.sort().values
-    rows = chosen // width
     return rows, cand_cols.flatten()[chosen]
 
 

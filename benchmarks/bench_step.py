@@ -105,8 +105,8 @@ def saelens_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable[
     sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=str(acts.device)))
     optimizer = torch.optim.Adam(sae.parameters(), lr=4e-4, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    coefficients = {name: c.value for name, c in sae.get_coefficients().items()} if hasattr(sae, "get_coefficients") else {}
-    coefficients = {name: (c.value if hasattr(c, "value") else float(c)) for name, c in coefficients.items()}
+    # As SAETrainer: each coefficient's value (a float or a warm-up config); none for BatchTopK.
+    coefficients = {name: float(getattr(c, "value", c)) for name, c in sae.get_coefficients().items()}
     since_fired = torch.zeros(d_sae, device=acts.device)
     state = {"step": 0}
 

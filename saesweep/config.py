@@ -55,6 +55,14 @@ SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")
 WINDOW_TOKEN_KEYS = ("begin_batch_token", "begin_sequence_token", "sequence_separator_token")
 
 
+def check_model(m: ModelConfig) -> None:
+    """Model values that can be judged before anything loads (train, evaluate, pretokenize)."""
+    if m.source not in ("embedded", "pretrained"):
+        raise UserError("config key 'model.source': valid: embedded, pretrained")
+    if m.backend not in MODEL_BACKENDS:
+        raise UserError(f"config key 'model.backend': valid: {', '.join(MODEL_BACKENDS)}")
+
+
 def check_dataset(d: DatasetConfig) -> None:
     """Dataset values that can be judged before any tokenizer loads."""
     if d.source not in ("embedded", "hf"):
@@ -214,9 +222,7 @@ def _check_values(cfg: TrainConfig) -> None:
     need(cfg.optimizer.name in ("adam", "adamw"), "optimizer.name", "valid: adam, adamw")
     need(cfg.scheduler.name in ("constant", "cosine", "warmup_decay"), "scheduler.name",
          "valid: constant, cosine, warmup_decay")
-    need(cfg.model.source in ("embedded", "pretrained"), "model.source",
-         "valid: embedded, pretrained")
-    need(cfg.model.backend in MODEL_BACKENDS, "model.backend", f"valid: {', '.join(MODEL_BACKENDS)}")
+    check_model(cfg.model)
     check_dataset(cfg.dataset)
     a = cfg.activations
     need(a.source in ("live", "cache", "auto"), "activations.source", "valid: live, cache, auto")
@@ -272,7 +278,6 @@ def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
     need(typed.eval.rows > 0, "eval.rows", "must be > 0")
     need(typed.eval.ce_rows >= 0, "eval.ce_rows", "must be >= 0 (0 skips the CE loss score)")
     need(typed.eval.batch_rows > 0, "eval.batch_rows", "must be > 0")
-    need(typed.model.source in ("embedded", "pretrained"), "model.source", "valid: embedded, pretrained")
-    need(typed.model.backend in MODEL_BACKENDS, "model.backend", f"valid: {', '.join(MODEL_BACKENDS)}")
+    check_model(typed.model)
     check_dataset(typed.dataset)
     return typed

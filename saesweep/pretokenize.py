@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saesweep import __version__
 from saesweep.cli import run, user_errors
-from saesweep.config import WINDOW_TOKEN_KEYS, DatasetConfig, ModelConfig, _merge, check_dataset
+from saesweep.config import WINDOW_TOKEN_KEYS, DatasetConfig, ModelConfig, _merge, check_dataset, check_model
 from saesweep.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -63,8 +63,7 @@ def validate_pretokenize(cfg: DictConfig) -> PretokenizeConfig:
                         "e.g. pretokenize.output_path=data/shakespeare-128 (or pretokenize.hf_repo_id=USER/NAME)")
     if p.max_rows is not None and p.max_rows < 1:
         raise UserError("config key 'pretokenize.max_rows': must be >= 1 or null (all rows)")
-    if typed.model.source not in ("embedded", "pretrained"):
-        raise UserError("config key 'model.source': valid: embedded, pretrained")
+    check_model(typed.model)
     return typed
 
 

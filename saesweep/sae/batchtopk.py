@@ -97,20 +97,22 @@ class BatchTopKSAE(TopKFamilySAE):
     def on_active(self, active: ActiveLatents) -> None:
         # Only noted here: the trainer skips a step whose loss is not finite, and such a
         # step's activations must not reach the running threshold. after_step commits it.
-        if not self.training:
+        if not self.training or active.values.numel() == 0:
             return
-        positive = active.values.detach()
-        positive = positive[positive > 0]
-        self._smallest_survivor = positive.min() if positive.numel() else None
+        values = active.values.detach()
+        # inf if nothing survived above 0; kept on the device (no host sync per step)
+        self._smallest_survivor = torch.where(values > 0, values, torch.inf).amin()
 
     @torch.no_grad()
     def after_step(self) -> None:
         super().after_step()
         smallest, self._smallest_survivor = self._smallest_survivor, None
         if smallest is not None:
+            seen = torch.isfinite(smallest)
             lr = self.cfg.threshold_lr
-            self.threshold_ema.mul_(1 - lr).add_(lr * smallest.double())
-            self.threshold_updates += 1
+            updated = self.threshold_ema * (1 - lr) + lr * smallest.double()
+            self.threshold_ema.copy_(torch.where(seen, updated, self.threshold_ema))
+            self.threshold_updates += seen.long()
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         tensors = super().export_tensors()

@@ -9,6 +9,11 @@ everything after the selection works on the (row, latent, value) triples:
   [d_sae, batch] x [batch, d_in] product instead of a dense one.
 Both match the dense computation to float rounding (tests/test_sae.py,
 tests/test_sae_topk_family.py).
+
+On a GPU the matrix units change the trade: a dense [batch, d_sae] matrix product in
+bf16 can beat the sparse gather and scatter. `KERNELS` says which path each piece
+takes; "auto" picks per device as measured (benchmarks/results/step_gpu.md).
+Nothing here needs a host sync except `nonzero` in the batch-wide selection.
 """
 
 from __future__ import annotations
@@ -17,6 +22,29 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class Kernels:
+    """sparse | dense | auto for the encoder's weight gradient and for the decoder."""
+
+    encoder_backward: str = "auto"
+    decoder: str = "auto"
+
+    def dense(self, which: str, device: torch.device) -> bool:
+        choice = getattr(self, which)
+        if choice == "auto":
+            return device.type == "cuda" and AUTO_DENSE_ON_CUDA[which]
+        return choice == "dense"
+
+
+# What "auto" uses on CUDA; CPUs always take the sparse paths (benchmarks/results/step_cpu.md).
+# H100, bf16, d_in 768, batch 4096, TopK step (benchmarks/results/step_cuda*.md): the dense
+# encoder gradient beats the sparse one at every width tried (d_sae 6144: 3.9 vs 4.4 ms,
+# 98304: 12.1 vs 15.1 ms); the dense decoder loses at 6144 (4.5 vs 3.9 ms) and 98304
+# (13.6 vs 12.1 ms) and ties at 24576 (4.6 vs 4.7 ms), so the decoder stays sparse.
+AUTO_DENSE_ON_CUDA = {"encoder_backward": True, "decoder": False}
+KERNELS = Kernels()
 
 
 @dataclass
@@ -34,12 +62,13 @@ class ActiveLatents:
         return dense.index_put((self.rows, self.cols), self.values)
 
     def offsets(self) -> torch.Tensor:
-        counts = torch.bincount(self.rows, minlength=self.n_rows)
-        return torch.cumsum(counts, 0) - counts
+        # rows are sorted: row i starts at the first entry >= i (bincount would sync on a GPU)
+        return torch.searchsorted(self.rows, torch.arange(self.n_rows, device=self.rows.device))
 
     def fired(self) -> torch.Tensor:
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=self.cols.device)
-        return fired.index_fill(0, self.cols[self.values.detach() != 0], True)
+        nonzero = (self.values.detach() != 0).to(torch.int32)
+        counts = torch.zeros(self.d_sae, dtype=torch.int32, device=self.cols.device).index_add_(0, self.cols, nonzero)
+        return counts > 0
 
     def l0(self) -> torch.Tensor:
         return (self.values.detach() != 0).sum() / self.n_rows
@@ -52,57 +81,73 @@ def topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return rows, cols.flatten()
 
 
+# Data-dependent shapes and sparse tensors: torch.compile (training.compile) leaves these eager.
+@torch.compiler.disable
 def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the k * n_rows largest entries of the whole batch, sorted by row.
 
     Ranks each row's 4k best candidates first (much cheaper than ranking all
     n_rows * d_sae entries); if some row had all its candidates chosen it might
     deserve more, and the exact full ranking is used instead. Among the candidates,
-    the winners are those at or above the n_keep-th largest value (a selection, not a
-    sort), and a boolean mask lists them already in row order; ties at that value
-    would let more through, so then the candidates are ranked instead.
+    the winners are those above the n_keep-th largest value (a selection, not a
+    sort) plus, if several equal that value, the first of them in row order; a
+    boolean mask lists them already in row order.
     """
     n_rows, d_sae = pre.shape
     n_keep = min(k * n_rows, pre.numel())
     width = min(d_sae, 4 * k)
     cand_vals, cand_cols = pre.topk(width, dim=-1, sorted=False)
     flat_vals = cand_vals.flatten()
-    cutoff = flat_vals.kthvalue(flat_vals.numel() - n_keep + 1).values
-    chosen = (flat_vals >= cutoff).nonzero().squeeze(1)
-    if chosen.numel() != n_keep:  # ties at the cutoff
-        chosen = flat_vals.topk(n_keep, sorted=False).indices.sort().values
-    rows = chosen // width
-    if width < d_sae and bool((torch.bincount(rows, minlength=n_rows) == width).any()):
+    if pre.is_cuda:  # CUDA's kthvalue ranks a slice in one thread block; its top-k is multi-block
+        cutoff = flat_vals.topk(n_keep, sorted=False).values.amin()
+    else:
+        cutoff = flat_vals.kthvalue(flat_vals.numel() - n_keep + 1).values
+    above, at = flat_vals > cutoff, flat_vals == cutoff
+    keep = above | (at & (at.cumsum(0) <= n_keep - above.sum()))
+    overflow = (cand_vals.amin(dim=1) >= cutoff).any() if width < d_sae else None
+    chosen = keep.nonzero().squeeze(1)  # the one host sync of the selection
+    if overflow is not None and bool(overflow):  # a row whose candidates all won
         flat = pre.flatten().topk(n_keep, sorted=False).indices.sort().values
         return flat // d_sae, flat % d_sae
-    return rows, cand_cols.flatten()[chosen]
+    return chosen // width, cand_cols.flatten()[chosen]
 
 
 class _GatherPreActs(torch.autograd.Function):
-    """Pre-activations at (rows, cols), with a backward that stays sparse."""
+    """Pre-activations at (rows, cols), with a backward that stays sparse (or goes dense
+    through the matrix units, see KERNELS).
+
+    The input x never needs a gradient of its own, only b_dec does where it centred x
+    (x = raw - b_dec), and that gradient is -W_enc @ grad_b_enc: a vector, so the
+    [batch, d_in] input gradient is never formed.
+    """
 
     @staticmethod
-    def forward(ctx, values, x, W_enc, b_enc, rows, cols):  # type: ignore[override]
+    def forward(ctx, values, x, W_enc, b_enc, b_dec, rows, cols):  # type: ignore[override]
         ctx.save_for_backward(x, W_enc, rows, cols)
+        ctx.compute_dtype = values.dtype  # bf16 under autocast
         return values
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, W_enc, rows, cols = ctx.saved_tensors
         d_sae = W_enc.shape[1]
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[3]:
+        _, _, want_W, want_b, want_b_dec, _, _ = ctx.needs_input_grad
+        grad = grad.to(W_enc.dtype)
+        grad_W = grad_b = grad_b_dec = None
+        if want_b or want_b_dec:
             grad_b = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # S[latent, row] = grad, so grad_W_enc = (S @ x)^T and grad_x = S^T @ W_enc^T.
-            S = torch.sparse_coo_tensor(
-                torch.stack([cols, rows]), grad, (d_sae, x.shape[0]), check_invariants=False
-            )
-            if ctx.needs_input_grad[2]:
-                grad_W = torch.sparse.mm(S, x).T
-            if ctx.needs_input_grad[1]:
-                grad_x = torch.sparse.mm(S.t(), W_enc.T.contiguous())
-        return None, grad_x, grad_W, grad_b, None, None
+            if want_b_dec:
+                grad_b_dec = -(W_enc @ grad_b)
+        if want_W and KERNELS.dense("encoder_backward", grad.device):
+            # G[row, latent] = grad, built at the forward's precision: grad_W_enc = x^T G.
+            dt = ctx.compute_dtype
+            G = torch.zeros(x.shape[0], d_sae, dtype=dt, device=grad.device).index_put_((rows, cols), grad.to(dt))
+            grad_W = (x.to(dt).T @ G).to(W_enc.dtype)
+        elif want_W:
+            # S[latent, row] = grad, so grad_W_enc = (S @ x)^T.
+            S = torch.sparse_coo_tensor(torch.stack([cols, rows]), grad, (d_sae, x.shape[0]), check_invariants=False)
+            grad_W = torch.sparse.mm(S, x.to(grad.dtype)).T
+        return None, None, grad_W, grad_b if want_b else None, grad_b_dec, None, None
 
 
 def dense_pre_acts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
@@ -111,6 +156,7 @@ def dense_pre_acts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) ->
         return torch.addmm(b_enc, x, W_enc)
 
 
+@torch.compiler.disable
 def gather_active(
     pre: torch.Tensor,
     x: torch.Tensor,
@@ -119,21 +165,17 @@ def gather_active(
     rows: torch.Tensor,
     cols: torch.Tensor,
     relu: bool = True,
+    b_dec: torch.Tensor | None = None,
 ) -> ActiveLatents:
-    """Pre-activations at (rows, cols) of `dense_pre_acts`, differentiable and sparse."""
-    values = _GatherPreActs.apply(pre[rows, cols], x, W_enc, b_enc, rows, cols)
+    """Pre-activations at (rows, cols) of `dense_pre_acts(x, ...)`, differentiable and sparse.
+
+    x is the encoder's input as a plain tensor; if it was centred as raw - b_dec, pass
+    b_dec so that it gets its gradient through the encoder.
+    """
+    values = _GatherPreActs.apply(pre[rows, cols], x.detach(), W_enc, b_enc, b_dec, rows, cols)
     if relu:
         values = values.relu()
     return ActiveLatents(rows, cols, values, x.shape[0], W_enc.shape[1])
-
-
-def encode_active(
-    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, select
-) -> ActiveLatents:
-    """Dense pre-activations, `select(pre) -> (rows, cols)`, then ReLU'd active values."""
-    pre = dense_pre_acts(x, W_enc, b_enc)
-    rows, cols = select(pre)
-    return gather_active(pre, x, W_enc, b_enc, rows, cols)
 
 
 def topk_among(pre: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,9 +193,12 @@ def decode_active(
     active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Sum of value x decoder row over each row's active latents (+ b_dec if given)."""
-    out = F.embedding_bag(
-        active.cols, W_dec, active.offsets(), mode="sum", per_sample_weights=active.values
-    )
+    if KERNELS.dense("decoder", W_dec.device):
+        out = active.to_dense() @ W_dec  # a matrix product: autocast runs it in bf16
+    else:
+        # The gather is cheap in fp32, and embedding_bag wants one dtype (autocast gives bf16 values).
+        out = F.embedding_bag(active.cols, W_dec, active.offsets(), mode="sum",
+                              per_sample_weights=active.values.to(W_dec.dtype))
     return out if b_dec is None else out + b_dec
 
 

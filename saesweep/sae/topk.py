@@ -183,17 +183,18 @@ class TopKFamilySAE(SAE):
     def forward(self, x: torch.Tensor, target: torch.Tensor, step: int) -> StepOutput:
         x = x * self.input_scale
         target = target * self.target_scale
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
+        centre = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        if centre is not None:
+            x = x - centre.detach()  # b_dec's gradient through the encoder comes from gather_active
         pre = dense_pre_acts(x, self.W_enc, self.b_enc)
         rows, cols = self.select(pre, self.current_k(step))
-        active = gather_active(pre, x, self.W_enc, self.b_enc, rows, cols)
+        active = gather_active(pre, x, self.W_enc, self.b_enc, rows, cols, b_dec=centre)
         recon, losses = self.reconstruct(active, target)
         if self.aux_k > 0:
             # Dead as of the steps before this one, as SAELens: this batch's firing
             # only counts from the next step on.
             residual = (target - recon).detach()
-            losses["auxk"] = self.auxk_loss(pre, x, residual, self.dead_latents())
+            losses["auxk"] = self.auxk_loss(pre, x, residual, self.dead_latents(), centre)
         fired = active.fired()
         self.on_active(active)
         if self.training:
@@ -214,7 +215,8 @@ class TopKFamilySAE(SAE):
         return recon, {"mse": mse_loss(recon, target)}
 
     def auxk_loss(
-        self, pre: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor
+        self, pre: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """AuxK: each token's top aux_k dead latents reconstruct `residual` (see module doc)."""
         dead_idx = dead.nonzero().squeeze(1)
@@ -225,7 +227,7 @@ class TopKFamilySAE(SAE):
         scale = min(n_dead / self.aux_k, 1.0)
         rows, cols = topk_among(pre, dead_idx, k_aux)
         # Raw pre-activations, as SAELens: a negative one is still told which way to move.
-        aux = gather_active(pre, x, self.W_enc, self.b_enc, rows, cols, relu=False)
+        aux = gather_active(pre, x, self.W_enc, self.b_enc, rows, cols, relu=False, b_dec=centre)
         recon = decode_active(aux, self.W_dec)
         return self.cfg.aux_k_coefficient * scale * mse_loss(recon, residual)
 

@@ -124,6 +124,8 @@ class TrainingConfig:
     checkpoint_every_tokens: int = 10_000_000
     resume: str = "auto"
     max_nonfinite_steps: int = 10
+    autocast: str = "none"
+    compile: bool = False
 
 
 @dataclass
@@ -160,6 +162,9 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     objectives: list[str] = field(default_factory=lambda: ["fvu", "l0"])
 
+
+# training.autocast: the dtype of the LM's and the SAE's matrix products (none = as loaded).
+AUTOCAST_DTYPES = ("none", "bf16")
 
 # eval.json metrics a run can return to an optimising sweeper; fvu = 1 - explained_variance.
 OBJECTIVES = ("fvu", "l0", "mse", "explained_variance", "ce_loss_score", "ce_sae", "dead_fraction")
@@ -214,6 +219,7 @@ def _check_values(cfg: TrainConfig) -> None:
          f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})")
     need(t.resume in ("auto", "never", "force"), "training.resume", "valid: auto, never, force")
     need(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", "must be >= 1")
+    need(t.autocast in AUTOCAST_DTYPES, "training.autocast", f"valid: {', '.join(AUTOCAST_DTYPES)}")
     need(t.checkpoint_every_tokens >= 0, "training.checkpoint_every_tokens", "must be >= 0 (0 = only on signals)")
     need(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
     need(cfg.logger.name in ("none", "wandb"), "logger.name", "valid: none, wandb")

@@ -21,6 +21,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
@@ -66,8 +67,8 @@ def resolve_device(name: str) -> torch.device:
 
 # Keys that may change between an interrupted run and its resumption.
 RESUME_MAY_CHANGE = {"training.resume", "training.checkpoint_every_tokens", "training.log_every",
-                     "training.device", "training.max_nonfinite_steps", "eval", "cache_dir", "logger", "objectives",
-                     "activations.cache_dir", "activations.shard_mb"}
+                     "training.device", "training.compile", "training.max_nonfinite_steps", "eval", "cache_dir",
+                     "logger", "objectives", "activations.cache_dir", "activations.shard_mb"}
 
 
 def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -172,11 +173,14 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
     )
     batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
     total_steps = cfg.training.total_tokens // batch_size
+    # The LM runs inside the buffer's refills, so its forward is under autocast there too.
+    amp = autocast(cfg, device)
 
     segment_start = time.perf_counter()  # throughput counts every LM pass, the first fill included
     if checkpoint is None:
         batches, elapsed_before = 0, 0.0  # batches drawn from the buffer: the stream position
-        first = buffer.sample()
+        with amp():
+            first = buffer.sample()
         for member in members:
             member.start(source, device, total_steps, first)
     else:
@@ -205,7 +209,8 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
     with StopSignals() as stop, tqdm(total=total_steps, initial=min(m.step for m in members), desc="train",
                                      unit="step", dynamic_ncols=True) as progress:
         while training := [m for m in members if m.error is None and m.step < total_steps]:
-            batch = buffer.next_batch()
+            with amp():
+                batch = buffer.next_batch()
             batches += 1
             for member in training:
                 member.train_step(batch[0], batch[-1], elapsed)
@@ -246,6 +251,11 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
     return outcomes
 
 
+def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
+    """A context factory: bf16 autocast on `device` if training.autocast asks for it."""
+    return partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.training.autocast == "bf16")
+
+
 def stream_position(checkpoint: dict[str, Any]) -> int:
     # Checkpoints of single runs written before groups existed count steps only; there
     # every batch was a step unless skipped.
@@ -280,6 +290,9 @@ class Member:
         torch.manual_seed(cfg.training.seed)
         transcoder = cfg.model.hook_point_out not in (None, cfg.model.hook_point)
         self.sae = build_sae(cfg.sae, source.d_in, source.d_out, transcoder).to(device)
+        # The training forward; compiled, it shares the SAE's parameters and state.
+        self.forward = torch.compile(self.sae) if cfg.training.compile else self.sae
+        self.amp = autocast(cfg, device)
         self.optimizer = build_optimizer(self.sae.param_groups(), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.scheduler)
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
@@ -328,8 +341,9 @@ class Member:
 
     def _step(self, x: torch.Tensor, target: torch.Tensor, elapsed: Callable[[], float]) -> None:
         cfg, sae = self.cfg, self.sae
-        out = sae(x, target, self.step)
-        loss = sum(out.losses.values())
+        with self.amp():
+            out = self.forward(x, target, self.step)
+            loss = sum(out.losses.values())
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

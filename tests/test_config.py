@@ -55,6 +55,7 @@ def test_wrong_type_is_named():
         ("training.total_tokens=100", "training.total_tokens"),
         ("buffer.size_tokens=4096", "buffer.size_tokens"),
         ("training.device=tpu", "training.device"),
+        ("training.autocast=fp16", "training.autocast"),
     ],
 )
 def test_bad_values_are_named(override, key):

@@ -102,3 +102,17 @@ def test_batchtopk_exported_as_jumprelu_keeps_its_l0_on_held_out_tokens(trained_
         pytest.skip("BatchTopK only")
     assert json.loads((run_dir / "sae" / "cfg.json").read_text())["architecture"] == "jumprelu"
     assert json.loads((run_dir / "eval.json").read_text())["l0"] == pytest.approx(16, rel=0.10)
+
+
+def test_bf16_autocast_and_compile_train_to_the_fp32_result(trained_run, tmp_path):
+    """training.autocast=bf16 (LM and SAE forward) with training.compile=true: the same
+    BatchTopK run as the fp32 fixture ends within a small margin of its EV and L0."""
+    arch, fp32_dir = trained_run
+    if arch != "batchtopk":
+        pytest.skip("BatchTopK only")
+    proc = run_cli("saesweep.train", "architecture=batchtopk", *TINY_RUN, "sae.k=16", "training.autocast=bf16",
+                   "training.compile=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fp32, bf16 = (json.loads((d / "eval.json").read_text()) for d in (fp32_dir, tmp_path))
+    assert bf16["explained_variance"] == pytest.approx(fp32["explained_variance"], abs=0.03)
+    assert bf16["l0"] == pytest.approx(fp32["l0"], rel=0.1)

@@ -15,11 +15,21 @@ of optimizer steps of `--batch` tokens, each step as that trainer's own loop doe
              backward, removal of the gradient parallel to decoder rows, schedule-free
              sign-SGD - as sparsify's Trainer.fit.
 
+A trainer name may carry options: `+bf16` runs its forward under bf16 autocast (as
+each trainer's own `autocast` setting does), `+compile` torch.compiles saesweep's SAE,
+`+sparse` / `+dense` force saesweep's kernels (saesweep.sae.sparse.KERNELS) instead of
+the per-device choice, `+sparsedec` only the decoder's, e.g. `saesweep_topk+bf16+compile`.
+
 Repeats are interleaved (A B C, A B C, ...) so drift in a shared machine's load hits
-every trainer alike; the table shows medians and the ratios of medians.
+every trainer alike; the table shows medians and the ratios of medians. On a GPU the
+table adds achieved TFLOP/s: the FLOPs a TopK step needs (dense encoder forward
+2*d_in*d_sae per token, plus 8*d_in*k for the sparse decoder and both weight
+gradients' active rows) over the step time, and their fraction of the bf16 matrix
+product rate measured in the same run (`--peak`).
 
     python benchmarks/bench_step.py                       # CPU, d_sae 4608, 3 repeats
-    python benchmarks/bench_step.py --device cuda --d-sae 24576 --d-in 768 --random
+    python benchmarks/bench_step.py --device cuda --d-sae 24576 --d-in 768 --random --peak \
+        --trainers saesweep_topk+bf16,sparsify_topk+bf16
 
 Writes benchmarks/results/step_<device>.json and .md (or --out).
 """
@@ -69,22 +79,30 @@ def sync(device: torch.device) -> None:
 
 # Each factory returns step(x) -> None, with its model and optimizer built and warm.
 
-def saesweep_step(arch: str, d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable[[torch.Tensor], None]:
+def autocast(on: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def saesweep_step(arch: str, d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool = False,
+                  compile: bool = False, kernels: tuple[str, str] = ("auto", "auto")) -> Callable[[torch.Tensor], None]:
     from saesweep.config import OptimizerConfig, SchedulerConfig
     from saesweep.optim import build_optimizer, build_scheduler
-    from saesweep.sae import ARCHITECTURES, build_sae
+    from saesweep.sae import ARCHITECTURES, build_sae, sparse
 
     cfg = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=d_sae, k=k)
     sae = build_sae(cfg, d_in).to(acts.device)
     sae.fit_to_data(acts[:4096], acts[:4096])
+    forward = torch.compile(sae) if compile else sae
     optimizer = build_optimizer(sae.param_groups(), OptimizerConfig())
     scheduler = build_scheduler(optimizer, 10**9, SchedulerConfig())
     sae.train()
     state = {"step": 0}
 
     def step(x: torch.Tensor) -> None:
-        out = sae(x, x, state["step"])
-        loss = sum(out.losses.values())
+        sparse.KERNELS = sparse.Kernels(*kernels)  # module state: set per step, as trainers interleave
+        with autocast(bf16, x.device):
+            out = forward(x, x, state["step"])
+            loss = sum(out.losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
@@ -98,7 +116,7 @@ def saesweep_step(arch: str, d_in: int, d_sae: int, k: int, acts: torch.Tensor) 
     return step
 
 
-def saelens_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable[[torch.Tensor], None]:
+def saelens_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool = False) -> Callable[[torch.Tensor], None]:
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
@@ -112,10 +130,11 @@ def saelens_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable[
 
     def step(x: torch.Tensor) -> None:
         sae.train()
-        out = sae.training_forward_pass(step_input=TrainStepInput(
-            sae_in=x, coefficients=coefficients, dead_neuron_mask=since_fired > 1000,
-            n_training_steps=state["step"], is_logging_step=False,
-        ))
+        with autocast(bf16, x.device):  # SAELens's `autocast` option wraps the forward pass alike
+            out = sae.training_forward_pass(step_input=TrainStepInput(
+                sae_in=x, coefficients=coefficients, dead_neuron_mask=since_fired > 1000,
+                n_training_steps=state["step"], is_logging_step=False,
+            ))
         with torch.no_grad():
             fired = out.feature_acts.bool().float()
             since_fired.add_(1)
@@ -130,7 +149,7 @@ def saelens_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable[
     return step
 
 
-def sparsify_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable[[torch.Tensor], None]:
+def sparsify_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool = False) -> Callable[[torch.Tensor], None]:
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
@@ -144,7 +163,9 @@ def sparsify_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable
     def step(x: torch.Tensor) -> None:
         sae.set_decoder_norm_to_unit_norm()
         total_variance = (x - x.mean(0)).pow(2).sum()
-        out = sae(x=x, y=x, dead_mask=None, total_variance=total_variance)
+        # Its forward autocasts to bf16 on CUDA by itself; +bf16 does the same on a CPU.
+        with autocast(bf16, x.device):
+            out = sae(x=x, y=x, dead_mask=None, total_variance=total_variance)
         out.fvu.backward()
         float(out.fvu.detach())  # sparsify's loop reads the loss every step for its logs
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -155,10 +176,10 @@ def sparsify_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor) -> Callable
 
 
 def time_steps(step: Callable[[torch.Tensor], None], acts: torch.Tensor, batch: int, steps: int,
-               device: torch.device) -> float:
-    """Seconds per step over `steps` steps (after 2 warm-up steps), cycling through acts."""
+               device: torch.device, warmup: int = 2) -> float:
+    """Seconds per step over `steps` steps (after `warmup` steps), cycling through acts."""
     n = len(acts) // batch
-    for i in range(2):
+    for i in range(warmup):
         step(acts[(i % n) * batch:(i % n + 1) * batch])
     sync(device)
     start = time.perf_counter()
@@ -169,6 +190,73 @@ def time_steps(step: Callable[[torch.Tensor], None], acts: torch.Tensor, batch: 
     return (time.perf_counter() - start) / steps
 
 
+def build_step(spec: str, args: argparse.Namespace, acts: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A trainer's step from a name like `saesweep_topk+bf16+compile`."""
+    name, *opts = spec.split("+")
+    unknown = set(opts) - {"bf16", "compile", "sparse", "dense", "sparsedec"}
+    if unknown:
+        raise SystemExit(f"--trainers: unknown option(s) {sorted(unknown)} in {spec!r}; "
+                         "valid: bf16, compile, sparse, dense, sparsedec")
+    bf16 = "bf16" in opts
+    both = "dense" if "dense" in opts else "sparse" if "sparse" in opts else "auto"
+    kernels = (both, "sparse" if "sparsedec" in opts else both)
+    if name in ("saesweep_batchtopk", "saesweep_topk"):
+        return saesweep_step(name.removeprefix("saesweep_"), args.d_in, args.d_sae, args.k, acts, bf16,
+                             "compile" in opts, kernels)
+    if opts and set(opts) != {"bf16"}:
+        raise SystemExit(f"--trainers: {name} takes only +bf16")
+    if name == "saelens_batchtopk":
+        return saelens_step(args.d_in, args.d_sae, args.k, acts, bf16)
+    if name == "sparsify_topk":
+        return sparsify_step(args.d_in, args.d_sae, args.k, acts, bf16)
+    raise SystemExit(f"--trainers: unknown trainer {name!r}; valid: saesweep_batchtopk, saesweep_topk, "
+                     "saelens_batchtopk, sparsify_topk")
+
+
+def bf16_matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    """The device's bf16 matrix-product rate, measured: the ceiling the SAE step is judged by."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def host_syncs_per_step(step: Callable[[torch.Tensor], None], x: torch.Tensor) -> int:
+    """How many times one step waits for the GPU (CUDA's sync debug mode warns at each)."""
+    import warnings
+
+    step(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def profile_table(step: Callable[[torch.Tensor], None], x: torch.Tensor, device: torch.device) -> str:
+    """Where a step's time goes, per kernel/operator (torch.profiler, 5 steps after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step(x)
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step(x)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -177,9 +265,12 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--random", action="store_true", help="Gaussian activations instead of SmolLM2's (needed when d_in != 576)")
     p.add_argument("--trainers", default="saesweep_batchtopk,saesweep_topk,saelens_batchtopk,sparsify_topk")
+    p.add_argument("--peak", action="store_true", help="measure the bf16 matrix-product rate (GPU)")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of this trainer's step")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -193,22 +284,26 @@ def main() -> None:
             p.error("--d-in other than 576 needs --random (SmolLM2's residual stream is 576 wide)")
         acts = real_activations(n_tokens, device)
 
-    factories = {
-        "saesweep_batchtopk": lambda: saesweep_step("batchtopk", args.d_in, args.d_sae, args.k, acts),
-        "saesweep_topk": lambda: saesweep_step("topk", args.d_in, args.d_sae, args.k, acts),
-        "saelens_batchtopk": lambda: saelens_step(args.d_in, args.d_sae, args.k, acts),
-        "sparsify_topk": lambda: sparsify_step(args.d_in, args.d_sae, args.k, acts),
-    }
     names = args.trainers.split(",")
-    steps = {name: factories[name]() for name in names}
-    seconds: dict[str, list[float]] = {name: [] for name in names}
+    steps, unavailable = {}, {}
+    for name in names:
+        try:
+            steps[name] = build_step(name, args, acts)
+        except Exception as e:  # a peer that will not install or import here: say so in the table
+            if name.startswith("saesweep"):
+                raise
+            unavailable[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"{name}: unavailable ({unavailable[name]})", flush=True)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for repeat in range(args.repeats):
-        for name in names:
-            s = time_steps(steps[name], acts, args.batch, args.steps, device)
+        for name, step in steps.items():
+            s = time_steps(step, acts, args.batch, args.steps, device, args.warmup if repeat == 0 else 1)
             seconds[name].append(s)
-            print(f"repeat {repeat}: {name:20s} {s * 1000:8.1f} ms/step  {args.batch / s:10,.0f} tokens/s", flush=True)
+            print(f"repeat {repeat}: {name:32s} {s * 1000:8.2f} ms/step  {args.batch / s:12,.0f} tokens/s", flush=True)
 
     median = {name: statistics.median(v) for name, v in seconds.items()}
+    out = args.out or REPO / "benchmarks" / "results" / f"step_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "sae_step_only",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -218,9 +313,24 @@ def main() -> None:
         "seconds_per_step": seconds,
         "median_seconds_per_step": median,
         "median_tokens_per_second": {name: args.batch / s for name, s in median.items()},
+        "unavailable": unavailable,
+        # FLOPs per token a TopK step needs: dense encoder forward, then the k active rows in
+        # the decoder forward, its two gradients and the encoder's weight gradient.
+        "needed_flop_per_token": 2 * args.d_in * args.d_sae + 8 * args.d_in * args.k,
+        "dense_flop_per_token": 10 * args.d_in * args.d_sae,
     }
-    out = args.out or REPO / "benchmarks" / "results" / f"step_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        x = acts[:args.batch]
+        result["host_syncs_per_step"] = {name: host_syncs_per_step(step, x) for name, step in steps.items()}
+        print("host syncs per step:", result["host_syncs_per_step"], flush=True)
+    if args.peak:
+        result["bf16_matmul_tflops"] = bf16_matmul_tflops(device)
+        print(f"bf16 matmul: {result['bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
+    if args.profile:
+        table = profile_table(steps[args.profile], acts[:args.batch], device)
+        prof_path = out.with_name(out.stem + "_profile.txt")
+        prof_path.write_text(f"{args.profile}\n{table}\n")
+        print(table, flush=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
     print(f"wrote {out} and {out.with_suffix('.md')}")
@@ -256,16 +366,36 @@ def markdown(r: dict) -> str:
         f"sae-lens {r['machine']['sae_lens']}, eai-sparsify {r['machine']['sparsify']}; "
         f"load average at the end {', '.join(f'{x:.2f}' for x in r['machine']['load_average'])}.",
         "",
-        "| trainer | median ms/step | tokens/s | fastest saesweep / this |",
-        "|---|---:|---:|---:|",
     ]
+    peak = r.get("bf16_matmul_tflops")
+    syncs = r.get("host_syncs_per_step", {})
+    head = "| trainer | median ms/step | tokens/s | fastest saesweep / this |"
+    rule = "|---|---:|---:|---:|"
+    if peak:
+        head += " needed TFLOP/s | % of bf16 peak | dense-equivalent TFLOP/s | host syncs/step |"
+        rule += "---:|---:|---:|---:|"
+    lines += [head, rule]
     for name, s in med.items():
-        lines.append(f"| {name} | {s * 1000:.1f} | {c['batch'] / s:,.0f} | {s / ours:.2f}x |")
+        row = f"| {name} | {s * 1000:.2f} | {c['batch'] / s:,.0f} | {s / ours:.2f}x |"
+        if peak:
+            needed = r["needed_flop_per_token"] * c["batch"] / s / 1e12
+            dense = r["dense_flop_per_token"] * c["batch"] / s / 1e12
+            row += f" {needed:.1f} | {100 * needed / peak:.1f} % | {dense:.1f} | {syncs.get(name, '')} |"
+        lines.append(row)
+    for name, why in r.get("unavailable", {}).items():
+        lines.append(f"| {name} | not run: {why} | | |")
+    if peak:
+        lines += ["", f"bf16 peak: an 8192^3 bf16 matrix product measured {peak:.0f} TFLOP/s in this run. "
+                  f"Needed FLOPs: {r['needed_flop_per_token'] / 1e6:.1f} MFLOP/token (dense encoder forward + "
+                  f"sparse decoder and gradients); dense-equivalent: {r['dense_flop_per_token'] / 1e6:.1f} "
+                  "MFLOP/token (what a dense SAE step of this size computes)."]
+    base = {n.split("+")[0] for n in med}
     pairs = [("saesweep_batchtopk", "saelens_batchtopk"), ("saesweep_batchtopk", "sparsify_topk"),
              ("saesweep_topk", "sparsify_topk"), ("saesweep_topk", "saelens_batchtopk")]
-    like = [f"{a} is {med[b] / med[a]:.2f}x {b}" for a, b in pairs if a in med and b in med]
+    best = {b: min(med[n] for n in med if n.split("+")[0] == b) for b in base}
+    like = [f"{a} is {best[b] / best[a]:.2f}x {b}" for a, b in pairs if a in best and b in best]
     if like:
-        lines += ["", "Speed-ups (ratio of median step times): " + "; ".join(like) + "."]
+        lines += ["", "Speed-ups (best variant of each, ratio of median step times): " + "; ".join(like) + "."]
     lines += ["", "Per-repeat ms/step: " + "; ".join(
         f"{n} " + ", ".join(f"{v * 1000:.0f}" for v in vals) for n, vals in r["seconds_per_step"].items()), ""]
     return "\n".join(lines)

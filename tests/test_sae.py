@@ -164,11 +164,29 @@ def test_bf16_autocast_step_gives_fp32_gradients_close_to_the_fp32_step(cls_cfg)
         assert torch.nn.functional.cosine_similarity(bf16.flatten(), fp32.flatten(), dim=0) > 0.99
 
 
+def test_batch_topk_indices_exact_when_the_sample_overestimates_the_cutoff():
+    """The strided sample sees large values that are too few to fill the batch's quota:
+    the first pass finds too few entries, and the whole batch is ranked instead."""
+    from saesweep.sae import sparse
+
+    torch.manual_seed(4)
+    n_rows, d_sae, k = 256, 1024, 8
+    pre = torch.randn(n_rows, d_sae)
+    flat = pre.view(-1)
+    stride = (flat.numel() // sparse.SAMPLE_SIZE) | 1
+    flat[0 : 1000 * stride : stride] += 100.0  # 1000 sampled giants, fewer than the 2048 to keep
+    assert sparse._entries_likely_above_cutoff(flat, k * n_rows).numel() < k * n_rows  # the trap works
+    rows, cols = sparse.batch_topk_indices(pre, k)
+    want = flat.topk(k * n_rows).indices.sort().values
+    assert torch.equal(rows * d_sae + cols, want)
+
+
 def test_batch_topk_indices_equal_a_full_ranking_on_random_batches():
     from saesweep.sae.sparse import batch_topk_indices
 
     torch.manual_seed(1)
-    for n_rows, d_sae, k in ((64, 512, 8), (3, 40, 4), (16, 64, 32)):
+    # the last two are past SAMPLE_SIZE entries: the cutoff is estimated from a sample first
+    for n_rows, d_sae, k in ((64, 512, 8), (3, 40, 4), (16, 64, 32), (256, 1024, 8), (512, 4608, 32)):
         pre = torch.randn(n_rows, d_sae)
         rows, cols = batch_topk_indices(pre, k)
         want = pre.flatten().topk(min(k * n_rows, pre.numel())).indices.sort().values

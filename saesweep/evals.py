@@ -9,9 +9,20 @@ prediction from the input hook.
 SAELens's `sparsity.safetensors` and the density histogram of `saesweep.evaluate`.
 Attention-head hooks ([..., n_heads, d_head]) are flattened to one vector per token,
 as SAELens does for hook_z SAEs.
+
+Much of an evaluation does not depend on the SAE: the held-out activations at the
+hook, and the clean and zero-ablated CE losses (two of the three LM passes). Given a
+`shared` key, `evaluate` keeps them for the next evaluation with the same key in this
+process, so the members of a sweep (a grouped job, or Hydra's basic launcher running
+members one after another) compute them once.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import torch
 
@@ -38,12 +49,40 @@ class EvalResult(dict):
         return log10_firing_rate(self.fire_counts, int(self["dead_window_tokens"]))
 
 
+T = TypeVar("T")
+# The last evaluation's SAE-independent parts, by kind: (key, value). One entry per kind
+# bounds the memory (the held-out activations of 640 rows of SmolLM2 are ~180 MB).
+_SHARED: dict[str, tuple[Any, Any]] = {}
+
+
+def shared_key(model_cfg: Any, hooks: list[str], exclude_bos: bool, rows: torch.Tensor, batch_rows: int) -> str:
+    """What the SAE-independent parts of an evaluation depend on: the model as configured
+    (within one process, one config loads the same weights), hooks, BOS handling, rows."""
+    rows_sha = hashlib.sha256(rows.contiguous().cpu().numpy().tobytes()).hexdigest()
+    parts = {"model": asdict(model_cfg), "hooks": hooks, "exclude_bos": exclude_bos, "rows": rows_sha,
+             "batch_rows": batch_rows}
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _reuse(kind: str, key: Optional[str], compute: Callable[[], T]) -> T:
+    if key is None:
+        return compute()
+    cached = _SHARED.get(kind)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        _SHARED[kind] = cached
+    return cached[1]
+
+
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_rows: int) -> EvalResult:
+def reconstruction_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_rows: int,
+                           shared: Optional[str] = None) -> EvalResult:
     device = sae.W_enc.device
     stats = ReconstructionStats(sae.d_out, sae.d_sae, device)
     fire_counts = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    for chunk in source.batches(rows, batch_rows):
+    chunks: Iterable = _reuse("activations", shared and f"{shared}|{len(rows)}",
+                              lambda: list(source.batches(rows, batch_rows)))
+    for chunk in chunks:
         x = chunk[0].to(device, torch.float32).flatten(1)
         y = chunk[-1].to(device, torch.float32).flatten(1)
         acts = sae.encode(x)
@@ -55,40 +94,49 @@ def reconstruction_metrics(sae: SAE, source: ActivationSource, rows: torch.Tenso
 
 
 @torch.no_grad()
-def ce_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_rows: int) -> dict[str, float]:
+def ce_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_rows: int,
+               shared: Optional[str] = None) -> dict[str, float]:
     model = source.model
     hook_in, hook_out = source.hooks[0], source.hooks[-1]
     transcoder = hook_out != hook_in
     device = sae.W_enc.device
-    totals = {"clean": 0.0, "sae": 0.0, "ablation": 0.0}
-    count = 0
-    for start in range(0, len(rows), batch_rows):
-        tokens = rows[start : start + batch_rows].to(model.cfg.device)
-        keep = (~source.token_mask(tokens))[..., None]  # positions left untouched (BOS)
+    batches = [rows[i : i + batch_rows].to(model.cfg.device) for i in range(0, len(rows), batch_rows)]
+
+    def untouched(tokens: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Positions the splice leaves as they are (BOS), shaped to broadcast over act."""
+        keep = ~source.token_mask(tokens)
+        return keep.view(*keep.shape[:2], *([1] * (act.ndim - 2)))
+
+    def references() -> list[tuple[float, float, int]]:
+        """Per batch, what does not depend on the SAE: clean and zero-ablated loss sums."""
+        out = []
+        for tokens in batches:
+            def ablate(act: torch.Tensor, tokens: torch.Tensor = tokens) -> torch.Tensor:
+                return torch.where(untouched(tokens, act), act, torch.zeros_like(act))
+
+            clean = model.loss_with_hooks(tokens, [])
+            ablated = model.loss_with_hooks(tokens, [(hook_out, ablate)])
+            out.append((float(clean.double().sum()), float(ablated.double().sum()), clean.numel()))
+        return out
+
+    refs = _reuse("ce_reference", shared and f"{shared}|{len(rows)}", references)
+    spliced_total = 0.0
+    for tokens in batches:
         captured: dict[str, torch.Tensor] = {}
 
         def grab(act: torch.Tensor) -> None:
             captured["in"] = act
 
-        def splice(act: torch.Tensor) -> torch.Tensor:
+        def splice(act: torch.Tensor, tokens: torch.Tensor = tokens) -> torch.Tensor:
             x = (captured["in"] if transcoder else act).to(device, torch.float32)
             recon = sae.decode(sae.encode(x.flatten(2))).to(act.dtype).to(act.device).view(act.shape)
-            mask = keep.view(*keep.shape[:2], *([1] * (act.ndim - 2)))
-            return torch.where(mask, act, recon)
+            return torch.where(untouched(tokens, act), act, recon)
 
-        def ablate(act: torch.Tensor) -> torch.Tensor:
-            mask = keep.view(*keep.shape[:2], *([1] * (act.ndim - 2)))
-            return torch.where(mask, act, torch.zeros_like(act))
-
-        per_token = {
-            "clean": model.loss_with_hooks(tokens, []),
-            "sae": model.loss_with_hooks(tokens, ([(hook_in, grab)] if transcoder else []) + [(hook_out, splice)]),
-            "ablation": model.loss_with_hooks(tokens, [(hook_out, ablate)]),
-        }
-        for name, value in per_token.items():
-            totals[name] += float(value.double().sum())
-        count += per_token["clean"].numel()
-    ce = {name: total / count for name, total in totals.items()}
+        hooks = ([(hook_in, grab)] if transcoder else []) + [(hook_out, splice)]
+        spliced_total += float(model.loss_with_hooks(tokens, hooks).double().sum())
+    count = sum(n for _, _, n in refs)
+    ce = {"clean": sum(c for c, _, _ in refs) / count, "sae": spliced_total / count,
+          "ablation": sum(a for _, a, _ in refs) / count}
     return {
         "ce_clean": ce["clean"],
         "ce_sae": ce["sae"],
@@ -98,14 +146,17 @@ def ce_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_row
     }
 
 
-def evaluate(sae: SAE, source: ActivationSource, rows: torch.Tensor, n_rows: int, n_ce_rows: int, batch_rows: int) -> EvalResult:
-    """Metrics for eval.json on the first n_rows held-out rows (CE on the first n_ce_rows)."""
+def evaluate(sae: SAE, source: ActivationSource, rows: torch.Tensor, n_rows: int, n_ce_rows: int, batch_rows: int,
+             shared: Optional[str] = None) -> EvalResult:
+    """Metrics for eval.json on the first n_rows held-out rows (CE on the first n_ce_rows).
+
+    `shared` (see `shared_key`): keep and reuse the SAE-independent parts."""
     was_training = sae.training
     sae.eval()
     try:
-        result = reconstruction_metrics(sae, source, rows[:n_rows], batch_rows)
+        result = reconstruction_metrics(sae, source, rows[:n_rows], batch_rows, shared)
         if n_ce_rows > 0:
-            result.update(ce_metrics(sae, source, rows[:n_ce_rows], batch_rows))
+            result.update(ce_metrics(sae, source, rows[:n_ce_rows], batch_rows, shared))
     finally:
         sae.train(was_training)
     return result

@@ -36,7 +36,7 @@ from saesweep.checkpoint import CHECKPOINT_NAME, StopSignals, config_differences
 from saesweep.config import TrainConfig
 from saesweep.data import load_token_rows
 from saesweep.errors import UserError
-from saesweep.evals import evaluate
+from saesweep.evals import evaluate, shared_key
 from saesweep.atomic import atomic_write_text
 from saesweep.export import save_sae
 from saesweep.metrics import explained_variance
@@ -242,11 +242,13 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
 
     train_seconds = elapsed()
     log.info("trained on %d tokens in %.1f s; evaluating on held-out rows", total_steps * batch_size, train_seconds)
-    eval_source = SharedEvalActivations(source) if len(members) > 1 else source
+    # Members (of this group, or of a sweep run one after another in this process) share
+    # the evaluation's SAE-independent parts: held-out activations, clean and ablated CE.
+    eval_key = shared_key(cfg.model, source.hooks, cfg.activations.exclude_bos, rows.eval_rows, cfg.eval.batch_rows)
     outcomes: list[Outcome] = []
     for member in members:
         if member.error is None:
-            member.finish(eval_source, rows, buffer.sample()[0], train_seconds, feed.name)
+            member.finish(source, rows, buffer.sample()[0], train_seconds, feed.name, eval_key)
         outcomes.append(member.error if member.error is not None else member.result)
     return outcomes
 
@@ -404,15 +406,15 @@ class Member:
         save_sae(self.sae, self.run_dir / "sae", {**sae_metadata(self.cfg), "partial": True,
                                                   "tokens_trained": self.step * self.cfg.training.batch_size})
 
-    def finish(self, source: ActivationSource | SharedEvalActivations, rows: Any, sample: torch.Tensor, train_seconds: float,
-               feed_name: str) -> None:
+    def finish(self, source: ActivationSource, rows: Any, sample: torch.Tensor, train_seconds: float,
+               feed_name: str, shared: str | None = None) -> None:
         """Calibrate, evaluate on held-out rows, export; eval.json last, as it marks the run finished."""
         cfg = self.cfg
         try:
             with self.own_rng():
                 self.sae.calibrate(sample)
                 result = evaluate(self.sae, source, rows.eval_rows, cfg.eval.rows, cfg.eval.ce_rows,
-                                  cfg.eval.batch_rows)
+                                  cfg.eval.batch_rows, shared)
             tokens_trained = self.step * cfg.training.batch_size
             result.update(
                 tokens_trained=tokens_trained,
@@ -431,27 +433,6 @@ class Member:
         # eval.json now marks the run finished; the checkpoint (buffer included) is dead weight.
         (self.run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
         self.result = result
-
-
-class SharedEvalActivations:
-    """The ActivationSource for a group's evaluations: every member is measured on the same
-    held-out rows, so their hook activations are computed once and kept (eval.rows x
-    context x d floats). The CE passes still run per member."""
-
-    def __init__(self, source: ActivationSource):
-        self._source = source
-        self._memo: dict[tuple[int, tuple[int, ...], int], list[tuple[torch.Tensor, ...]]] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._source, name)
-
-    def batches(self, rows: Any, batch_rows: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        if not isinstance(rows, torch.Tensor):
-            return self._source.batches(rows, batch_rows)
-        key = (rows.data_ptr(), tuple(rows.shape), batch_rows)
-        if key not in self._memo:
-            self._memo[key] = list(self._source.batches(rows, batch_rows))
-        return iter(self._memo[key])
 
 
 class MemberLog(logging.LoggerAdapter):

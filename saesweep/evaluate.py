@@ -12,7 +12,9 @@ the run dir (or `out_dir`):
 - sparsity.safetensors — the same rates in SAELens's format.
 
 The hook defaults to the one recorded in the SAE's cfg.json (metadata.hook_name), so
-an SAE is measured where it was trained unless `model.hook_point=` says otherwise.
+an SAE is measured where it was trained unless `model.hook_point=` says otherwise. Hook
+names belong to a backend (TransformerLens hook points, or HF module paths), so with the
+recorded hook the backend follows cfg.json's metadata.model_class_name too.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def resolve_hooks(cfg: EvaluateConfig, sae: Any) -> tuple[str, str | None]:
         )
     hook_out = cfg.model.hook_point_out or (sae.hook_name_out if not cfg.model.hook_point else None)
     return hook_in, (hook_out if hook_out != hook_in else None)
+
+
+# SAELens's metadata.model_class_name -> our model.backend
+BACKEND_OF_CLASS = {"AutoModelForCausalLM": "hf", "HookedTransformer": "transformer_lens"}
+
+
+def resolve_backend(cfg: EvaluateConfig, sae: Any) -> None:
+    """With the SAE's own hook, run the backend that hook name belongs to."""
+    recorded = BACKEND_OF_CLASS.get(sae.metadata.get("model_class_name"))
+    if cfg.model.hook_point is None and recorded is not None and recorded != cfg.model.backend:
+        log.info("%s was trained on the %s backend (cfg.json model_class_name); evaluating with model.backend=%s",
+                 sae.path, recorded, recorded)
+        cfg.model.backend = recorded
 
 
 def check_widths(sae: Any, source: Any, hook_in: str, hook_out: str | None, model_name: str) -> None:
@@ -115,6 +130,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     sae = load_sae_dir(cfg.sae_path, device)  # before the model: a broken SAE dir fails fast
     hook_in, hook_out = resolve_hooks(cfg, sae)
+    resolve_backend(cfg, sae)
     recorded = sae.metadata.get("model_name")
     if recorded and recorded != cfg.model.name:
         log.warning("the SAE records model %r; evaluating it on model.name=%r", recorded, cfg.model.name)

@@ -214,3 +214,15 @@ def test_a_cli_run_on_the_hf_backend_trains_the_sae_transformer_lens_does(runs):
         assert hf[key] == pytest.approx(tl[key], rel=1e-3, abs=1e-3), key
     w_hf, w_tl = weights(runs["hf"]), weights(runs["transformer_lens"])
     assert (w_hf["W_dec"] - w_tl["W_dec"]).abs().max().item() < 1e-2
+
+
+def test_evaluate_runs_an_hf_trained_sae_on_the_hf_backend_without_being_told(runs, tmp_path):
+    """cfg.json's model_class_name picks the backend its hook name belongs to: the default
+    model group (TransformerLens) would not know the hook `model.layers.6`."""
+    out = tmp_path / "eval"
+    proc = run_cli("saesweep.evaluate", str(runs["hf"] / "sae"), "eval.rows=24", "eval.ce_rows=4", "eval.batch_rows=8",
+                   f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluating with model.backend=hf" in proc.stdout + proc.stderr
+    got, trained = (json.loads((d / "eval.json").read_text()) for d in (out, runs["hf"]))
+    assert got["explained_variance"] == pytest.approx(trained["explained_variance"], abs=1e-4)

@@ -216,11 +216,12 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
                 member.train_step(batch[0], batch[-1], elapsed)
                 if member.error is not None:
                     save([member])  # its last good state: bad steps were never applied
-            progress.update(min(m.step for m in training) - progress.n)
-            # L0 is known from the first logging step on (it costs a host sync to read).
+            # L0 is known from the first logging step on (it costs a host sync to read). The
+            # bar redraws at most every 0.1 s (in update), not at every step's postfix.
             known = not all(math.isnan(m.last_l0) for m in members)
-            progress.set_postfix(tok_s=f"{batches * batch_size / elapsed():.0f}",
+            progress.set_postfix(tok_s=f"{batches * batch_size / elapsed():.0f}", refresh=False,
                                  **({"L0": "/".join(f"{m.last_l0:.1f}" for m in members)} if known else {}))
+            progress.update(min(m.step for m in training) - progress.n)
 
             crossed = every > 0 and (batches * batch_size) // every > ((batches - 1) * batch_size) // every
             healthy = [m for m in members if m.error is None]

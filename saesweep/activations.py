@@ -89,14 +89,16 @@ class LiveFeed:
     """Training activations from a live LM pass over the training rows.
 
     Its position is the number of token rows consumed, which is all a checkpoint
-    needs: the rows' order is a function of the seed.
+    needs: the rows' order is a function of the seed. Data-parallel rank `rank` of
+    `world` reads its own share of that order (see TokenRows.train_iter) and counts it.
     """
 
     name = "live"
 
-    def __init__(self, source: ActivationSource, rows: Any, batch_rows: int, rows_consumed: int = 0):
+    def __init__(self, source: ActivationSource, rows: Any, batch_rows: int, rows_consumed: int = 0,
+                 rank: int = 0, world: int = 1):
         self.rows_consumed = rows_consumed
-        self._chunks = source.batches(self._count(rows.train_iter(rows_consumed)), batch_rows)
+        self._chunks = source.batches(self._count(rows.train_iter(rows_consumed, rank, world)), batch_rows)
 
     def _count(self, rows: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         for row in rows:

@@ -38,6 +38,7 @@ import torch
 from saesweep.activations import ActivationSource, Columns, LiveFeed
 from saesweep.atomic import atomic_write, atomic_write_text
 from saesweep.config import TrainConfig, TrainingConfig
+from saesweep.distributed import SINGLE, Ranks
 from saesweep.errors import UserError
 from saesweep.models import cache_root
 
@@ -247,11 +248,14 @@ class ActivationCache:
                 raise corrupt(path, self.path, "does not match manifest.json")
         return [tensors[h] for h in hooks]
 
-    def reader(self, hooks: list[str], seed: int, position: int = 0) -> "CacheReader":
+    def reader(self, hooks: list[str], seed: int, position: int = 0, rank: int = 0, world: int = 1) -> "CacheReader":
         missing = [h for h in hooks if h not in self.manifest["hooks"]]
         if missing:
             raise UserError(f"activation cache {self.path} holds no {', '.join(missing)}")
-        return CacheReader(self, hooks, seed, position)
+        if self.tokens < world:
+            raise UserError(f"activation cache {self.path} holds {self.tokens} tokens, fewer than the {world} "
+                            "data-parallel ranks; raise activations.cache_tokens")
+        return CacheReader(self, hooks, seed, position, rank, world)
 
 
 def load_manifest(path: Path) -> ActivationCache | None:
@@ -433,12 +437,20 @@ class CacheReader:
     tokens in a fresh random order; the ActivationBuffer then mixes tokens of several
     shards. The order is a pure function of (manifest, seed, position), so a checkpoint
     only needs the position to resume exactly.
+
+    Data-parallel rank `rank` of `world` reads only its share: each pass's shards, in that
+    pass's order, are dealt out to the ranks in turn, so a rank opens only its own files
+    (with fewer shards than ranks, each shard is first split into interleaved parts). The
+    shares of a pass are disjoint and hold every token once; a rank may get a shard more
+    than another in a pass. `position` counts the rank's own tokens.
     """
 
-    def __init__(self, cache: ActivationCache, hooks: list[str], seed: int, position: int = 0):
+    def __init__(self, cache: ActivationCache, hooks: list[str], seed: int, position: int = 0,
+                 rank: int = 0, world: int = 1):
         self.cache = cache
         self.hooks = hooks
         self.seed = seed
+        self.rank, self.world = rank, world
         self.position = position  # tokens handed out, over all passes
         self._chunks = self._generate(position)
 
@@ -452,18 +464,24 @@ class CacheReader:
 
     def _generate(self, position: int) -> Iterator[Columns]:
         shards = self.cache.manifest["shards"]
-        epoch, offset = divmod(position, self.cache.tokens)
+        parts = -(-self.world // len(shards))  # parts per shard: 1 unless fewer shards than ranks
+        epoch, offset = 0, position
         while True:
+            order = torch.randperm(len(shards), generator=_seeded(self.seed, epoch)).tolist()
+            mine = [(index, part) for index in order for part in range(parts)][self.rank :: self.world]
+            sizes = [len(range(part, shards[index]["tokens"], parts)) for index, part in mine]
+            if offset >= sum(sizes):  # a pass read before a resume
+                offset -= sum(sizes)
+                epoch += 1
+                continue
             if epoch > 0 and offset == 0:
                 log.info("activation cache %s: pass %d over its %d tokens", self.cache.key, epoch + 1, self.cache.tokens)
-            order = torch.randperm(len(shards), generator=_seeded(self.seed, epoch))
-            for index in order.tolist():
-                n = shards[index]["tokens"]
+            for (index, part), n in zip(mine, sizes):
                 if offset >= n:
                     offset -= n
                     continue
                 columns = self.cache.load_shard(index, self.hooks)
-                perm = torch.randperm(n, generator=_seeded(self.seed, epoch, index))
+                perm = torch.randperm(shards[index]["tokens"], generator=_seeded(self.seed, epoch, index))[part::parts]
                 for i in range(offset, n, READ_CHUNK_TOKENS):
                     take = perm[i : i + READ_CHUNK_TOKENS]
                     yield tuple(c[take] for c in columns)
@@ -489,13 +507,14 @@ def in_multirun() -> bool:
 
 
 def open_training_feed(cfg: TrainConfig, model: Any, source: ActivationSource, rows: Any,
-                       checkpoint: dict[str, Any] | None) -> LiveFeed | CacheReader:
+                       checkpoint: dict[str, Any] | None, ranks: Ranks = SINGLE) -> LiveFeed | CacheReader:
     """Where training activations come from: a live LM pass or the shared cache.
 
     auto: a resumed run keeps the source it started with; otherwise a complete cache
     is used if there is one, a sweep member builds it (the others wait, then share
     it), and a single run without a cache trains live (building a cache for one run
-    would cost the same LM pass plus the disk).
+    would cost the same LM pass plus the disk). `checkpoint` holds this rank's feed
+    position; under DDP every rank takes rank 0's choice and reads its own share.
     """
     choice = cfg.activations.source
     saved = checkpoint.get("activation_cache") if checkpoint else None
@@ -508,11 +527,11 @@ def open_training_feed(cfg: TrainConfig, model: Any, source: ActivationSource, r
     cache = None
     if choice == "auto":
         cache = ensure_cache(cfg, model, rows, build=in_multirun())
-        choice = "cache" if cache is not None else "live"
-        log.info("activations.source=auto: %s", "reading the cache" if cache else "live LM pass (no cache yet, single run)")
+        choice = ranks.broadcast_object("cache" if cache is not None else "live")  # a cache may appear meanwhile
+        log.info("activations.source=auto: %s", "reading the cache" if choice == "cache" else "live LM pass (no cache yet, single run)")
     if choice == "live":
         start = checkpoint["rows_consumed"] if checkpoint and "rows_consumed" in checkpoint else 0
-        return LiveFeed(source, rows, cfg.activations.batch_rows, start)
+        return LiveFeed(source, rows, cfg.activations.batch_rows, start, ranks.rank, ranks.world)
     cache = cache or ensure_cache(cfg, model, rows)
     position = 0
     if saved:
@@ -520,7 +539,7 @@ def open_training_feed(cfg: TrainConfig, model: Any, source: ActivationSource, r
         if saved["key"] != cache.key:
             log.warning("resuming from activation cache %s, but this config's cache is %s; the data order "
                         "will differ from the interrupted run's", saved["key"], cache.key)
-    return cache.reader(source.hooks, cfg.training.seed, position)
+    return cache.reader(source.hooks, cfg.training.seed, position, ranks.rank, ranks.world)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -56,9 +56,11 @@ def save_checkpoints(states: dict[Path, dict[str, Any]], write: Callable[[Any, P
         raise
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    # Temp files of writes a crash interrupted; the checkpoint they would have replaced is intact.
-    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+def load_checkpoint(path: Path, clean: bool = True) -> dict[str, Any] | None:
+    """The checkpoint at `path`, if any. `clean`: remove the temp files of writes a crash
+    interrupted (the checkpoint they would have replaced is intact); false for readers
+    that must not write, as data-parallel ranks other than 0."""
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp") if clean else []:
         stale.unlink(missing_ok=True)
     if not path.exists():
         return None

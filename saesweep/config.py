@@ -126,6 +126,7 @@ class TrainingConfig:
     max_nonfinite_steps: int = 10
     autocast: str = "none"
     compile: bool = False
+    distributed: str = "none"  # none | ddp (saesweep.distributed)
 
 
 @dataclass
@@ -165,6 +166,9 @@ class TrainConfig:
 
 # training.autocast: the dtype of the LM's and the SAE's matrix products (none = as loaded).
 AUTOCAST_DTYPES = ("none", "bf16")
+
+# training.distributed: one process, or data-parallel ranks (torchrun / SLURM tasks).
+DISTRIBUTED_MODES = ("none", "ddp")
 
 # eval.json metrics a run can return to an optimising sweeper; fvu = 1 - explained_variance.
 OBJECTIVES = ("fvu", "l0", "mse", "explained_variance", "ce_loss_score", "ce_sae", "dead_fraction")
@@ -220,6 +224,7 @@ def _check_values(cfg: TrainConfig) -> None:
     need(t.resume in ("auto", "never", "force"), "training.resume", "valid: auto, never, force")
     need(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", "must be >= 1")
     need(t.autocast in AUTOCAST_DTYPES, "training.autocast", f"valid: {', '.join(AUTOCAST_DTYPES)}")
+    need(t.distributed in DISTRIBUTED_MODES, "training.distributed", f"valid: {', '.join(DISTRIBUTED_MODES)}")
     need(t.checkpoint_every_tokens >= 0, "training.checkpoint_every_tokens", "must be >= 0 (0 = only on signals)")
     need(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
     need(cfg.logger.name in ("none", "wandb"), "logger.name", "valid: none, wandb")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -339,8 +340,16 @@ class TokenRows:
     _tokenizer: Any
     seed: int
 
-    def train_iter(self, start: int = 0) -> Iterator[torch.Tensor]:
-        """Endless training rows, epoch after epoch, skipping the first `start` (to resume)."""
+    def train_iter(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+        """Endless training rows, epoch after epoch, skipping the first `start` (to resume).
+
+        Data-parallel rank `rank` of `world` gets rows rank, rank + world, rank + 2 world, ...
+        of that one order: disjoint shares that together hold every row once per epoch.
+        `start` then counts the rank's own rows.
+        """
+        return itertools.islice(self._all_rows(start * world), rank, None, world)
+
+    def _all_rows(self, start: int) -> Iterator[torch.Tensor]:
         if self._train is not None:
             epoch, index = divmod(start, len(self._train))
             while True:

@@ -50,6 +50,23 @@ class MetricsLog:
             self.wandb_run = None
 
 
+class NullMetricsLog(MetricsLog):
+    """Where a data-parallel rank other than 0 logs: nowhere (rank 0 writes the run's metrics)."""
+
+    def __init__(self) -> None:
+        self.file = None
+        self.wandb_run = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def final(self, result: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _stable_run_id(run_dir: Path) -> str:
     import hashlib
 

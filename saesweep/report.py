@@ -374,6 +374,10 @@ class SweepReportCallback(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         if not _is_multirun(config):
             return
+        from saesweep.distributed import launched_rank
+
+        if launched_rank() != 0:  # a data-parallel member's other ranks: rank 0 reports
+            return
         if getattr(getattr(job_return, "status", None), "name", None) == "FAILED":
             try:
                 error = job_return._return_value  # the exception; .return_value would re-raise it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,25 @@ log = logging.getLogger("saesweep")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | list[float]:
+def main(cfg: DictConfig) -> float | list[float] | None:
     hydra_cfg = HydraConfig.get()
     name_wandb_run(cfg, hydra_cfg)
     try:
         with user_errors():
             typed = validate(cfg)
-            from saesweep.trainer import train  # heavy imports only after the config is known good
+            # heavy imports only after the config is known good
+            from saesweep.distributed import process_group, shared_run_dir
+            from saesweep.trainer import train
 
-            result = train(typed, Path(hydra_cfg.runtime.output_dir))
+            # training.distributed=ddp: this process is one rank; the others run this too.
+            with process_group(typed.training) as ranks:
+                run_dir = shared_run_dir(ranks, Path(hydra_cfg.runtime.output_dir))
+                result = train(typed, run_dir, ranks)
     except KeyboardInterrupt:
         print(f"interrupted; rerun with hydra.run.dir={hydra_cfg.runtime.output_dir} to resume", file=sys.stderr)
         sys.exit(130)
+    if not ranks.is_main:
+        return None  # rank 0 evaluated and reports
     log.info("eval: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     # What an optimising sweeper (hydra/sweeper=pareto) minimises; grids ignore it.
     return objective_values(result, typed.objectives)
@@ -45,7 +53,7 @@ def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any
     for cfg, hydra_cfg in zip(cfgs, hydra_cfgs):
         name_wandb_run(cfg, hydra_cfg)
         try:
-            typed.append(validate(cfg))
+            typed.append(check_not_distributed(validate(cfg)))
         except UserError as e:  # this member fails, the others train
             typed.append(e)
     valid = [i for i, t in enumerate(typed) if not isinstance(t, UserError)]
@@ -72,6 +80,18 @@ def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any
     return outcomes
 
 
+def check_not_distributed(typed: Any) -> Any:
+    """A group trains its members in one process, which cannot also be one rank of many."""
+    from saesweep.distributed import launched
+
+    launch = launched()
+    if typed.training.distributed != "none" or (launch is not None and launch.world > 1):
+        raise UserError("config key 'training.distributed': hydra/launcher=grouped trains its members together "
+                        "in one process and does not run data-parallel; use training.distributed=none with one "
+                        "process, or hydra/launcher=slurm_ddp for ddp")
+    return typed
+
+
 def name_wandb_run(cfg: DictConfig, hydra_cfg: Any) -> None:
     """Sweep members share a W&B group named after the sweep dir; runs are named by their overrides."""
     logger = cfg.get("logger")
@@ -84,6 +104,10 @@ def name_wandb_run(cfg: DictConfig, hydra_cfg: Any) -> None:
 
 
 def cli() -> None:
+    if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # maybe one rank of several (torch import)
+        from saesweep.distributed import quiet_overrides
+
+        sys.argv += quiet_overrides()  # ranks other than 0 of a torchrun/srun launch write nothing
     run(main)
 
 

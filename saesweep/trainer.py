@@ -35,12 +35,13 @@ from saesweep.cache import open_training_feed
 from saesweep.checkpoint import CHECKPOINT_NAME, StopSignals, config_differences, load_checkpoint, save_checkpoints
 from saesweep.config import TrainConfig
 from saesweep.data import load_token_rows
+from saesweep.distributed import SINGLE, Ranks
 from saesweep.errors import UserError
 from saesweep.evals import evaluate, shared_key
 from saesweep.atomic import atomic_write_text
 from saesweep.export import save_sae
 from saesweep.metrics import explained_variance
-from saesweep.metrics_log import MetricsLog
+from saesweep.metrics_log import MetricsLog, NullMetricsLog
 from saesweep.models import check_hook, load_model
 from saesweep.optim import build_optimizer, build_scheduler
 from saesweep.sae import build_sae
@@ -57,18 +58,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, ranks: Ranks = SINGLE) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"config key 'training.device': {name!r} but no CUDA GPU is visible; use auto or cpu")
-    return torch.device(name)
+    return ranks.device(name)
 
 
-# Keys that may change between an interrupted run and its resumption.
+# Keys that may change between an interrupted run and its resumption (the number of
+# processes may not: Member checks it).
 RESUME_MAY_CHANGE = {"training.resume", "training.checkpoint_every_tokens", "training.log_every",
-                     "training.device", "training.compile", "training.max_nonfinite_steps", "eval", "cache_dir",
-                     "logger", "objectives", "activations.cache_dir", "activations.shard_mb"}
+                     "training.device", "training.compile", "training.distributed", "training.max_nonfinite_steps",
+                     "eval", "cache_dir", "logger", "objectives", "activations.cache_dir", "activations.shard_mb"}
 
 
 def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -100,15 +100,16 @@ def load_model_checked(cfg: TrainConfig, device: torch.device) -> Any:
     return model
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one SAE into run_dir (a group of one); its eval result."""
-    outcome = train_group([cfg], [Path(run_dir)])[0]
+def train(cfg: TrainConfig, run_dir: Path, ranks: Ranks = SINGLE) -> dict[str, Any]:
+    """Train one SAE into run_dir (a group of one); its eval result ({} on ranks other than 0)."""
+    outcome = train_group([cfg], [Path(run_dir)], ranks=ranks)[0]
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
 
 
-def train_group(cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str | None = None) -> list[Outcome]:
+def train_group(cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str | None = None,
+                ranks: Ranks = SINGLE) -> list[Outcome]:
     """Train one SAE per config on one shared activation stream, each into its own run dir.
 
     The configs must agree on everything but sae, optimizer, scheduler, objectives and
@@ -117,7 +118,11 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str 
     Members whose checkpoints are at different points of the stream (a member added to
     the sweep, a crash between two checkpoint renames) are trained one subgroup after
     another, so each resumes exactly. `resume_hint` says how to rerun, for the stop message.
+    With several `ranks` (training.distributed=ddp) this process is one of them: one member only.
     """
+    if ranks.active and len(cfgs) > 1:
+        raise UserError("config key 'training.distributed': ddp trains one run per job; a group of "
+                        f"{len(cfgs)} (hydra/launcher=grouped) is not supported")
     run_dirs = [Path(d) for d in run_dirs]
     resume_hint = resume_hint or f"hydra.run.dir={run_dirs[0]}"
     outcomes: list[Outcome | None] = [None] * len(cfgs)
@@ -128,7 +133,7 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str 
             if finished is not None:
                 outcomes[i] = finished
                 continue
-            member = Member(i, cfg, run_dir, named=len(cfgs) > 1)
+            member = Member(i, cfg, run_dir, named=len(cfgs) > 1, ranks=ranks)
         except UserError as e:
             outcomes[i] = e
             continue
@@ -138,7 +143,7 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str 
 
     cfg = next(iter(subgroups.values()))[0].cfg  # what the members share
     seed_everything(cfg.training.seed)
-    device = resolve_device(cfg.training.device)
+    device = resolve_device(cfg.training.device, ranks)
     model = load_model_checked(cfg, device)
     rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed,
                            total_tokens=cfg.training.total_tokens)
@@ -158,21 +163,25 @@ def finished_result(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
 
 def train_together(members: list[Member], model: Any, source: ActivationSource, rows: Any,
                    device: torch.device, resume_hint: str) -> list[Outcome]:
-    """The loop: members at the same point of the same activation stream, one batch each step."""
-    cfg, checkpoint = members[0].cfg, members[0].checkpoint
+    """The loop: members at the same point of the same activation stream, one batch each step.
+
+    Under DDP each rank runs it on its own share of the stream and of every batch."""
+    cfg, checkpoint, ranks = members[0].cfg, members[0].checkpoint, members[0].ranks
+    stream = rank_stream(checkpoint, ranks.rank)  # this rank's feed position and buffer
     # Live LM pass or the shared cache; either way the buffer gets chunks of activations.
-    feed = open_training_feed(cfg, model, source, rows, checkpoint)
+    feed = open_training_feed(cfg, model, source, rows, stream, ranks)
+    batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
+    total_steps = cfg.training.total_tokens // batch_size
+    local_batch = batch_size // ranks.world  # config validation: divisible
     # A buffer larger than the run would compute activations nobody trains on.
-    capacity = max(2 * cfg.training.batch_size, min(cfg.buffer.size_tokens, cfg.training.total_tokens))
+    capacity = max(2 * local_batch, min(cfg.buffer.size_tokens, cfg.training.total_tokens // ranks.world))
     buffer = ActivationBuffer(
         feed,
         capacity=capacity,
-        batch_size=cfg.training.batch_size,
+        batch_size=local_batch,
         device=device,
         generator=torch.Generator().manual_seed(cfg.training.seed),
     )
-    batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
-    total_steps = cfg.training.total_tokens // batch_size
     # The LM runs inside the buffer's refills, so its forward is under autocast there too.
     amp = autocast(cfg, device)
 
@@ -185,7 +194,7 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
             member.start(source, device, total_steps, first)
     else:
         batches, elapsed_before = stream_position(checkpoint), checkpoint["elapsed"]
-        buffer.load_state_dict(checkpoint["buffer"])
+        buffer.load_state_dict(stream["buffer"])
         for member in members:
             member.start(source, device, total_steps)
 
@@ -198,16 +207,23 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
     crash_at = int(crash_step)
 
     def save(to_save: list[Member]) -> None:
-        shared = {"batches": batches, "elapsed": elapsed(), **feed.state_dict(), "buffer": buffer.state_dict()}
+        own = {**feed.state_dict(), "buffer": buffer.state_dict()}
+        streams = ranks.gather(own)  # rank 0 writes every rank's stream state
+        if not ranks.is_main:
+            return
+        shared = {"batches": batches, "elapsed": elapsed(), **own}
+        if ranks.active:
+            shared.update(world_size=ranks.world, rank_streams=streams[1:])
         write = _die_mid_write if batches == crash_at and crash_where == "checkpoint" else torch.save
         save_checkpoints({m.run_dir / CHECKPOINT_NAME: m.state(shared) for m in to_save}, write)
 
-    log.info("training %d SAE(s) (%s) d_in=%d for %d steps of %d tokens on %s", len(members),
+    log.info("training %d SAE(s) (%s) d_in=%d for %d steps of %d tokens on %s%s", len(members),
              ", ".join(f"{m.cfg.sae.architecture} d_sae={m.sae.d_sae}" for m in members),
-             source.d_in, total_steps, batch_size, device)
+             source.d_in, total_steps, batch_size, device,
+             f" x {ranks.world} ranks of {local_batch}" if ranks.active else "")
     # The bar is closed however the loop ends, so an error message starts on its own line.
     with StopSignals() as stop, tqdm(total=total_steps, initial=min(m.step for m in members), desc="train",
-                                     unit="step", dynamic_ncols=True) as progress:
+                                     unit="step", dynamic_ncols=True, disable=not ranks.is_main) as progress:
         while training := [m for m in members if m.error is None and m.step < total_steps]:
             with amp():
                 batch = buffer.next_batch()
@@ -226,12 +242,15 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
             crossed = every > 0 and (batches * batch_size) // every > ((batches - 1) * batch_size) // every
             healthy = [m for m in members if m.error is None]
             done = all(m.step == total_steps for m in healthy)
-            if crossed or stop.received or done:
+            # A signal reaches the ranks at different steps: all act on it at the same one.
+            stopping = ranks.max_int(stop.received or 0) if ranks.active else stop.received
+            if crossed or stopping or done:
                 save(healthy)
             if batches == crash_at and not crash_where:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if stop.received:
-                if stop.received == signal.SIGINT:
+            if stopping:
+                stop.received = stop.received or stopping
+                if stop.received == signal.SIGINT and ranks.is_main:
                     # Ctrl-C is a person who wants to look at what they have; a preempted
                     # job (USR2/TERM) has seconds left and only needs the checkpoint.
                     for member in healthy:
@@ -242,6 +261,9 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
                 stop.resend()
 
     train_seconds = elapsed()
+    if not ranks.is_main:
+        ranks.barrier()  # rank 0 evaluates and writes the run's results
+        return [m.error if m.error is not None else {} for m in members]
     log.info("trained on %d tokens in %.1f s; evaluating on held-out rows", total_steps * batch_size, train_seconds)
     # Members (of this group, or of a sweep run one after another in this process) share
     # the evaluation's SAE-independent parts: held-out activations, clean and ablated CE.
@@ -251,12 +273,21 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
         if member.error is None:
             member.finish(source, rows, buffer.sample()[0], train_seconds, feed.name, eval_key)
         outcomes.append(member.error if member.error is not None else member.result)
+    ranks.barrier()
     return outcomes
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
     """A context factory: bf16 autocast on `device` if training.autocast asks for it."""
     return partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.training.autocast == "bf16")
+
+
+def rank_stream(checkpoint: dict[str, Any] | None, rank: int) -> dict[str, Any] | None:
+    """A rank's own part of a checkpoint: feed position and buffer (rank 0's sit at the top
+    level, as in a single process's checkpoint)."""
+    if checkpoint is None or rank == 0:
+        return checkpoint
+    return checkpoint["rank_streams"][rank - 1]
 
 
 def stream_position(checkpoint: dict[str, Any]) -> int:
@@ -269,10 +300,11 @@ class Member:
     """One SAE of a group, with all that is its own: optimizer, scheduler, counters,
     torch RNG (so its init and any random op match a separate run), log and run dir."""
 
-    def __init__(self, index: int, cfg: TrainConfig, run_dir: Path, named: bool):
-        self.index, self.cfg, self.run_dir, self.named = index, cfg, run_dir, named
+    def __init__(self, index: int, cfg: TrainConfig, run_dir: Path, named: bool, ranks: Ranks = SINGLE):
+        self.index, self.cfg, self.run_dir, self.named, self.ranks = index, cfg, run_dir, named, ranks
         self.log = MemberLog(log, run_dir, named)
-        self.checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if cfg.training.resume != "never" else None
+        self.checkpoint = (load_checkpoint(run_dir / CHECKPOINT_NAME, clean=ranks.is_main)
+                           if cfg.training.resume != "never" else None)
         if self.checkpoint is not None and cfg.training.resume != "force":
             changed = config_differences(self.checkpoint["config"], resumable_config(cfg))
             if changed:
@@ -280,6 +312,15 @@ class Member:
                     f"run dir {run_dir} holds a checkpoint of a different config: {'; '.join(changed)}. "
                     "Use a new run dir, or training.resume=force to continue anyway"
                 )
+        # Each rank's share of the stream is in the checkpoint; another number of ranks
+        # would need them split or merged, which cannot continue exactly.
+        saved_world = self.checkpoint.get("world_size", 1) if self.checkpoint is not None else ranks.world
+        if saved_world != ranks.world:
+            raise UserError(
+                f"config key 'training.distributed': run dir {run_dir} holds a checkpoint of {saved_world} "
+                f"process(es), this run has {ranks.world}; resume it with {saved_world} (torchrun "
+                "--nproc_per_node or SLURM tasks), or use a new run dir"
+            )
         self.position = stream_position(self.checkpoint) if self.checkpoint is not None else None
         self.error: Exception | None = None
         self.result: dict[str, Any] = {}
@@ -300,9 +341,11 @@ class Member:
         self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.scheduler)
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
         self.nonfinite = 0  # consecutive skipped steps
+        main = self.ranks.is_main  # the one rank that writes the run dir
         if checkpoint is None:
             self.step = 0
-            truncate_metrics(self.run_dir / "metrics.jsonl", 0)  # lines of a run killed before its first checkpoint
+            if main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", 0)  # lines of a run killed before its first checkpoint
             self.sae.fit_to_data(first[0], first[-1])
             self.rng_state = torch.get_rng_state()
         else:
@@ -312,10 +355,13 @@ class Member:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             self.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
             self.rng_state = checkpoint["torch_rng"]
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            if main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             self.log.info("resuming %s from step %d of %d", self.run_dir, self.step, total_steps)
             self.checkpoint = None  # the buffer copy in it is large
-        self.metrics = MetricsLog(self.run_dir, cfg.logger, cfg)
+        self.ranks.broadcast_module(self.sae)  # DDP: every replica starts as rank 0's
+        self.ranks.check_state(self.sae)
+        self.metrics = MetricsLog(self.run_dir, cfg.logger, cfg) if main else NullMetricsLog()
         self.sae.train()
 
     @contextmanager
@@ -329,7 +375,7 @@ class Member:
     def train_step(self, x: torch.Tensor, target: torch.Tensor, elapsed: Callable[[], float]) -> None:
         """One optimizer step on this batch, or a skipped one; any error ends this member only."""
         try:
-            with self.own_rng():
+            with self.own_rng(), self.ranks.running_state(self.sae):
                 self._step(x, target, elapsed)
         except Exception as e:
             self.fail(e)
@@ -350,11 +396,13 @@ class Member:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.ranks.average_gradients(sae)  # DDP: every replica steps on the global batch's gradient
         # With no clipping the max norm is inf: the gradients stay as they are, but we
         # still get their norm for the finiteness check below.
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm or float("inf"))
         # One host sync per step: a NaN/Inf step would poison Adam's moments for good.
-        if not torch.isfinite(loss.detach() + grad_norm):
+        # Under DDP a step is skipped on every rank or on none.
+        if not self.ranks.all_true(torch.isfinite(loss.detach() + grad_norm)):
             self.nonfinite += 1
             self.log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
                              self.step, float(loss.detach()), float(grad_norm), self.nonfinite)
@@ -369,21 +417,26 @@ class Member:
         self.optimizer.step()
         self.scheduler.step()
         sae.after_step()
-        self.tokens_since_fired = torch.where(out.fired, 0, self.tokens_since_fired + len(x))
+        # Fired anywhere in the global batch of len(x) x world tokens.
+        fired = self.ranks.any(out.fired)
+        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + len(x) * self.ranks.world)
         self.step += 1
 
         total_steps = cfg.training.total_tokens // cfg.training.batch_size
         if self.step % cfg.training.log_every == 0 or self.step == total_steps:
             tokens = self.step * cfg.training.batch_size
-            self.last_l0 = float(out.l0)
+            measured = self.ranks.mean({  # DDP: over the ranks' shares of the batch
+                "loss": float(loss.detach()),
+                **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
+                "l0": float(out.l0),
+                "explained_variance": explained_variance(target, out.recon.detach()),
+            })
+            self.last_l0 = measured["l0"]
             self.metrics.log({
                 "step": self.step,
                 "tokens": tokens,
                 "lr": self.scheduler.get_last_lr()[0],
-                "loss": float(loss.detach()),
-                **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
-                "l0": self.last_l0,
-                "explained_variance": explained_variance(target, out.recon.detach()),
+                **measured,
                 "dead_features": int((self.tokens_since_fired >= cfg.training.dead_after_tokens).sum()),
                 "tokens_per_second": tokens / elapsed(),
             })

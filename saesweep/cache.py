@@ -462,21 +462,28 @@ class CacheReader:
         self.position += len(chunk[0])
         return chunk
 
+    def share(self, epoch: int) -> list[tuple[int, int, int]]:
+        """This rank's part of a pass: (shard index, part, tokens) in reading order. A shard
+        is split into `parts` interleaved parts only when there are fewer shards than ranks."""
+        shards = self.cache.manifest["shards"]
+        parts = -(-self.world // len(shards))
+        order = torch.randperm(len(shards), generator=_seeded(self.seed, epoch)).tolist()
+        mine = [(index, part) for index in order for part in range(parts)][self.rank :: self.world]
+        return [(index, part, len(range(part, shards[index]["tokens"], parts))) for index, part in mine]
+
     def _generate(self, position: int) -> Iterator[Columns]:
         shards = self.cache.manifest["shards"]
-        parts = -(-self.world // len(shards))  # parts per shard: 1 unless fewer shards than ranks
+        parts = -(-self.world // len(shards))
         epoch, offset = 0, position
         while True:
-            order = torch.randperm(len(shards), generator=_seeded(self.seed, epoch)).tolist()
-            mine = [(index, part) for index in order for part in range(parts)][self.rank :: self.world]
-            sizes = [len(range(part, shards[index]["tokens"], parts)) for index, part in mine]
-            if offset >= sum(sizes):  # a pass read before a resume
-                offset -= sum(sizes)
+            share = self.share(epoch)
+            if offset >= sum(n for _, _, n in share):  # a pass read before a resume
+                offset -= sum(n for _, _, n in share)
                 epoch += 1
                 continue
             if epoch > 0 and offset == 0:
                 log.info("activation cache %s: pass %d over its %d tokens", self.cache.key, epoch + 1, self.cache.tokens)
-            for (index, part), n in zip(mine, sizes):
+            for index, part, n in share:
                 if offset >= n:
                     offset -= n
                     continue

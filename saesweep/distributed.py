@@ -197,6 +197,17 @@ class Ranks:
         if self.active:
             dist.barrier()
 
+    def follow_main(self, why: str) -> None:
+        """Wait for rank 0 and go on with it, or end this process if rank 0 has ended (after a
+        stop signal whose handler ended it, as submitit's requeue does). Under NCCL a rank
+        waits here until the launcher ends it."""
+        if not self.active:
+            return
+        try:
+            dist.barrier()
+        except Exception as e:  # gloo: the connection to rank 0 closed
+            raise SystemExit(f"rank {self.rank}: {why}; rank 0 has ended ({type(e).__name__}), so does this rank") from None
+
     def _comm_device(self) -> torch.device:
         # NCCL communicates from the GPU; gloo from the CPU.
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -259,6 +259,7 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
                             "same command with %s", stop.received, batches,
                             " and the SAE so far in sae/" if stop.received == signal.SIGINT else "", resume_hint)
                 stop.resend()
+                ranks.follow_main(f"stopped on signal {stopping}")  # DDP: go on only if rank 0 does
 
     train_seconds = elapsed()
     if not ranks.is_main:

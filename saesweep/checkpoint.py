@@ -6,7 +6,9 @@ contents and shuffling generator, the data position (token rows the LM has consu
 or the read position in the activation cache), and the elapsed time. Resuming restores all of it, so an interrupted-and-resumed run ends
 with the same weights as an uninterrupted one (on CPU; GPU kernels need not be
 deterministic). It is written to a temp file and renamed: the previous checkpoint
-stays valid until the new one is complete.
+stays valid until the new one is complete. A data-parallel run's checkpoint (written by
+rank 0) also holds every other rank's data position and buffer (`rank_streams`) and the
+number of ranks, which a resumption must match.
 """
 
 from __future__ import annotations

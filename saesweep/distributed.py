@@ -255,9 +255,18 @@ def launched_rank() -> int:
     return launch.rank if launch is not None else 0
 
 
-def quiet_overrides() -> list[str]:
-    """Overrides that keep Hydra from writing into the run dir in ranks other than 0."""
-    return QUIET_RANK_OVERRIDES if launched_rank() != 0 else []
+def rank_overrides(args: list[str]) -> list[str]:
+    """Command-line overrides for this rank of a torchrun/srun launch: none for rank 0, for
+    the others those that keep Hydra out of the run dir. A sweep (--multirun) under such a
+    launch is refused: every process would run the whole sweep and write its own sweep
+    dir; hydra/launcher=slurm_ddp runs each member as one multi-task job instead."""
+    launch = launched()
+    if launch is None:
+        return []
+    if launch.world > 1 and ("--multirun" in args or "-m" in args):
+        raise UserError(f"--multirun under {launch.by} ({launch.world} processes) is not supported: run one job "
+                        "per launch, or sweep with hydra/launcher=slurm_ddp training.distributed=ddp")
+    return QUIET_RANK_OVERRIDES if launch.rank != 0 else []
 
 
 def check_launch(training: TrainingConfig, launch: Launch | None) -> None:

@@ -105,9 +105,13 @@ def name_wandb_run(cfg: DictConfig, hydra_cfg: Any) -> None:
 
 def cli() -> None:
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # maybe one rank of several (torch import)
-        from saesweep.distributed import quiet_overrides
+        from saesweep.distributed import rank_overrides
 
-        sys.argv += quiet_overrides()  # ranks other than 0 of a torchrun/srun launch write nothing
+        try:
+            sys.argv += rank_overrides(sys.argv[1:])  # ranks other than 0 write nothing
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     run(main)
 
 

@@ -8,6 +8,10 @@ is a group of one.
 
 The SAE returns a dict of named loss terms; the loop sums them, steps the
 optimizer, logs, and at the end evaluates on held-out rows and exports.
+
+Under training.distributed=ddp this process is one rank of several (`Ranks`, see
+saesweep.distributed): the same loop on its own share of the data and of each batch,
+with the gradients and a step's decisions combined over the ranks; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -172,7 +176,7 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
     feed = open_training_feed(cfg, model, source, rows, stream, ranks)
     batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
     total_steps = cfg.training.total_tokens // batch_size
-    local_batch = batch_size // ranks.world  # config validation: divisible
+    local_batch = batch_size // ranks.world  # divisible: checked when the ranks joined
     # A buffer larger than the run would compute activations nobody trains on.
     capacity = max(2 * local_batch, min(cfg.buffer.size_tokens, cfg.training.total_tokens // ranks.world))
     buffer = ActivationBuffer(
@@ -249,7 +253,7 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
             if batches == crash_at and not crash_where:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stopping:
-                stop.received = stop.received or stopping
+                stop.received = stop.received or stopping  # a rank not signalled itself acts on another's
                 if stop.received == signal.SIGINT and ranks.is_main:
                     # Ctrl-C is a person who wants to look at what they have; a preempted
                     # job (USR2/TERM) has seconds left and only needs the checkpoint.

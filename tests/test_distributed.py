@@ -99,6 +99,19 @@ def test_launch_is_read_from_torchrun_or_from_srun_but_not_from_a_batch_script(m
     assert launched() == Launch(3, 4, 3, "torchrun")
 
 
+def test_later_ranks_keep_hydra_out_of_the_run_dir_and_a_sweep_under_torchrun_is_refused(monkeypatch):
+    from saesweep.distributed import QUIET_RANK_OVERRIDES, rank_overrides
+
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert rank_overrides(["training.distributed=ddp"]) == []
+    monkeypatch.setenv("RANK", "1")
+    assert rank_overrides(["training.distributed=ddp"]) == QUIET_RANK_OVERRIDES
+    with pytest.raises(UserError, match="--multirun under torchrun"):
+        rank_overrides(["--multirun", "sae.k=8,16"])
+
+
 def test_bad_launch_configs_are_one_line_errors_naming_the_key():
     two = Launch(0, 2, 0, "torchrun")
     with pytest.raises(UserError, match=r"'training.batch_size': 1023 .* over 2 ranks; use a multiple of 2"):

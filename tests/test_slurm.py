@@ -184,3 +184,81 @@ def test_preempted_member_is_requeued_and_resumes(cluster, tmp_path):
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
 
+
+
+# --------------------------------------------------------------------------- data parallel
+
+DDP_LAUNCHER = [
+    "hydra/launcher=slurm_ddp",
+    f"hydra.launcher.partition={PARTITION}",
+    "hydra.launcher.timeout_min=15",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=6",
+    "hydra.launcher.gpus_per_node=null",  # the test cluster has no GPU: two CPU ranks (gloo)
+    "hydra.launcher.tasks_per_node=2",
+]
+
+
+def test_slurm_ddp_preset_asks_one_task_per_gpu_and_uses_a_hydra_launcher_plugin(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=8",
+                                          f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 8 and launcher["nodes"] == 1
+    # Hydra instantiates launchers only from the hydra_plugins package.
+    assert launcher["_target_"].startswith("hydra_plugins.")
+    assert issubclass(get_class(launcher["_target_"]), SlurmLauncher)
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+def test_preempted_ddp_member_is_requeued_and_resumes_to_the_uninterrupted_weights(cluster, tmp_path):
+    """One member as a job of two tasks (two gloo ranks); USR2 reaches both, both stop at the
+    same step, rank 0 checkpoints every rank's stream and requeues, the job resumes."""
+    sweep_dir = tmp_path / "sweep"
+    run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=32768", "sae.k=8"]
+    cmd = [sys.executable, "-m", "saesweep.train", "--multirun", *DDP_LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
+           "training.distributed=ddp", *run]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = None
+    try:
+        metrics = sweep_dir / "0" / "metrics.jsonl"
+        deadline = time.monotonic() + 600
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the member never started training"
+            time.sleep(0.5)
+        (job_dir,) = (sweep_dir / ".submitit").glob("[0-9]*")
+        job_id = job_dir.name
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        out, err = proc.communicate(timeout=SWEEP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id])
+    assert proc.returncode == 0, (out[-2000:], err[-4000:], submitit_logs(sweep_dir)[-4000:])
+    logs = submitit_logs(sweep_dir)
+    assert "this job is preempted" in logs and "global_rank=1(2)" in logs, logs[-4000:]
+    member = sweep_dir / "0"
+    log_text = (member / "train.log").read_text()
+    assert "joining 2 ranks as rank 0" in log_text and "as rank 1" not in log_text  # rank 0's log only
+    assert "resuming" in log_text
+    assert json.loads((member / "eval.json").read_text())["tokens_trained"] == 32768
+    job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in job, job
+
+    # Two ranks under torchrun, never stopped (one thread each, as the job's tasks), end alike.
+    plain = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "saesweep.train",
+                    "training.distributed=ddp", f"hydra.run.dir={tmp_path / 'plain'}", *run, cwd=tmp_path,
+                    env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    resumed = load_file(str(member / "sae" / "sae_weights.safetensors"))
+    uninterrupted = load_file(str(tmp_path / "plain" / "sae" / "sae_weights.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)

@@ -305,15 +305,16 @@ def process_group(training: TrainingConfig) -> Iterator[Ranks]:
         return
     if launch.by == "slurm":
         _export_slurm_rendezvous()
+    ranks = Ranks(launch.rank, launch.world, launch.local_rank, active=True)
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(ranks.device(device))  # NCCL talks from the current device
     backend = "nccl" if cuda else "gloo"
     log.info("joining %d ranks as rank %d (%s, master %s:%s)", launch.world, launch.rank, backend,
              os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world, timeout=COLLECTIVE_TIMEOUT)
     try:
-        yield Ranks(launch.rank, launch.world, launch.local_rank, active=True)
+        yield ranks
     finally:
         dist.destroy_process_group()
 

@@ -314,7 +314,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Setup: SmolLM2-135M (embedded) layer 6 residual, Shakespeare rows of 128, BOS excluded, k={s['k']}, "
         f"4,608 latents, 4,096 tokens per step ({s['tokens']:,} tokens requested per run; sparsify: 32 rows per step, "
         f"4,064 non-BOS tokens), live activations, {s['repeats']} interleaved repeat(s) (arm order reversed on odd "
-        f"repeats); ceilings over {s['ceiling_tokens']:,} tokens. saesweep eval: {' '.join(EVAL)} (not timed).",
+        f"repeats); ceilings: --tokens {s['ceiling_tokens']:,}, run in whole LM batches (see tokens per run). saesweep eval: {' '.join(EVAL)} (not timed).",
         "",
         "| arm | median tokens/s | runs (tokens/s) | tokens per run | load avg (1 min) before/after each run |",
         "|---|---:|---|---:|---|",

@@ -12,7 +12,7 @@ tests/test_sae_topk_family.py).
 
 On a GPU the matrix units change the trade: a dense [batch, d_sae] matrix product in
 bf16 can beat the sparse gather and scatter. `KERNELS` says which path each piece
-takes; "auto" picks per device as measured (benchmarks/results/step_gpu.md).
+takes; "auto" picks per device as measured (benchmarks/results/gpu_h100.md).
 Nothing here needs a host sync except `nonzero` in the batch-wide selection.
 """
 

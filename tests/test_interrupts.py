@@ -17,7 +17,10 @@ from conftest import TINY_RUN, run_cli
 def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
     run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=65536"]
     args = [sys.executable, "-m", "saesweep.train", *run, "sae.k=8", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and the child
+    # would inherit that (a CI run under `&`); a person's terminal delivers it.
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 600
         metrics = tmp_path / "metrics.jsonl"

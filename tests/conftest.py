@@ -36,6 +36,18 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout
     )
 
 
+def wait_until_training(proc: subprocess.Popen, metrics: Path, timeout: float = 600) -> None:
+    """Return once a run's first metrics line is written (it is in the training loop);
+    fail if the process ends first or the timeout passes."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never started training"
+        time.sleep(0.2)
+
+
 def weights(run_dir: Path) -> dict:
     """A finished run's exported SAE tensors."""
     from safetensors.torch import load_file

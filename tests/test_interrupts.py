@@ -6,12 +6,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, run_cli, wait_until_training
 
 
 def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
@@ -22,12 +21,7 @@ def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 600
-        metrics = tmp_path / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().strip()):  # in the training loop
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_training(proc, tmp_path / "metrics.jsonl")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=300)
     finally:

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, run_cli, wait_until_training
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PARTITION = os.environ.get("SAESWEEP_SLURM_PARTITION", "debug")
@@ -139,23 +138,13 @@ def test_a_failing_member_fails_the_sweep_and_is_named(cluster, tmp_path):
     assert (sweep_dir / "0" / "eval.json").exists()
 
 
-@pytest.mark.slurm
-@pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
-def test_preempted_member_is_requeued_and_resumes(cluster, tmp_path):
-    """USR2 (what SLURM sends on preemption): checkpoint, requeue, continue, finish."""
-    sweep_dir = tmp_path / "sweep"
-    run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=32768"]
-    cmd = [sys.executable, "-m", "saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
-           "sae.k=8", *run]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def preempt_once(cmd: list[str], cwd: Path, sweep_dir: Path) -> tuple[subprocess.Popen, str, str, str]:
+    """Start a one-member sweep, send its job USR2 (what SLURM sends on preemption) once the
+    member trains, and wait for the sweep: (process, stdout, stderr, job id)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job_id = None
     try:
-        metrics = sweep_dir / "0" / "metrics.jsonl"
-        deadline = time.monotonic() + 600
-        while not (metrics.exists() and metrics.read_text().strip()):  # in the training loop
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the member never started training"
-            time.sleep(0.5)
+        wait_until_training(proc, sweep_dir / "0" / "metrics.jsonl")
         (job_dir,) = (sweep_dir / ".submitit").glob("[0-9]*")  # one member: a plain job, not an array
         job_id = job_dir.name
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
@@ -165,6 +154,18 @@ def test_preempted_member_is_requeued_and_resumes(cluster, tmp_path):
             proc.kill()
             if job_id:
                 subprocess.run(["scancel", job_id])
+    return proc, out, err, job_id
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+def test_preempted_member_is_requeued_and_resumes(cluster, tmp_path):
+    """USR2 (what SLURM sends on preemption): checkpoint, requeue, continue, finish."""
+    sweep_dir = tmp_path / "sweep"
+    run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=32768"]
+    cmd = [sys.executable, "-m", "saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
+           "sae.k=8", *run]
+    proc, out, err, job_id = preempt_once(cmd, tmp_path, sweep_dir)
     assert proc.returncode == 0, (out[-2000:], err[-4000:], submitit_logs(sweep_dir)[-4000:])
     logs = submitit_logs(sweep_dir)
     assert "this job is preempted" in logs, logs[-4000:]
@@ -225,24 +226,7 @@ def test_preempted_ddp_member_is_requeued_and_resumes_to_the_uninterrupted_weigh
     run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=32768", "sae.k=8"]
     cmd = [sys.executable, "-m", "saesweep.train", "--multirun", *DDP_LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
            "training.distributed=ddp", *run]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job_id = None
-    try:
-        metrics = sweep_dir / "0" / "metrics.jsonl"
-        deadline = time.monotonic() + 600
-        while not (metrics.exists() and metrics.read_text().strip()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the member never started training"
-            time.sleep(0.5)
-        (job_dir,) = (sweep_dir / ".submitit").glob("[0-9]*")
-        job_id = job_dir.name
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        out, err = proc.communicate(timeout=SWEEP_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            if job_id:
-                subprocess.run(["scancel", job_id])
+    proc, out, err, job_id = preempt_once(cmd, tmp_path, sweep_dir)
     assert proc.returncode == 0, (out[-2000:], err[-4000:], submitit_logs(sweep_dir)[-4000:])
     logs = submitit_logs(sweep_dir)
     assert "this job is preempted" in logs and "global_rank=1(2)" in logs, logs[-4000:]

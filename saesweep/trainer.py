@@ -185,6 +185,7 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
         batch_size=local_batch,
         device=device,
         generator=torch.Generator().manual_seed(cfg.training.seed),
+        limit=total_steps * local_batch,  # every step reads one batch; pull no more than that
     )
     # The LM runs inside the buffer's refills, so its forward is under autocast there too.
     amp = autocast(cfg, device)

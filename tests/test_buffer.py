@@ -66,3 +66,36 @@ def test_capacity_must_hold_two_batches():
     with pytest.raises(ValueError):
         ActivationBuffer(counting_source(), capacity=8, batch_size=8, device=torch.device("cpu"),
                          generator=torch.Generator())
+
+
+@pytest.mark.parametrize("steps", [3, 12, 13, 21])  # inside the first fill, at a full refill, between
+def test_limit_pulls_exactly_the_tokens_the_run_reads_and_hands_out_each_once(steps):
+    pulled = []
+
+    def source():
+        for chunk in counting_source(chunk=5):
+            pulled.append(len(chunk[0]))
+            yield chunk
+
+    buf = ActivationBuffer(source(), capacity=32, batch_size=4, device=torch.device("cpu"),
+                           generator=torch.Generator().manual_seed(0), limit=steps * 4)
+    seen = drain(buf, steps)
+    # Tokens 0..limit-1, each once: nothing computed that no step trains on, nothing skipped.
+    assert sorted(seen) == list(range(steps * 4))
+    assert buf.pulled == steps * 4 and sum(pulled) < steps * 4 + 5  # the last chunk's excess only
+    with pytest.raises(RuntimeError, match="limit"):
+        buf.next_batch()
+
+
+def test_a_resumed_limited_buffer_hands_out_the_same_batches():
+    def make():
+        return ActivationBuffer(counting_source(chunk=3), capacity=16, batch_size=4, device=torch.device("cpu"),
+                                generator=torch.Generator().manual_seed(3), limit=36)
+
+    whole = drain(make(), 9)
+    first = make()
+    head = drain(first, 7)
+    assert first.capacity == 12  # the 7th batch came after the last refill, which shrank the buffer
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    assert head + drain(resumed, 2) == whole

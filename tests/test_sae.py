@@ -242,6 +242,21 @@ def test_batchtopk_calibration_gives_k_per_token_on_its_sample():
     assert abs(active - 4 * 500) <= 1
 
 
+def test_batchtopk_calibration_is_exact_and_reencodes_only_rows_with_many_winners():
+    torch.manual_seed(3)
+    sae = build_sae(BatchTopKSAEConfig(d_sae=256, k=2, normalize_activations="none"), d_in=8)
+    x = torch.randn(300, 8)
+    x[:5] *= 40  # five loud rows hold far more than 4k = 8 of the batch's winners each
+    encoded_rows = []
+    pre_acts = sae.pre_acts
+    sae.pre_acts = lambda rows: encoded_rows.append(len(rows)) or pre_acts(rows)
+    sae.calibrate(x)
+    everything = pre_acts(x).flatten()
+    expected = everything.kthvalue(everything.numel() - 2 * 300 + 1).values.clamp(min=0)
+    assert sae.calibrated_threshold.item() == pytest.approx(expected.item())
+    assert len(encoded_rows) > 1 and sum(encoded_rows[1:]) < 300  # widened, but only the loud rows
+
+
 def test_b_dec_init_mean_and_geometric_median():
     pts = torch.tensor([[0.0], [1.0], [10.0]])
     assert geometric_median(pts).item() == pytest.approx(1.0, abs=1e-3)

@@ -79,18 +79,22 @@ class BatchTopKSAE(TopKFamilySAE):
         x = x[:max_tokens]
         n_keep = self.cfg.k * len(x)
         width = min(self.d_sae, 4 * self.cfg.k)
+        complete: list[torch.Tensor] = []  # candidates of rows that hold all their values above kth
         while True:
-            # Each row's `width` best are candidates; exact unless some row had all
-            # of its candidates above the threshold, in which case widen and redo.
+            # Each row's `width` best are candidates. A row whose candidates all clear the
+            # threshold may hold more above it: only those rows are encoded again, wider.
             cands = torch.cat([
                 self.pre_acts(x[i : i + chunk] * self.input_scale).topk(width, dim=-1, sorted=False).values
                 for i in range(0, len(x), chunk)
             ])
-            flat = cands.flatten()
+            flat = torch.cat([*complete, cands.flatten()])
             kth = flat.kthvalue(flat.numel() - n_keep + 1).values
-            if width == self.d_sae or not bool((cands.min(-1).values >= kth).any()):
+            saturated = cands.min(-1).values >= kth
+            if width == self.d_sae or not bool(saturated.any()):
                 break
-            width = min(self.d_sae, 2 * width)
+            # Adding candidates can only raise the k-th largest, so a complete row stays complete.
+            complete.append(cands[~saturated].flatten())
+            x, width = x[saturated], min(self.d_sae, 2 * width)
         self.calibrated_threshold.fill_(max(float(kth), 0.0))
 
     @torch.no_grad()

@@ -17,6 +17,13 @@ def counting_source(chunk: int = 7, paired: bool = False):
         start += chunk
 
 
+def recorded(source, pulled: list[int]):
+    """`source`, noting each chunk's size in `pulled` as the buffer takes it."""
+    for chunk in source:
+        pulled.append(len(chunk[0]))
+        yield chunk
+
+
 def drain(buffer: ActivationBuffer, steps: int) -> list[float]:
     return [v for _ in range(steps) for v in buffer.next_batch()[0].flatten().tolist()]
 
@@ -32,14 +39,8 @@ def test_every_activation_is_handed_out_at_most_once_and_in_shuffled_order():
 
 
 def test_refill_happens_when_half_is_read():
-    pulled = []
-
-    def source():
-        for chunk in counting_source(chunk=4):
-            pulled.append(len(chunk[0]))
-            yield chunk
-
-    buf = ActivationBuffer(source(), capacity=32, batch_size=4, device=torch.device("cpu"),
+    pulled: list[int] = []
+    buf = ActivationBuffer(recorded(counting_source(chunk=4), pulled), capacity=32, batch_size=4, device=torch.device("cpu"),
                            generator=torch.Generator().manual_seed(0))
     drain(buf, 1)
     assert sum(pulled) == 32
@@ -70,14 +71,8 @@ def test_capacity_must_hold_two_batches():
 
 @pytest.mark.parametrize("steps", [3, 12, 13, 21])  # inside the first fill, at a full refill, between
 def test_limit_pulls_exactly_the_tokens_the_run_reads_and_hands_out_each_once(steps):
-    pulled = []
-
-    def source():
-        for chunk in counting_source(chunk=5):
-            pulled.append(len(chunk[0]))
-            yield chunk
-
-    buf = ActivationBuffer(source(), capacity=32, batch_size=4, device=torch.device("cpu"),
+    pulled: list[int] = []
+    buf = ActivationBuffer(recorded(counting_source(chunk=5), pulled), capacity=32, batch_size=4, device=torch.device("cpu"),
                            generator=torch.Generator().manual_seed(0), limit=steps * 4)
     seen = drain(buf, steps)
     # Tokens 0..limit-1, each once: nothing computed that no step trains on, nothing skipped.

@@ -295,3 +295,23 @@ def test_init_norm_search_never_loses_to_the_default_scale_and_leaves_running_st
             # unit decoder rows stay unit; the probes left no running threshold behind
             assert torch.allclose(searched.W_dec.norm(dim=1), torch.ones(32))
             assert int(searched.threshold_updates) == 0
+
+
+@pytest.mark.parametrize("active, sparse_path", [(2, True), (40, False)])  # 2 or 40 of 64 latents non-zero
+def test_decode_of_sparse_codes_takes_the_sparse_product_and_matches_the_dense_one(monkeypatch, active, sparse_path):
+    torch.manual_seed(4)
+    sae = build_sae(TopKSAEConfig(d_sae=64, k=2, normalize_activations="none"), d_in=8)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.target_scale.fill_(0.5)
+    codes = torch.zeros(3, 10, 64)  # [rows, positions, latents], as the spliced CE pass decodes
+    codes.scatter_(-1, torch.rand(3, 10, 64).argsort(-1)[..., :active], torch.rand(3, 10, active))
+    conversions = []
+    to_csr = torch.Tensor.to_sparse_csr
+    monkeypatch.setattr(torch.Tensor, "to_sparse_csr", lambda t, *a: conversions.append(t.shape) or to_csr(t, *a))
+    with torch.no_grad():
+        out = sae.decode(codes)
+    expected = (codes @ sae.W_dec + sae.b_dec) / 0.5
+    assert out.shape == (3, 10, 8)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert bool(conversions) == sparse_path

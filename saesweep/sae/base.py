@@ -7,6 +7,7 @@ so adding an architecture never touches the loop.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -15,6 +16,9 @@ from torch import nn
 
 from saesweep.errors import UserError
 
+# Below this fraction of non-zero codes, `decode` on a CPU takes a sparse product
+# (crossover ~0.11, measured in benchmarks/results/sparse_decode_cpu.md).
+SPARSE_DECODE_DENSITY = 0.1
 
 @dataclass
 class SAEConfig:
@@ -199,6 +203,15 @@ class SAE(nn.Module):
         return self.activation(pre)
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        if not acts.requires_grad and acts.is_cpu and acts.ndim >= 2:
+            # Evaluation's codes are sparse (L0 32 of 4608 latents): on a CPU a sparse
+            # product is most of the evaluation's decoder time saved.
+            flat = acts.reshape(-1, acts.shape[-1])
+            if int(torch.count_nonzero(flat)) < SPARSE_DECODE_DENSITY * flat.numel():
+                with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
+                    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+                    recon = torch.addmm(self.b_dec, flat.to_sparse_csr(), self.W_dec)
+                return recon.view(*acts.shape[:-1], -1) / self.target_scale
         return self.decode_scaled(acts) / self.target_scale
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from saesweep.errors import UserError
 # (crossover ~0.11, measured in benchmarks/results/sparse_decode_cpu.md).
 SPARSE_DECODE_DENSITY = 0.1
 
+
 @dataclass
 class SAEConfig:
     architecture: str = "standard"

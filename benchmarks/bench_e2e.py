@@ -371,6 +371,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 def write(results: dict[str, Any], out: Path) -> None:
     summarize(results)
+    save(results, out, markdown)
+
+
+def save(results: dict[str, Any], out: Path, markdown: Any) -> None:
+    """Stamp `results`, write them to `out` as JSON and `markdown(results)` beside it (.md)."""
     results["updated"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

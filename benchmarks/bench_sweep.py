@@ -179,10 +179,7 @@ def write(res: dict[str, Any], out: Path) -> None:
             if a != "saesweep_grouped":
                 ratios[f"{a}_over_saesweep_grouped"] = r["sweep_wall_seconds"] / g
     res["ratios"] = ratios
-    res["updated"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
+    e2e.save(res, out, markdown)
 
 
 def main() -> None:

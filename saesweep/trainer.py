@@ -177,11 +177,9 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
     batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
     total_steps = cfg.training.total_tokens // batch_size
     local_batch = batch_size // ranks.world  # divisible: checked when the ranks joined
-    # A buffer larger than the run would compute activations nobody trains on.
-    capacity = max(2 * local_batch, min(cfg.buffer.size_tokens, cfg.training.total_tokens // ranks.world))
     buffer = ActivationBuffer(
         feed,
-        capacity=capacity,
+        capacity=max(2 * local_batch, cfg.buffer.size_tokens),
         batch_size=local_batch,
         device=device,
         generator=torch.Generator().manual_seed(cfg.training.seed),

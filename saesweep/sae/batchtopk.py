@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from saesweep.errors import UserError
-from saesweep.sae.sparse import ActiveLatents, batch_topk_indices
+from saesweep.sae.sparse import ActiveLatents, batch_topk_indices, cutoff_floor
 from saesweep.sae.topk import TopKFamilySAE, TopKSAEConfig
 
 
@@ -71,30 +71,31 @@ class BatchTopKSAE(TopKFamilySAE):
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, chunk: int = 4096, max_tokens: int = 32768) -> None:
-        """Set the threshold so that k latents per token fire on average over x.
+        """Set the threshold so that k latents per token fire on average over x: exactly the
+        (k x tokens)-th largest pre-activation of x.
 
-        At most `max_tokens` of x are used: a million winners pin the threshold down,
-        and the whole buffer would cost several seconds of encoder passes.
+        At most `max_tokens` of x are used: a million winners pin the threshold down, and
+        the whole buffer would cost several seconds of encoder passes. Each chunk keeps only
+        its entries above a floor, set on the first chunk where twice its share of winners
+        lie above; x is shuffled, so the floor holds for the rest. If x holds fewer entries
+        above it than it has winners (a first chunk unlike the others), the floor was too
+        high: it is set lower and x encoded again.
         """
         x = x[:max_tokens]
         n_keep = self.cfg.k * len(x)
-        width = min(self.d_sae, 4 * self.cfg.k)
-        complete: list[torch.Tensor] = []  # candidates of rows that hold all their values above kth
+        margin = 2.0
         while True:
-            # Each row's `width` best are candidates. A row whose candidates all clear the
-            # threshold may hold more above it: only those rows are encoded again, wider.
-            cands = torch.cat([
-                self.pre_acts(x[i : i + chunk] * self.input_scale).topk(width, dim=-1, sorted=False).values
-                for i in range(0, len(x), chunk)
-            ])
-            flat = torch.cat([*complete, cands.flatten()])
-            kth = flat.kthvalue(flat.numel() - n_keep + 1).values
-            saturated = cands.min(-1).values >= kth
-            if width == self.d_sae or not bool(saturated.any()):
+            kept, floor = [], None
+            for i in range(0, len(x), chunk):
+                pre = self.pre_acts(x[i : i + chunk] * self.input_scale).flatten()
+                if i == 0:
+                    floor = cutoff_floor(pre, self.cfg.k * min(chunk, len(x)), margin)
+                kept.append(pre if floor is None else pre[pre >= floor])
+            values = torch.cat(kept)
+            if values.numel() >= n_keep:
                 break
-            # Adding candidates can only raise the k-th largest, so a complete row stays complete.
-            complete.append(cands[~saturated].flatten())
-            x, width = x[saturated], min(self.d_sae, 2 * width)
+            margin *= 4
+        kth = values.kthvalue(values.numel() - n_keep + 1).values
         self.calibrated_threshold.fill_(max(float(kth), 0.0))
 
     @torch.no_grad()

@@ -116,15 +116,23 @@ SAMPLE_SIZE = 65536
 def _entries_likely_above_cutoff(flat: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Indices of the entries at or above an estimate of the n_keep-th largest value, chosen
     so that ~1.5 n_keep entries qualify (all entries if that is most of them)."""
+    floor = cutoff_floor(flat, n_keep, margin=1.5)
+    if floor is None:
+        return torch.arange(flat.numel(), device=flat.device)
+    return (flat >= floor).nonzero().squeeze(1)  # the one host sync of the selection
+
+
+def cutoff_floor(flat: torch.Tensor, n_keep: int, margin: float) -> torch.Tensor | None:
+    """A value that about margin x n_keep entries of `flat` reach, estimated from a strided
+    sample; None where that would be most of them (or flat is small): keep everything."""
     n = flat.numel()
-    if 2 * n_keep >= n or n <= SAMPLE_SIZE:
-        return torch.arange(n, device=flat.device)
+    if 4 * margin * n_keep >= 3 * n or n <= SAMPLE_SIZE:
+        return None
     # An odd stride walks through every column of an even-width batch; the sample is
     # deterministic, so the RNG stream (and a resumed run) is untouched.
     sample = flat[:: (n // SAMPLE_SIZE) | 1]
-    rank = min(sample.numel(), int(1.5 * n_keep * sample.numel() / n) + 1)
-    estimate = sample.topk(rank, sorted=False).values.amin()
-    return (flat >= estimate).nonzero().squeeze(1)  # the one host sync of the selection
+    rank = min(sample.numel(), int(margin * n_keep * sample.numel() / n) + 1)
+    return sample.topk(rank, sorted=False).values.amin()
 
 
 class _GatherPreActs(torch.autograd.Function):

@@ -35,14 +35,19 @@ def main() -> None:
     p.add_argument("--batch-rows", type=int, default=32, help="rows of 128 tokens per forward")
     p.add_argument("--tokens", type=int, default=200_000)
     p.add_argument("--autocast", default="none", choices=["none", "bf16"])
+    p.add_argument("--allocator", default="kept", choices=["kept", "glibc"],
+                   help="kept: freed memory stays in the process, as in training (saesweep/allocator.py); "
+                   "glibc: its defaults")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args()
 
     from saesweep.activations import ActivationSource
+    from saesweep.allocator import keep_freed_memory
     from saesweep.config import DatasetConfig, ModelConfig
     from saesweep.data import load_token_rows
     from saesweep.models import load_model
 
+    kept = args.allocator == "kept" and keep_freed_memory()
     device = torch.device(args.device)
     model_cfg = ModelConfig(backend=args.backend, hook_point=args.hook)
     if args.model_dir:
@@ -70,6 +75,7 @@ def main() -> None:
         "backend": args.backend, "hook": args.hook, "device": args.device,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "model": args.model_dir or model_cfg.name, "batch_rows": args.batch_rows, "autocast": args.autocast,
+        "allocator": "kept" if kept else "glibc",
         "tokens": seen, "seconds": seconds, "tokens_per_second": seen / seconds, "torch": torch.__version__,
     }
     line = json.dumps(result)

@@ -274,6 +274,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
+    # As in training (saesweep/allocator.py); it applies to every arm of this process alike.
+    from saesweep.allocator import keep_freed_memory
+
+    keep_freed_memory()
     device = torch.device(args.device)
     torch.manual_seed(0)
     n_tokens = args.batch * 4

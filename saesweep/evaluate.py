@@ -120,6 +120,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from saesweep.activations import ActivationSource
+    from saesweep.allocator import keep_freed_memory
     from saesweep.atomic import atomic_write, atomic_write_text
     from saesweep.data import load_token_rows
     from saesweep.evals import evaluate
@@ -135,6 +136,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     if recorded and recorded != cfg.model.name:
         log.warning("the SAE records model %r; evaluating it on model.name=%r", recorded, cfg.model.name)
 
+    keep_freed_memory()  # see allocator.py
     model = load_model(cfg.model, device, cfg.cache_dir)
     check_hook(model, hook_in, "model.hook_point")
     if hook_out is not None:

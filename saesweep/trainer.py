@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from saesweep.activations import ActivationSource
+from saesweep.allocator import keep_freed_memory
 from saesweep.buffer import ActivationBuffer
 from saesweep.cache import open_training_feed
 from saesweep.checkpoint import CHECKPOINT_NAME, StopSignals, config_differences, load_checkpoint, save_checkpoints
@@ -87,6 +88,7 @@ def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def load_model_checked(cfg: TrainConfig, device: torch.device) -> Any:
+    keep_freed_memory()  # before the model and the step's big temporaries are allocated
     model = load_model(cfg.model, device, cfg.cache_dir)
     check_hook(model, cfg.model.hook_point, "model.hook_point")
     if cfg.model.hook_point_out is not None:

@@ -4,6 +4,7 @@ export, config errors, and one CLI run each."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -363,6 +364,27 @@ def test_build_optimizer_still_takes_plain_parameters():
     sae = build_sae(GatedSAEConfig(d_sae=8), d_in=4)
     optimizer = build_optimizer(sae.parameters(), OptimizerConfig(lr=1e-3))
     assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_the_cpu_optimizer_is_fused_and_steps_like_the_per_parameter_one(name):
+    torch.manual_seed(0)
+    sae = build_sae(JumpReLUSAEConfig(d_sae=8, threshold_lr_multiplier=0.25), d_in=4)
+    cfg = OptimizerConfig(name=name, lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(sae.param_groups(), cfg)
+    assert fused.defaults["fused"]
+    twin = copy.deepcopy(sae)
+    plain = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    reference = plain([{"params": g.params, "lr": cfg.lr * g.lr_multiplier} for g in twin.param_groups()],
+                      lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.1, foreach=False)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        for model, optimizer in ((sae, fused), (twin, reference)):
+            optimizer.zero_grad()
+            sum(model(x, x, 0).losses.values()).backward()
+            optimizer.step()
+    for a, b in zip(sae.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 # --- export to SAELens ---------------------------------------------------------------

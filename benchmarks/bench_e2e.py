@@ -67,15 +67,23 @@ COMMON = ["training.batch_size=4096", "sae.expansion_factor=8", "activations.sou
 SAESWEEP_ARMS = {
     "saesweep_batchtopk_tl_fp32": ["architecture=batchtopk"],
     "saesweep_batchtopk_hf_fp32": ["architecture=batchtopk", "model=smollm2-135m-hf"],
+    "saesweep_batchtopk_tl_bf16": ["architecture=batchtopk", "training.autocast=bf16"],
     "saesweep_batchtopk_hf_bf16": ["architecture=batchtopk", "model=smollm2-135m-hf", "training.autocast=bf16"],
     "saesweep_topk_hf_bf16": ["architecture=topk", "model=smollm2-135m-hf", "training.autocast=bf16"],
 }
 CEILING_ARMS = {
     "ceiling_tl_fp32": ["--backend", "transformer_lens", "--hook", "blocks.6.hook_resid_post"],
+    "ceiling_tl_fp32_glibc": ["--backend", "transformer_lens", "--hook", "blocks.6.hook_resid_post",
+                              "--allocator", "glibc"],
     "ceiling_hf_fp32": ["--backend", "hf", "--hook", "model.layers.6"],
     "ceiling_hf_bf16": ["--backend", "hf", "--hook", "model.layers.6", "--autocast", "bf16"],
 }
-PEER_ARMS = ("sparsify", "saelens")
+PEER_ARMS = ("sparsify", "sparsify_kept_memory", "saelens")
+# Peer arms run as another arm's worker under extra environment variables: sparsify with
+# glibc keeping freed memory as saesweep's training does (saesweep/allocator.py), set the
+# only way a sparsify user could, at process start.
+PEER_VARIANTS = {"sparsify_kept_memory": ("sparsify", {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+                                                        "MALLOC_TRIM_THRESHOLD_": str(1 << 30)})}
 
 
 def loadavg() -> float:
@@ -233,7 +241,9 @@ def run_arm(name: str, tokens: int, ceiling_tokens: int, work: Path, tag: str, k
     elif name in CEILING_ARMS:
         cmd = [PY, str(BENCH / "bench_lm.py"), *CEILING_ARMS[name], "--tokens", str(ceiling_tokens), "--out", str(out)]
     else:
-        cmd = [PY, str(Path(__file__).resolve()), "--worker", name, "--tokens", str(tokens), "--k", str(k),
+        worker, extra_env = PEER_VARIANTS.get(name, (name, {}))
+        env.update(extra_env)
+        cmd = [PY, str(Path(__file__).resolve()), "--worker", worker, "--tokens", str(tokens), "--k", str(k),
                "--worker-out", str(out), "--work", str(work / f"{name}-{tag}")]
     before = loadavg()
     t0 = time.perf_counter()
@@ -271,17 +281,19 @@ def summarize(results: dict[str, Any]) -> None:
     if "saelens" in arms:
         med["saelens_without_norm_estimate"] = median_of(runs, "saelens", "tokens_per_second_without_norm_estimate")
     btk = {a: v for a, v in med.items() if a.startswith("saesweep_batchtopk") and v}
+    # The bars compare like with like: fp32, as both peers train on a CPU.
+    btk_fp32 = {a: v for a, v in btk.items() if a.endswith("fp32")}
     ratios: dict[str, Any] = {}
-    if btk:
-        best = max(btk, key=btk.get)
+    if btk_fp32:
+        best = max(btk_fp32, key=btk_fp32.get)
         ratios["saesweep_batchtopk_best_arm"] = best
-        for peer in ("sparsify", "saelens", "saelens_without_norm_estimate"):
+        for peer in ("sparsify", "sparsify_kept_memory", "saelens", "saelens_without_norm_estimate"):
             if med.get(peer):
                 ratios[f"saesweep_batchtopk_best_over_{peer}"] = btk[best] / med[peer]
-        for a, v in btk.items():
-            for peer in ("sparsify", "saelens"):
-                if med.get(peer):
-                    ratios[f"{a}_over_{peer}"] = v / med[peer]
+    for a, v in btk.items():
+        for peer in ("sparsify", "sparsify_kept_memory", "saelens"):
+            if med.get(peer):
+                ratios[f"{a}_over_{peer}"] = v / med[peer]
     if med.get("saesweep_topk_hf_bf16") and med.get("sparsify"):
         ratios["saesweep_topk_hf_bf16_over_sparsify"] = med["saesweep_topk_hf_bf16"] / med["sparsify"]
     for a, ceiling in (("saesweep_batchtopk_tl_fp32", "ceiling_tl_fp32"), ("saesweep_batchtopk_hf_fp32", "ceiling_hf_fp32"),
@@ -290,10 +302,16 @@ def summarize(results: dict[str, Any]) -> None:
         if med.get(a) and med.get(ceiling):
             ratios[f"{a}_fraction_of_{ceiling}"] = med[a] / med[ceiling]
     results["ratios"] = ratios
+    # None: the peer was not run this time
     results["bars"] = {
-        "batchtopk_best_over_sparsify_>=1.05": ratios.get("saesweep_batchtopk_best_over_sparsify", 0) >= 1.05,
-        "batchtopk_best_over_saelens_>=2": ratios.get("saesweep_batchtopk_best_over_saelens", 0) >= 2,
+        f"batchtopk_best_over_{peer}_>={bar}": None if ratio is None else ratio >= bar
+        for peer, bar in (("sparsify", 1.05), ("saelens", 2))
+        for ratio in [ratios.get(f"saesweep_batchtopk_best_over_{peer}")]
     }
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "not measured in this run"}[met]
 
 
 def fmt(v: Any, spec: str = ",.0f") -> str:
@@ -334,10 +352,10 @@ def markdown(results: dict[str, Any]) -> str:
     b = results["bars"]
     lines += [
         "",
-        f"Acceptance bar: saesweep BatchTopK end to end >= 1.05x sparsify: **{'met' if b['batchtopk_best_over_sparsify_>=1.05'] else 'NOT met'}** "
-        f"({fmt(ratios.get('saesweep_batchtopk_best_over_sparsify'), '.2f')}x, best saesweep BatchTopK arm "
+        f"Acceptance bar: saesweep BatchTopK end to end >= 1.05x sparsify: **{verdict(b['batchtopk_best_over_sparsify_>=1.05'])}** "
+        f"({fmt(ratios.get('saesweep_batchtopk_best_over_sparsify'), '.2f')}x, best fp32 saesweep BatchTopK arm "
         f"`{ratios.get('saesweep_batchtopk_best_arm')}`; note sparsify is TopK, see the TopK row for like for like); "
-        f">= 2x SAELens: **{'met' if b['batchtopk_best_over_saelens_>=2'] else 'NOT met'}** "
+        f">= 2x SAELens: **{verdict(b['batchtopk_best_over_saelens_>=2'])}** "
         f"({fmt(ratios.get('saesweep_batchtopk_best_over_saelens'), '.2f')}x against SAELens's run(); "
         f"{fmt(ratios.get('saesweep_batchtopk_best_over_saelens_without_norm_estimate'), '.2f')}x against its loop without the norm estimate).",
         "",
@@ -346,19 +364,23 @@ def markdown(results: dict[str, Any]) -> str:
         "- **saesweep_*** (`python -m saesweep.train`, one process per run): eval.json's `train_seconds` - from just "
         "before the first activation-buffer fill (LM forward included) to the last optimizer step. Excludes model "
         "load, threshold calibration, evaluation and export. `tl` = TransformerLens backend (the default), `hf` = "
-        "`model=smollm2-135m-hf`, `bf16` = `training.autocast=bf16` (LM forward and SAE matmuls in bf16).",
+        "`model=smollm2-135m-hf`, `bf16` = `training.autocast=bf16` (LM forward and SAE matmuls in bf16; "
+        "neither peer can do this on a CPU, so the bars use the fp32 arms). Training keeps freed memory in the "
+        "process (saesweep/allocator.py).",
         "- **sparsify** (eai-sparsify, its `Trainer.fit()`): the whole fit() call - LM forward (HF, fp32: its bf16 "
         "autocast is CUDA-only), TopK SAE step (signum + schedule-free, its defaults), its final save. Excludes model "
         "load and Trainer construction. Its LM was truncated after layer 6 (layers[:7], norm and lm_head = Identity), "
         "which its defaults do not do. tokens = non-BOS tokens fed (BOS excluded via `exclude_tokens`). No shuffling "
-        "buffer: whole rows in our shuffled order.",
+        "buffer: whole rows in our shuffled order. **sparsify_kept_memory**: the same, with glibc told to keep freed "
+        "memory as saesweep does (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set at its process start).",
         "- **saelens** (sae-lens BatchTopK via `bench_vs_saelens.run_saelens`, unchanged): SAELens's whole "
         "`runner.run()` - norm-estimate LM batches (as many tokens as its 65,536-token buffer, capped by the run "
         "length; their first call also fills the buffer training uses), the training loop, weight folding, saving. "
         "The 'without its norm-estimate batches' row subtracts that component, which also removes its first buffer "
         "fill, so it overstates SAELens.",
         "- **ceiling_*** (`benchmarks/bench_lm.py`): LM forward to the hook only (the live feed's own code path), "
-        "after one warm-up batch. Live training cannot pass it.",
+        "after one warm-up batch. Live training cannot pass it. `_glibc`: with glibc's default allocator "
+        "settings instead of saesweep's (allocator.py).",
         "",
         "Each run's exact command is in the JSON (`runs[].command`; the peer arms run this script's `--worker` mode). "
         "Loads well above 2 mean other jobs competed for the 2 cores: absolute numbers are noisy, ratios of "

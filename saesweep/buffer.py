@@ -6,7 +6,8 @@ rows at a time in random order, and when half of it has been read keeps the
 unread half, refills the rest from the source and reshuffles. Given a `limit` (the
 tokens the run will read), it never pulls more than that from the source: the last
 refill takes only what is left and the buffer shrinks, so no activation is computed
-that no step trains on.
+that no step trains on; a batch asked for beyond it (a skipped step made up) is pulled
+fresh.
 """
 
 from __future__ import annotations
@@ -112,10 +113,12 @@ class ActivationBuffer:
 
     def next_batch(self) -> Columns:
         exhausted = self.limit is not None and self.pulled >= self.limit
+        if exhausted and self.read + self.batch_size > self.capacity:
+            # Everything planned is read and yet a batch is asked for: the trainer skipped a
+            # non-finite step and makes it up on fresh activations. Pull just that batch.
+            self.limit, exhausted = self.pulled + self.batch_size, False
         if self.columns is None or (self.read >= self.capacity // 2 and not exhausted):
             self._refill()
-        if self.read + self.batch_size > self.capacity:
-            raise RuntimeError(f"activation buffer read past its limit of {self.limit} tokens")
         i = self.read
         self.read += self.batch_size
         return tuple(col[i : i + self.batch_size] for col in self.columns)

@@ -79,3 +79,36 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monk
     monkeypatch.undo()
     assert checkpoint.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_skipped_step_is_made_up_and_the_run_finishes(tmp_path, monkeypatch):
+    """One non-finite step is skipped, not counted: the run draws one batch more than planned
+    (the buffer pulls it past its limit) and still trains total_tokens // batch_size steps."""
+    from hydra import compose, initialize_config_dir
+
+    from saesweep import trainer
+    from saesweep.config import validate
+    from saesweep.train import CONF_DIR
+
+    calls = 0
+    start = trainer.Member.start
+
+    def start_poisoned(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        forward = self.forward
+
+        def poisoned(x, target, step):
+            nonlocal calls
+            out = forward(x, target, step)
+            calls += 1
+            if calls == 3:
+                out.losses["mse"] = out.losses["mse"] * float("inf")
+            return out
+        self.forward = poisoned
+
+    monkeypatch.setattr(trainer.Member, "start", start_poisoned)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = validate(compose("train", [*TINY_RUN, "sae.k=8"]))
+    result = trainer.train(cfg, tmp_path)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert calls == 9 and steps[-1] == 8 and result["tokens_trained"] == 8192

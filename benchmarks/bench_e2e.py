@@ -54,6 +54,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(REPO))
+from saesweep.allocator import THRESHOLD, USER_SETTINGS  # noqa: E402  (light: ctypes and os only)
 RESULTS = BENCH / "results"
 PY = sys.executable
 
@@ -82,8 +84,7 @@ PEER_ARMS = ("sparsify", "sparsify_kept_memory", "saelens")
 # Peer arms run as another arm's worker under extra environment variables: sparsify with
 # glibc keeping freed memory as saesweep's training does (saesweep/allocator.py), set the
 # only way a sparsify user could, at process start.
-PEER_VARIANTS = {"sparsify_kept_memory": ("sparsify", {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-                                                        "MALLOC_TRIM_THRESHOLD_": str(1 << 30)})}
+PEER_VARIANTS = {"sparsify_kept_memory": ("sparsify", {name: str(THRESHOLD) for name in USER_SETTINGS})}
 
 
 def loadavg() -> float:

@@ -97,19 +97,32 @@ class LiveFeed:
 
     def __init__(self, source: ActivationSource, rows: Any, batch_rows: int, rows_consumed: int = 0,
                  rank: int = 0, world: int = 1):
+        self.source = source
+        self.batch_rows = batch_rows
         self.rows_consumed = rows_consumed
-        self._chunks = source.batches(self._count(rows.train_iter(rows_consumed, rank, world)), batch_rows)
-
-    def _count(self, rows: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-        for row in rows:
-            self.rows_consumed += 1
-            yield row
+        self._rows = rows.train_iter(rows_consumed, rank, world)
 
     def __iter__(self) -> "LiveFeed":
         return self
 
     def __next__(self) -> Columns:
-        return next(self._chunks)
+        return self.next_chunk()
+
+    def next_chunk(self, budget: int | None = None) -> Columns:
+        """Activations of the next batch_rows rows, or of fewer: only as many rows as hold
+        `budget` tokens when that is all the run still needs (its last LM pass would
+        otherwise compute up to a whole batch of activations no step trains on)."""
+        taken: list[torch.Tensor] = []
+        tokens = 0
+        for row in self._rows:
+            taken.append(row)
+            tokens += int(self.source.token_mask(row).sum())
+            if len(taken) == self.batch_rows or (budget is not None and tokens >= budget):
+                break
+        if not taken:
+            raise StopIteration
+        self.rows_consumed += len(taken)
+        return self.source.chunk(torch.stack(taken))
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows_consumed": self.rows_consumed}

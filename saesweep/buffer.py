@@ -5,9 +5,10 @@ aligned columns (input, and a target for transcoders), hands out `batch_size`
 rows at a time in random order, and when half of it has been read keeps the
 unread half, refills the rest from the source and reshuffles. Given a `limit` (the
 tokens the run will read), it never pulls more than that from the source: the last
-refill takes only what is left and the buffer shrinks, so no activation is computed
-that no step trains on; a batch asked for beyond it (a skipped step made up) is pulled
-fresh.
+refill takes only what is left and the buffer shrinks, and a source that can stop
+short (the live LM feed) computes only the rows that hold it, so no activation is
+computed that no step trains on; a batch asked for beyond it (a skipped step made up)
+is pulled fresh.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ActivationBuffer:
         parts: list[Columns] = []
         have = 0
         while have < n:
-            chunk = self._spill if self._spill is not None else next(self.source)
+            chunk = self._spill if self._spill is not None else self._next_chunk(have)
             self._spill = None
             chunk = tuple(c.to(self.device, self.dtype, non_blocking=True) for c in chunk)
             need = n - have
@@ -63,6 +64,14 @@ class ActivationBuffer:
             have += len(chunk[0])
         self.pulled += n
         return [torch.cat(col) for col in zip(*parts)]
+
+    def _next_chunk(self, have: int) -> Columns:
+        """The source's next chunk. A source that can stop short (the live LM feed) is told
+        how many tokens the run still needs, so its last chunk holds no more than that."""
+        next_chunk = getattr(self.source, "next_chunk", None)
+        if next_chunk is None or self.limit is None:
+            return next(self.source)
+        return next_chunk(self.limit - self.pulled - have)
 
     def _refill(self) -> None:
         if self.columns is None:

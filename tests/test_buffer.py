@@ -110,3 +110,30 @@ def test_a_resumed_buffer_past_its_limit_hands_out_the_same_batches():
     resumed.load_state_dict(first.state_dict())
     assert head + drain(resumed, 2) == whole
     assert sorted(whole) == list(range(48))
+
+
+def test_the_live_feed_runs_the_lm_only_on_the_rows_the_run_trains_on(smollm2):
+    """The last LM pass stops at the rows holding the tokens still needed, not a whole batch of rows."""
+    from saesweep.activations import ActivationSource, LiveFeed
+    from saesweep.config import TrainConfig
+    from saesweep.data import load_token_rows
+
+    cfg = TrainConfig()
+    rows = load_token_rows(cfg.dataset, smollm2.tokenizer, 8, cfg.training.seed)
+    source = ActivationSource(smollm2, "blocks.6.hook_resid_post", None, exclude_bos=True)
+    feed = LiveFeed(source, rows, batch_rows=8)
+    buf = ActivationBuffer(feed, capacity=128, batch_size=64, device=torch.device("cpu"),
+                           generator=torch.Generator().manual_seed(0), limit=5 * 64)
+    handed = torch.cat([buf.next_batch()[0].clone() for _ in range(5)])  # batches are views a refill overwrites
+
+    first = [r for _, r in zip(range(8), rows.train_iter())]
+    kept = torch.stack(first).ne(smollm2.tokenizer.bos_token_id).sum(1).cumsum(0)
+    needed = int((kept < 5 * 64).sum()) + 1  # rows holding the first 320 trainable tokens
+    assert needed < 8 and feed.rows_consumed == needed
+    # Those rows' activations, each handed out once (in shuffled order).
+    expected = source.chunk(torch.stack(first[:needed]))[0][: 5 * 64]
+    project = torch.randn(expected.shape[1], generator=torch.Generator().manual_seed(1))
+    assert torch.allclose((handed @ project).sort().values, (expected @ project).sort().values, atol=1e-2)
+    # A skipped step made up past the limit takes just the rows it needs too.
+    buf.next_batch()
+    assert feed.rows_consumed == int((kept < 6 * 64).sum()) + 1

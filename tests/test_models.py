@@ -28,6 +28,35 @@ def test_embedded_model_log_probs_match_hf(smollm2):
     assert torch.allclose(cache["blocks.6.hook_resid_post"], hidden, rtol=1e-4, atol=2e-3)
 
 
+def test_weights_stored_as_the_forward_reads_them_skip_its_copies_and_change_no_bit(smollm2):
+    """TransformerLens copies W_in.T etc. to contiguous memory at every forward unless
+    they are stored that way (saesweep.tl_model.store_weights_as_read)."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    plain = copy.deepcopy(smollm2)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.data = p.data.contiguous()  # TransformerLens's own layout
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    # each weight's shape, reversed, and an attention weight's [(head d_head), d_model]
+    weight_shapes = {s for p in smollm2.parameters() if p.dim() >= 2
+                     for s in (tuple(p.shape), tuple(p.shape)[::-1], (p.shape[0] * p.shape[-1], p.shape[1]))}
+
+    def weight_copies(model) -> tuple[torch.Tensor, int]:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            logits = model(ids)
+        copies = [e for e in prof.events() if e.name == "aten::copy_" and e.input_shapes and tuple(e.input_shapes[0]) in weight_shapes]
+        return logits, len(copies)
+
+    want, plain_copies = weight_copies(plain)
+    got, copies = weight_copies(smollm2)
+    assert plain_copies >= 3 * smollm2.cfg.n_layers and copies == 0  # MLP, attention and W_U copies gone
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(smollm2.parameters(), plain.parameters()))
+
+
 def test_hook_point_typo_suggests_close_names(smollm2):
     from saesweep.errors import UserError
     from saesweep.models import check_hook

@@ -39,9 +39,9 @@ def main() -> int:
     parser.add_argument("--name", default="backends", help="results file stem")
     args = parser.parse_args()
 
-    from saesweep.config import DatasetConfig, ModelConfig
-    from saesweep.data import load_token_rows
-    from saesweep.models import load_model
+    from saesweep.config.schema import DatasetConfig, ModelConfig
+    from saesweep.data.rows import load_token_rows
+    from saesweep.lm.model import load_model
 
     cpu = torch.device("cpu")
     tl = load_model(ModelConfig(), cpu, None)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import statistics
@@ -55,7 +54,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(REPO))
-from saesweep.allocator import THRESHOLD, USER_SETTINGS  # noqa: E402  (light: ctypes and os only)
+from saesweep.training.allocator import THRESHOLD, USER_SETTINGS  # noqa: E402  (light: ctypes and os only)
 RESULTS = BENCH / "results"
 PY = sys.executable
 
@@ -119,7 +118,7 @@ def compose(overrides: list[str]) -> Any:
     """saesweep's typed config, as `python -m saesweep.train OVERRIDES` composes it."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from saesweep.config import validate
+    from saesweep.config.schema import validate
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return validate(hydra_compose(config_name="train", overrides=overrides))
@@ -133,8 +132,8 @@ def worker_sparsify(tokens: int, k: int, work: Path) -> dict[str, Any]:
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from saesweep.data import load_token_rows
-    from saesweep.models import embedded_model_dir, hook_layer
+    from saesweep.data.rows import load_token_rows
+    from saesweep.lm.model import embedded_model_dir, hook_layer
 
     t_load = time.perf_counter()
     cfg = compose(["model=smollm2-135m-hf", f"sae.k={k}", *COMMON])
@@ -196,9 +195,9 @@ def worker_saelens(tokens: int, k: int, work: Path) -> dict[str, Any]:
     sys.path.insert(0, str(BENCH))
     import bench_vs_saelens as bvs
 
-    from saesweep.activations import ActivationSource
-    from saesweep.data import load_token_rows
-    from saesweep.models import load_model
+    from saesweep.activations.source import ActivationSource
+    from saesweep.data.rows import load_token_rows
+    from saesweep.lm.model import load_model
 
     cfg = bvs.compose_config(bvs.parse_args(["--tokens", str(tokens), "--k", str(k)]))
     cfg.eval.rows, cfg.eval.ce_rows = 16, 2  # the post-run evaluation only; not timed

@@ -41,11 +41,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args()
 
-    from saesweep.activations import ActivationSource
-    from saesweep.allocator import keep_freed_memory
-    from saesweep.config import DatasetConfig, ModelConfig
-    from saesweep.data import load_token_rows
-    from saesweep.models import load_model
+    from saesweep.activations.source import ActivationSource
+    from saesweep.training.allocator import keep_freed_memory
+    from saesweep.config.schema import DatasetConfig, ModelConfig
+    from saesweep.data.rows import load_token_rows
+    from saesweep.lm.model import load_model
 
     kept = args.allocator == "kept" and keep_freed_memory()
     device = torch.device(args.device)

@@ -6,7 +6,7 @@ gets the same [tokens, d_in] activations (real ones: SmolLM2 layer 6 residual st
 on Shakespeare, BOS dropped, or random ones with --random) and takes the same number
 of optimizer steps of `--batch` tokens, each step as that trainer's own loop does it:
 
-  saesweep   BatchTopK and TopK as `saesweep.trainer` steps them: forward (sparse
+  saesweep   BatchTopK and TopK as `saesweep.training.loop` steps them: forward (sparse
              decoder), summed losses, backward, grad-norm clip with the finiteness check
              (one host sync), Adam, scheduler, after_step (threshold EMA, decoder norms).
   SAELens    BatchTopKTrainingSAE.training_forward_pass (its AuxK on), its firing
@@ -55,10 +55,10 @@ sys.path.insert(0, str(REPO))
 
 def real_activations(tokens: int, device: torch.device) -> torch.Tensor:
     """SmolLM2 layer-6 residual activations of the first training rows, BOS dropped."""
-    from saesweep.activations import ActivationSource
-    from saesweep.config import DatasetConfig, ModelConfig
-    from saesweep.data import load_token_rows
-    from saesweep.models import load_model
+    from saesweep.activations.source import ActivationSource
+    from saesweep.config.schema import DatasetConfig, ModelConfig
+    from saesweep.data.rows import load_token_rows
+    from saesweep.lm.model import load_model
 
     model = load_model(ModelConfig(), torch.device("cpu"), None)
     rows = load_token_rows(DatasetConfig(), model.tokenizer, 16, seed=0)
@@ -85,8 +85,8 @@ def autocast(on: bool, device: torch.device):
 
 def saesweep_step(arch: str, d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool = False,
                   compile: bool = False, kernels: tuple[str, str] = ("auto", "auto")) -> Callable[[torch.Tensor], None]:
-    from saesweep.config import OptimizerConfig, SchedulerConfig
-    from saesweep.optim import build_optimizer, build_scheduler
+    from saesweep.config.schema import OptimizerConfig, SchedulerConfig
+    from saesweep.training.optim import build_optimizer, build_scheduler
     from saesweep.sae import ARCHITECTURES, build_sae, sparse
 
     cfg = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=d_sae, k=k)
@@ -275,7 +275,7 @@ def main() -> None:
     args = p.parse_args()
 
     # As in training (saesweep/allocator.py); it applies to every arm of this process alike.
-    from saesweep.allocator import keep_freed_memory
+    from saesweep.training.allocator import keep_freed_memory
 
     keep_freed_memory()
     device = torch.device(args.device)

@@ -17,7 +17,7 @@ Writes the results as JSON (--out) and a markdown table next to it (same stem, .
 Timings reported (seconds are wall-clock, time.perf_counter):
   ours.trainer_seconds / trainer_tokens_per_second
       the trainer's own figures (eval.json's train_seconds / tokens_per_second),
-      over whatever span saesweep.trainer times: at the time of writing, from just
+      over whatever span saesweep.training.loop times: at the time of writing, from just
       before the first buffer fill to the last optimizer step (so excluding
       threshold calibration, evaluation and export).
   ours.wall_seconds / wall_tokens_per_second
@@ -83,7 +83,7 @@ def compose_config(args: argparse.Namespace) -> Any:
     """Our training config exactly as `python -m saesweep.train` would compose it."""
     from hydra import compose, initialize_config_dir
 
-    from saesweep.config import validate
+    from saesweep.config.schema import validate
 
     overrides = [
         f"training.total_tokens={args.tokens}",
@@ -138,7 +138,7 @@ def machine_info() -> dict[str, Any]:
 
 
 class SAELensForEval(torch.nn.Module):
-    """A SAELens inference SAE presented through the interface saesweep.evals reads
+    """A SAELens inference SAE presented through the interface saesweep.evaluation.held_out reads
     (encode, decode, W_enc, d_sae, d_out), so both trainers' outputs are measured by
     the same code. Being an nn.Module gives it the train()/eval() that evaluate() toggles."""
 
@@ -163,7 +163,7 @@ def evaluate_saved_sae(path: Path, source: Any, eval_rows: torch.Tensor, cfg: An
     """Load an SAE directory the way a user would (SAE.load_from_disk) and evaluate it."""
     from sae_lens import SAE
 
-    from saesweep.evals import evaluate
+    from saesweep.evaluation.held_out import evaluate
 
     sae = SAE.load_from_disk(str(path), device=device)
     result = evaluate(SAELensForEval(sae), source, eval_rows, cfg.eval.rows, cfg.eval.ce_rows, cfg.eval.batch_rows)
@@ -190,25 +190,26 @@ def _timed_method(timings: dict[str, float], name: str, fn: Callable[..., Any]) 
 
 @contextlib.contextmanager
 def instrumented_trainer(model: Any, rows: Any, timings: dict[str, float]) -> Iterator[None]:
-    """Run saesweep.trainer.train unchanged, except that it reuses the model and token
+    """Run saesweep.training.loop.train unchanged, except that it reuses the model and token
     rows already loaded here (SAELens gets the same objects, so neither side pays for
     loading) and that its evaluate() call is timed, to subtract it from the wall time."""
-    import saesweep.trainer as trainer_mod
+    import saesweep.training.loop as loop_mod
+    import saesweep.training.member as member_mod
     from saesweep.sae.batchtopk import BatchTopKSAE
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         return _timed_method(timings, name, fn)
 
-    with mock.patch.object(trainer_mod, "load_model", timed("load_model", lambda *a, **kw: model)), \
-         mock.patch.object(trainer_mod, "load_token_rows", timed("load_token_rows", lambda *a, **kw: rows)), \
-         mock.patch.object(trainer_mod, "evaluate", timed("evaluate", trainer_mod.evaluate)), \
-         mock.patch.object(trainer_mod, "save_sae", timed("save_sae", trainer_mod.save_sae)), \
+    with mock.patch.object(loop_mod, "load_model_checked", timed("load_model", lambda *a, **kw: model)), \
+         mock.patch.object(loop_mod, "load_token_rows", timed("load_token_rows", lambda *a, **kw: rows)), \
+         mock.patch.object(member_mod, "evaluate", timed("evaluate", member_mod.evaluate)), \
+         mock.patch.object(member_mod, "save_sae", timed("save_sae", member_mod.save_sae)), \
          mock.patch.object(BatchTopKSAE, "calibrate", timed("calibrate", BatchTopKSAE.calibrate)):
         yield
 
 
 def run_ours(cfg: Any, model: Any, rows: Any, source: Any, run_dir: Path, device: str) -> dict[str, Any]:
-    from saesweep.trainer import train
+    from saesweep.training.loop import train
 
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -245,7 +246,7 @@ def run_ours(cfg: Any, model: Any, rows: Any, source: Any, run_dir: Path, device
 
 def activation_buffer_tokens(cfg: Any, tokens: int) -> int:
     """Our trainer's buffer size: buffer.size_tokens capped at the run length, as
-    saesweep.trainer caps it (65,536 tokens either way at the default 1M)."""
+    saesweep.training.loop caps it (65,536 tokens either way at the default 1M)."""
     return max(2 * cfg.training.batch_size, min(cfg.buffer.size_tokens, tokens))
 
 
@@ -267,8 +268,8 @@ def run_saelens(cfg: Any, model: Any, rows: Any, source: Any, out_dir: Path, tok
     )
     from sae_lens.training.activation_scaler import ActivationScaler
 
-    from saesweep.evals import reconstruction_metrics
-    from saesweep.trainer import seed_everything
+    from saesweep.evaluation.held_out import reconstruction_metrics
+    from saesweep.training.loop import seed_everything
 
     ctx = cfg.dataset.context_size
     batch = cfg.training.batch_size
@@ -462,7 +463,7 @@ Run order: {s['order']}, back to back in one process.
 Notes:
 - *saesweep wall* = the whole `train()` call minus its `evaluate()`: first buffer fill (LM forward), \
 training loop, threshold calibration, writing the SAE. *Trainer's own figure* is eval.json's \
-`tokens_per_second`, over the span `saesweep.trainer` times itself.
+`tokens_per_second`, over the span `saesweep.training.loop` times itself.
 - *SAELens wall* = its whole `runner.run()`: {theirs['settings']['n_batches_for_norm_estimate']} \
 norm-estimate batches (LM forward, not trained on), training loop (LM forward included), weight folding, \
 writing the SAE.
@@ -470,7 +471,7 @@ writing the SAE.
 - The model and token rows are loaded once and shared, so neither figure includes loading them. \
 SAELens trains on our training rows, in our first-epoch order (never the held-out rows).
 - Both SAEs are loaded from disk with `sae_lens.SAE.load_from_disk` (JumpReLU inference form) and \
-evaluated by `saesweep.evals.evaluate` on the same {s['eval_rows']} held-out rows (CE on the first \
+evaluated by `saesweep.evaluation.held_out.evaluate` on the same {s['eval_rows']} held-out rows (CE on the first \
 {s['ce_rows']}); EV is accumulated in float64 over all eval tokens with BOS excluded. Dead fraction = \
 latents that never fire on those eval tokens.
 - SAELens keeps its BatchTopK defaults besides the shared settings (aux-k loss coefficient \
@@ -490,13 +491,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from saesweep.activations import ActivationSource
-    from saesweep.data import load_token_rows
-    from saesweep.models import load_model
-    from saesweep.trainer import resolve_device
+    from saesweep.activations.source import ActivationSource
+    from saesweep.data.rows import load_token_rows
+    from saesweep.lm.model import load_model
+    from saesweep.training.distributed import resolve_device
 
     cfg = compose_config(args)
-    device = resolve_device(cfg.training.device)
+    device = resolve_device(cfg.training.device, "training.device")
     tokens = (cfg.training.total_tokens // cfg.training.batch_size) * cfg.training.batch_size
 
     # One model and one set of rows for everything: both trainers and both evaluations.

@@ -1,9 +1,10 @@
-"""Run a Hydra app so that a user's mistake is one line, not a screen.
+"""How every command shows a user's mistake: one `error: ...` line naming the key or
+file and what would be valid, exit code 2, no traceback.
 
-Hydra reports a bad override (an unknown group option, a misspelled key, a syntax error)
-in several lines, some about its search path. `run` turns those, and our own UserError,
-into one `error: ...` line naming the key and what would be valid, exit code 2. Bugs keep
-their traceback. `--debug` (or HYDRA_FULL_ERROR=1) shows the traceback of everything.
+`run` calls a command's @hydra.main function and turns a UserError, or Hydra's own
+report of a bad override (an unknown group option, a misspelled key, a syntax error,
+several lines about its search path), into that one line. Bugs keep their traceback.
+`--debug` (or HYDRA_FULL_ERROR=1) shows the traceback of everything.
 """
 
 from __future__ import annotations
@@ -95,14 +96,14 @@ def did_you_mean(name: str, options: list[str] | tuple[str, ...]) -> str:
 
 def known_keys() -> list[str]:
     """Every dotted key of the training schema, the sae keys of every architecture included."""
-    from saesweep.config import TrainConfig
+    from saesweep.config import CONF_DIR
+    from saesweep.config.schema import TrainConfig
     from saesweep.sae import ARCHITECTURES
 
     keys = list(_dotted(TrainConfig))
     for arch in ARCHITECTURES.values():
         keys += [f"sae.{f.name}" for f in dataclasses.fields(arch.config_class)]
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    keys += [group.name for group in conf.iterdir() if group.is_dir()]  # architecture, model, ...
+    keys += [group.name for group in Path(CONF_DIR).iterdir() if group.is_dir() and not group.name.startswith("_")]  # architecture, model, ...
     return sorted(set(keys))
 
 

@@ -1,7 +1,7 @@
 """Evaluate any SAELens-format SAE directory: `python -m saesweep.evaluate path/to/sae`.
 
 A Hydra app over the same `model` and `dataset` groups as training (conf/evaluate.yaml).
-It loads the SAE with saesweep's own reader (saesweep.sae_dir, no sae_lens needed),
+It loads the SAE with saesweep's own reader (saesweep.sae_format.read, no sae_lens needed),
 runs the training's evaluation code on the dataset's held-out rows, and writes into
 the run dir (or `out_dir`):
 - eval.json — the metrics of a training run's eval.json (l0, mse, explained_variance,
@@ -31,22 +31,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from saesweep.config import EvaluateConfig, validate_evaluate
+from saesweep.config import CONF_DIR
+from saesweep.config.schema import EvaluateConfig, validate_evaluate
 from saesweep.cli import run, user_errors
 from saesweep.errors import UserError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("saesweep.evaluate")
-
-
-def resolve_device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"config key 'device': {name!r} but no CUDA GPU is visible; use auto or cpu")
-    return torch.device(name)
 
 
 def resolve_hooks(cfg: EvaluateConfig, sae: Any) -> tuple[str, str | None]:
@@ -78,7 +68,7 @@ def check_widths(sae: Any, source: Any, hook_in: str, hook_out: str | None, mode
     """The SAE's widths against the model's activations at the chosen hooks."""
     import torch
 
-    from saesweep.sae_dir import activation_width
+    from saesweep.sae_format.read import activation_width
 
     probe = torch.full((1, 2), source.bos or 0, dtype=torch.long)
     acts = source.hook_activations(probe)
@@ -119,16 +109,17 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from saesweep.activations import ActivationSource
-    from saesweep.allocator import keep_freed_memory
+    from saesweep.activations.source import ActivationSource
+    from saesweep.training.allocator import keep_freed_memory
+    from saesweep.training.distributed import resolve_device
     from saesweep.atomic import atomic_write, atomic_write_text
-    from saesweep.data import load_token_rows
-    from saesweep.evals import evaluate
-    from saesweep.models import check_hook, load_model
-    from saesweep.sae_dir import SPARSITY_FILENAME, SPARSITY_KEY, load_sae_dir
+    from saesweep.data.rows import load_token_rows
+    from saesweep.evaluation.held_out import evaluate
+    from saesweep.lm.model import check_hook, load_model
+    from saesweep.sae_format.read import SPARSITY_FILENAME, SPARSITY_KEY, load_sae_dir
 
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "device")
     sae = load_sae_dir(cfg.sae_path, device)  # before the model: a broken SAE dir fails fast
     hook_in, hook_out = resolve_hooks(cfg, sae)
     resolve_backend(cfg, sae)

@@ -2,7 +2,7 @@
 
 Shares the `model` and `dataset` groups of training (conf/pretokenize.yaml) but loads
 only the model's tokenizer. The rows are exactly the ones training would build from
-the same dataset config (saesweep.data.iter_rows), in the same order and not
+the same dataset config (saesweep.data.rows.iter_rows), in the same order and not
 shuffled, so training from the saved copy (`dataset.source=hf dataset.path=OUT
 dataset.is_tokenized=true`) holds out the same rows and trains on the same tokens.
 
@@ -30,10 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from saesweep import __version__
 from saesweep.cli import run, user_errors
-from saesweep.config import WINDOW_TOKEN_KEYS, DatasetConfig, ModelConfig, _merge, check_dataset, check_model
+from saesweep.config import CONF_DIR
+from saesweep.config.schema import WINDOW_TOKEN_KEYS, DatasetConfig, ModelConfig, _merge, check_dataset, check_model
 from saesweep.errors import UserError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("saesweep")
 
 
@@ -72,7 +72,7 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | None) -> Any:
     from transformers import AutoTokenizer
 
     if cfg.source == "embedded":
-        from saesweep.models import embedded_model_dir
+        from saesweep.lm.model import embedded_model_dir
 
         return AutoTokenizer.from_pretrained(embedded_model_dir(cfg.name, cache_dir))
     try:
@@ -84,7 +84,7 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | None) -> Any:
 
 def metadata(cfg: PretokenizeConfig, tokenizer: Any, rows: int) -> dict[str, Any]:
     """What the rows depend on; training checks the tokenizer and context size against it."""
-    from saesweep.data import tokenizer_fingerprint, vocab_size, window_tokens
+    from saesweep.data.rows import tokenizer_fingerprint, vocab_size, window_tokens
 
     d = cfg.dataset
     ids = window_tokens(d, tokenizer)
@@ -110,8 +110,8 @@ def pretokenize(cfg: PretokenizeConfig) -> Path | None:
     """Write the dataset's rows and metadata to output_path (and/or push them); return the path."""
     import datasets
 
-    from saesweep.atomic import atomic_write_text
-    from saesweep.data import METADATA_FILE, iter_rows, load_hf_dataset
+    from saesweep.atomic import staged_dir
+    from saesweep.data.rows import METADATA_FILE, iter_rows, load_hf_dataset
 
     p = cfg.pretokenize
     target = Path(p.output_path).expanduser().resolve() if p.output_path else None
@@ -131,37 +131,36 @@ def pretokenize(cfg: PretokenizeConfig) -> Path | None:
             count[0] += 1
             yield {"input_ids": row.tolist()}
 
-    parent = target.parent if target is not None else Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name if target else 'pretokenized'}.", dir=parent))
+    # The arrow build cache lives beside the output (same disk) and goes once it is saved.
+    build_dir = Path(tempfile.mkdtemp(prefix=".pretokenize-build.", dir=target.parent if target else None))
     try:
         features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-        # A fresh arrow cache dir: from_generator would otherwise reuse a stale build of
-        # the same generator code; it is deleted once the folder is saved.
+        # A fresh cache dir: from_generator would otherwise reuse a stale build of the
+        # same generator code.
         try:
-            built = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(staging / ".build"),
-                                                    fingerprint=f"saesweep-{staging.name}")
+            built = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(build_dir),
+                                                    fingerprint=f"saesweep-{build_dir.name}")
         except datasets.exceptions.DatasetGenerationError as e:
             # `datasets` wraps what our generator raised (a UserError among them): show that instead
             raise (e.__cause__ or e) from None
         if count[0] < 1:
             raise UserError(f"config key 'dataset.path': {cfg.dataset.path} gives no rows of "
                             f"{cfg.dataset.context_size} tokens")
-        out = staging / "dataset"
-        built.save_to_disk(str(out))
-        del built
-        meta = metadata(cfg, tokenizer, count[0])
-        atomic_write_text(out / METADATA_FILE, json.dumps(meta, indent=2) + "\n")
-        log.info("%d rows of %d tokens (%d tokens)", count[0], cfg.dataset.context_size, meta["tokens"])
-        if p.hf_repo_id:
-            push_to_hub(out, p.hf_repo_id, p.hf_private)
+        # Pushed from the staged copy, so a failed push leaves nothing at output_path.
+        with staged_dir(target if target is not None else build_dir / "dataset", replace=False) as out:
+            built.save_to_disk(str(out))
+            del built
+            meta = metadata(cfg, tokenizer, count[0])
+            (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            log.info("%d rows of %d tokens (%d tokens)", count[0], cfg.dataset.context_size, meta["tokens"])
+            if p.hf_repo_id:
+                push_to_hub(out, p.hf_repo_id, p.hf_private)
         if target is None:
             return None
-        out.rename(target)
         log.info("wrote %s", target)
         return target
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(build_dir, ignore_errors=True)
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool) -> None:
@@ -169,7 +168,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> None:
     import datasets
     from huggingface_hub import HfApi
 
-    from saesweep.data import METADATA_FILE
+    from saesweep.data.rows import METADATA_FILE
 
     try:
         datasets.load_from_disk(str(folder)).push_to_hub(repo_id, private=private)

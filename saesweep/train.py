@@ -13,11 +13,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from saesweep.config import objective_values, validate
+from saesweep.config import CONF_DIR
+from saesweep.config.schema import objective_values, validate
 from saesweep.cli import run, user_errors
 from saesweep.errors import UserError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("saesweep")
 
 
@@ -29,8 +29,8 @@ def main(cfg: DictConfig) -> float | list[float] | None:
         with user_errors():
             typed = validate(cfg)
             # heavy imports only after the config is known good
-            from saesweep.distributed import process_group, shared_run_dir
-            from saesweep.trainer import train
+            from saesweep.training.distributed import process_group, shared_run_dir
+            from saesweep.training.loop import train
 
             # training.distributed=ddp: this process is one rank; the others run this too.
             with process_group(typed.training) as ranks:
@@ -59,7 +59,7 @@ def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any
     valid = [i for i, t in enumerate(typed) if not isinstance(t, UserError)]
     if not valid:
         return typed
-    from saesweep.trainer import train_group
+    from saesweep.training.loop import train_group
 
     sweep_dir = hydra_cfgs[0].sweep.dir
     try:
@@ -82,7 +82,7 @@ def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any
 
 def check_not_distributed(typed: Any) -> Any:
     """A group trains its members in one process, which cannot also be one rank of many."""
-    from saesweep.distributed import launched
+    from saesweep.training.distributed import launched
 
     launch = launched()
     if typed.training.distributed != "none" or (launch is not None and launch.world > 1):
@@ -105,7 +105,7 @@ def name_wandb_run(cfg: DictConfig, hydra_cfg: Any) -> None:
 
 def cli() -> None:
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # maybe one rank of several (torch import)
-        from saesweep.distributed import rank_overrides
+        from saesweep.training.distributed import rank_overrides
 
         try:
             sys.argv += rank_overrides(sys.argv[1:])  # ranks other than 0 write nothing

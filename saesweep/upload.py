@@ -104,7 +104,7 @@ def find_runs(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 def read_run(path: Path) -> Run:
-    from saesweep.report import parse_overrides
+    from saesweep.sweep.report import parse_overrides
 
     try:
         cfg = json.loads((path / "sae" / "cfg.json").read_text())
@@ -127,13 +127,9 @@ def safe_part(text: str) -> str:
 
 def assign_sae_ids(runs: list[Run]) -> None:
     """Readable, unique folder names: hook name, then differing overrides, then dir names."""
-    from saesweep.report import differing_overrides
+    from saesweep.sweep.report import differing_overrides
 
-    class Member:  # what differing_overrides reads
-        def __init__(self, overrides: Optional[dict[str, str]]):
-            self.overrides = overrides
-
-    keys = differing_overrides([Member(r.overrides) for r in runs]) if len(runs) > 1 else []
+    keys = differing_overrides([r.overrides for r in runs]) if len(runs) > 1 else []
     for run in runs:
         parts = [safe_part(run.hook_name)]
         for key in keys:
@@ -239,7 +235,7 @@ def release_entry(repo_id: str, runs: list[Run]) -> dict[str, Any]:
 
 def stage(root: Path, repo_id: str, stage_dir: Path) -> list[Run]:
     """Lay out the hub repository for the finished runs under root in stage_dir."""
-    from saesweep.sae_dir import SPARSITY_FILENAME, load_sae_dir, read_sparsity
+    from saesweep.sae_format.read import SPARSITY_FILENAME, load_sae_dir, read_sparsity
 
     finished, unfinished = find_runs(root)
     if unfinished:

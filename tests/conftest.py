@@ -86,7 +86,7 @@ def smollm2():
     """The embedded model as a HookedTransformer (converted once per cache)."""
     import torch
 
-    from saesweep.config import ModelConfig
-    from saesweep.models import load_model
+    from saesweep.config.schema import ModelConfig
+    from saesweep.lm.model import load_model
 
     return load_model(ModelConfig(), torch.device("cpu"), None)

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from saesweep.allocator import USER_SETTINGS, keep_freed_memory
+from saesweep.training.allocator import USER_SETTINGS, keep_freed_memory
 
 # In a fresh interpreter: RSS (MiB) after a 256 MiB tensor was written and freed.
 PROBE = """
 import sys, torch
-from saesweep.allocator import keep_freed_memory
+from saesweep.training.allocator import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "kept" else False
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saesweep.buffer import ActivationBuffer
+from saesweep.activations.buffer import ActivationBuffer
 
 
 def counting_source(chunk: int = 7, paired: bool = False):
@@ -114,9 +114,9 @@ def test_a_resumed_buffer_past_its_limit_hands_out_the_same_batches():
 
 def test_the_live_feed_runs_the_lm_only_on_the_rows_the_run_trains_on(smollm2):
     """The last LM pass stops at the rows holding the tokens still needed, not a whole batch of rows."""
-    from saesweep.activations import ActivationSource, LiveFeed
-    from saesweep.config import TrainConfig
-    from saesweep.data import load_token_rows
+    from saesweep.activations.source import ActivationSource, LiveFeed
+    from saesweep.config.schema import TrainConfig
+    from saesweep.data.rows import load_token_rows
 
     cfg = TrainConfig()
     rows = load_token_rows(cfg.dataset, smollm2.tokenizer, 8, cfg.training.seed)

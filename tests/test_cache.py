@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
-from saesweep.cache import (
+from saesweep.activations.cache import (
     activation_spec,
     cache_key,
     ensure_cache,
     load_manifest,
     open_training_feed,
 )
-from saesweep.config import TrainConfig
+from saesweep.config.schema import TrainConfig
 from saesweep.errors import UserError
 
 SHARDS = ["activations.shard_mb=4"]  # ~2,000 tokens a shard: 5 shards for 8,192 tokens
@@ -61,7 +61,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_rows(smollm2):
-    from saesweep.data import load_token_rows
+    from saesweep.data.rows import load_token_rows
 
     cfg = TrainConfig()
     return load_token_rows(cfg.dataset, smollm2.tokenizer, 24, cfg.training.seed)
@@ -91,7 +91,7 @@ def test_cli_prints_the_dir_and_key_and_the_manifest_lists_checksummed_shards(bu
 
 
 def test_key_is_stable_across_processes_and_sensitive_to_every_field(built, smollm2, tiny_rows, tmp_path):
-    from saesweep.cache import cache_hooks, cache_token_rows
+    from saesweep.activations.cache import cache_hooks, cache_token_rows
 
     cfg = tiny_config(tmp_path)
     bos = smollm2.tokenizer.bos_token_id
@@ -184,7 +184,7 @@ def test_reader_is_a_seeded_permutation_per_pass_and_resumes_from_a_position(bui
 
 
 def test_auto_trains_live_without_a_cache_and_reads_a_complete_one(built, smollm2, tiny_rows, tmp_path):
-    from saesweep.activations import ActivationSource, LiveFeed
+    from saesweep.activations.source import ActivationSource, LiveFeed
 
     source = ActivationSource(smollm2, "blocks.6.hook_resid_post", None, True)
     cfg = tiny_config(tmp_path / "empty")
@@ -209,8 +209,8 @@ def test_unwritable_cache_dir_is_a_one_line_error(smollm2, tiny_rows, tmp_path):
 
 def test_one_pass_caches_several_hooks_and_they_equal_live_activations(smollm2, tiny_rows, tmp_path):
     """A cache for a transcoder (6 -> 7) that also stores layer 3: one LM pass, three hooks."""
-    from saesweep.activations import ActivationSource
-    from saesweep.cache import cache_token_rows
+    from saesweep.activations.source import ActivationSource
+    from saesweep.activations.cache import cache_token_rows
 
     cfg = tiny_config(tmp_path)
     cfg.activations.cache_tokens = 600  # 5 rows

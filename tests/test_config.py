@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR
-from saesweep.config import validate
+from saesweep.config.schema import validate
 from saesweep.errors import UserError
 
 GROUPS = ["model", "dataset", "architecture", "optimizer", "scheduler"]

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from saesweep.config import DatasetConfig, check_dataset
-from saesweep.data import METADATA_FILE, load_hf_dataset, load_token_rows, tokenizer_fingerprint
-from saesweep.data import iter_rows as _iter_rows
+from saesweep.config.schema import DatasetConfig, check_dataset
+from saesweep.data.rows import METADATA_FILE, load_hf_dataset, load_token_rows, tokenizer_fingerprint
+from saesweep.data.rows import iter_rows as _iter_rows
 from saesweep.errors import UserError
 
 DOCS = REPO / "docs" / "errors.md"
@@ -281,7 +281,7 @@ def test_shuffle_is_a_seeded_permutation_per_epoch(tmp_path):
 
 def test_one_warning_at_start_when_the_run_needs_several_epochs(tmp_path, caplog):
     cfg = DatasetConfig(source="hf", path=str(long_text(tmp_path)), context_size=4)
-    with caplog.at_level(logging.WARNING, logger="saesweep.data"):
+    with caplog.at_level(logging.WARNING, logger="saesweep.data.rows"):
         data = load_token_rows(cfg, CharTokenizer(), 4, 0, total_tokens=120)
         it = data.train_iter()
         for _ in range(30):  # into the third epoch: no more warnings
@@ -290,7 +290,7 @@ def test_one_warning_at_start_when_the_run_needs_several_epochs(tmp_path, caplog
     # 12 training rows x 4 tokens = 48; 120 / 48 = 2.5
     assert warnings == [f"dataset {cfg.path}: 48 training tokens; training.total_tokens=120 needs 2.5 epochs"]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="saesweep.data"):
+    with caplog.at_level(logging.WARNING, logger="saesweep.data.rows"):
         load_token_rows(cfg, CharTokenizer(), 4, 0, total_tokens=48)
     assert not caplog.records
 

@@ -4,9 +4,7 @@ of a step on two real gloo processes, and the CLI under torchrun against one pro
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -15,15 +13,15 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
-from saesweep.config import DatasetConfig, TrainingConfig
-from saesweep.distributed import Launch, Ranks, check_launch, launched
+from saesweep.config.schema import DatasetConfig, TrainingConfig
+from saesweep.training.distributed import Launch, Ranks, check_launch, launched
 from saesweep.errors import UserError
 
 # --------------------------------------------------------------------------- data shares
 
 
 def test_rank_shares_of_the_rows_are_disjoint_and_cover_every_row_once_per_epoch():
-    from saesweep.data import TokenRows
+    from saesweep.data.rows import TokenRows
 
     table = torch.arange(10 * 4).reshape(10, 4)  # 10 distinct rows
     rows = TokenRows(table[:1], table, None, DatasetConfig(), None, seed=3)
@@ -41,7 +39,7 @@ def test_rank_shares_of_the_rows_are_disjoint_and_cover_every_row_once_per_epoch
 
 def tiny_cache(tmp_path: Path, sizes: list[int]):
     """A real on-disk cache of len(sizes) shards whose tokens are numbered 0, 1, 2, ..."""
-    from saesweep.cache import ActivationCache, shard_name, write_shard
+    from saesweep.activations.cache import ActivationCache, shard_name, write_shard
 
     shards, start = [], 0
     for i, n in enumerate(sizes):
@@ -101,7 +99,7 @@ def test_launch_is_read_from_torchrun_or_from_srun_but_not_from_a_batch_script(m
 
 
 def test_later_ranks_keep_hydra_out_of_the_run_dir_and_a_sweep_under_torchrun_is_refused(monkeypatch):
-    from saesweep.distributed import QUIET_RANK_OVERRIDES, rank_overrides
+    from saesweep.training.distributed import QUIET_RANK_OVERRIDES, rank_overrides
 
     monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -149,7 +147,7 @@ def _replica_and_reference(arch: str, seed: int = 0):
 
 
 def _steps(sae, batches, ranks: Ranks | None, share: slice | None):
-    from saesweep.distributed import SINGLE
+    from saesweep.training.distributed import SINGLE
 
     ranks = ranks or SINGLE
     opt = torch.optim.Adam(sae.parameters(), lr=3e-2)

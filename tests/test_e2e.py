@@ -70,10 +70,10 @@ def test_sae_lens_loads_it_and_computes_the_same(trained_run):
 def test_sae_lens_gives_eval_json_l0_and_ev(trained_run, smollm2):
     from sae_lens import SAE as LensSAE
 
-    from saesweep.activations import ActivationSource
-    from saesweep.config import DatasetConfig
-    from saesweep.data import load_token_rows
-    from saesweep.evals import reconstruction_metrics
+    from saesweep.activations.source import ActivationSource
+    from saesweep.config.schema import DatasetConfig
+    from saesweep.data.rows import load_token_rows
+    from saesweep.evaluation.held_out import reconstruction_metrics
 
     arch, run_dir = trained_run
     lens = LensSAE.load_from_disk(str(run_dir / "sae"))

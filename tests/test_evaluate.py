@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY_RUN, run_cli
 from saesweep.errors import UserError
-from saesweep.export import save_sae
+from saesweep.sae_format.write import save_sae
 from saesweep.sae import build_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
 from saesweep.sae.standard import StandardSAEConfig
 from saesweep.sae.topk import TopKSAEConfig
-from saesweep.sae_dir import load_sae_dir
+from saesweep.sae_format.read import load_sae_dir
 
 HOOK = "blocks.6.hook_resid_post"
 EVAL_ARGS = ["eval.rows=24", "eval.batch_rows=8", "activations.batch_rows=16"]
@@ -296,9 +296,9 @@ def sparse_coding_weights(x: torch.Tensor, arch: str) -> dict[str, torch.Tensor]
 
 @pytest.fixture(scope="module")
 def held_out(smollm2):
-    from saesweep.activations import ActivationSource
-    from saesweep.config import DatasetConfig
-    from saesweep.data import load_token_rows
+    from saesweep.activations.source import ActivationSource
+    from saesweep.config.schema import DatasetConfig
+    from saesweep.data.rows import load_token_rows
 
     token_rows = load_token_rows(DatasetConfig(), smollm2.tokenizer, eval_rows=24, seed=42)
     rows = token_rows.eval_rows
@@ -313,7 +313,7 @@ def test_l0_ev_and_density_match_sae_lens_evals(arch, held_out, smollm2, tmp_pat
     from sae_lens.evals import get_sparsity_and_variance_metrics
     from sae_lens.training.activation_scaler import ActivationScaler
 
-    from saesweep.evals import evaluate
+    from saesweep.evaluation.held_out import evaluate
 
     rows, source, fit, _ = held_out
     sae = lens_sae(arch, fit.shape[1], 2 * fit.shape[1], sparse_coding_weights(fit, arch))
@@ -403,10 +403,10 @@ def test_identity_sae_on_an_attention_hook_recovers_everything(smollm2, tmp_path
     """A SAELens hook_z SAE that reconstructs exactly (ReLU(x) - ReLU(-x) = x): heads are
     flattened into one vector per token and the splice puts them back, so EV and the CE
     loss score are 1 and spliced CE equals clean CE."""
-    from saesweep.activations import ActivationSource
-    from saesweep.config import DatasetConfig
-    from saesweep.data import load_token_rows
-    from saesweep.evals import evaluate
+    from saesweep.activations.source import ActivationSource
+    from saesweep.config.schema import DatasetConfig
+    from saesweep.data.rows import load_token_rows
+    from saesweep.evaluation.held_out import evaluate
 
     hook = "blocks.0.attn.hook_z"
     d = smollm2.cfg.n_heads * smollm2.cfg.d_head
@@ -442,10 +442,10 @@ def test_cli_takes_the_sae_dir_as_first_argument_whatever_its_name(tmp_path):
 def test_evaluations_with_a_shared_key_equal_unshared_ones_and_skip_the_sae_independent_passes(smollm2):
     """Sweep members evaluated in one process share held-out activations and the clean and
     ablated CE passes: each later member runs one LM pass per CE batch, not four."""
-    from saesweep.activations import ActivationSource
-    from saesweep.config import DatasetConfig, ModelConfig
-    from saesweep.data import load_token_rows
-    from saesweep.evals import evaluate, shared_key
+    from saesweep.activations.source import ActivationSource
+    from saesweep.config.schema import DatasetConfig, ModelConfig
+    from saesweep.data.rows import load_token_rows
+    from saesweep.evaluation.held_out import evaluate, shared_key
     from saesweep.sae import build_sae
     from saesweep.sae.topk import TopKSAEConfig
     from conftest import train_a_few_steps

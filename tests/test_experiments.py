@@ -2,7 +2,7 @@
 
 Members are expanded from `hydra.sweeper.params` the way Hydra's basic sweeper does (a
 grid over the comma lists), composed with the compose API and checked with
-`saesweep.config.validate`: no model is loaded. The CLI is also run with `--cfg`, which
+`saesweep.config.schema.validate`: no model is loaded. The CLI is also run with `--cfg`, which
 prints the composed config without training (Hydra 1.3 refuses `--cfg` together with
 `--multirun`, so each member is printed as a single run).
 """
@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from saesweep.config import validate
+from saesweep.config.schema import validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))

@@ -9,7 +9,7 @@ import torch
 
 from conftest import train_a_few_steps
 
-from saesweep.export import save_sae
+from saesweep.sae_format.write import save_sae
 from saesweep.sae import build_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
 from saesweep.sae.standard import StandardSAEConfig

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 
 import pytest
 import torch
@@ -99,8 +98,8 @@ def test_a_killed_group_resumes_every_member(grouped, tmp_path):
 
 def test_a_finished_member_is_not_trained_again(tmp_path):
     """eval.json marks a member finished: train_group returns it without loading anything."""
-    from saesweep.config import TrainConfig
-    from saesweep.trainer import train_group
+    from saesweep.config.schema import TrainConfig
+    from saesweep.training.loop import train_group
 
     (tmp_path / "eval.json").write_text('{"l0": 3.0}')
     assert train_group([TrainConfig()], [tmp_path]) == [{"l0": 3.0}]
@@ -132,7 +131,7 @@ def test_group_members_may_differ_only_in_sae_optimizer_scheduler_objectives(mon
 
 def test_group_checkpoints_are_renamed_only_when_all_are_written(tmp_path):
     """A failure while writing member 2's checkpoint leaves member 1's previous one in place."""
-    from saesweep.checkpoint import load_checkpoint, save_checkpoints
+    from saesweep.training.checkpoint import load_checkpoint, save_checkpoints
 
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     save_checkpoints({a: {"step": 1}, b: {"step": 1}})

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, run_cli, train_a_few_steps
-from saesweep.activations import ActivationSource
-from saesweep.config import DatasetConfig, ModelConfig
+from saesweep.activations.source import ActivationSource
+from saesweep.config.schema import DatasetConfig, ModelConfig
 from saesweep.errors import UserError
-from saesweep.models import check_hook, hook_layer, load_model, loader_kwargs
+from saesweep.lm.model import check_hook, hook_layer, load_model, loader_kwargs
 
 # HF module path -> the TransformerLens hook that holds the same activation
 SAME = {
@@ -34,7 +34,7 @@ def smollm2_hf():
 
 @pytest.fixture(scope="module")
 def rows(smollm2):
-    from saesweep.data import load_token_rows
+    from saesweep.data.rows import load_token_rows
 
     return load_token_rows(DatasetConfig(), smollm2.tokenizer, eval_rows=24, seed=42).eval_rows[:4]
 
@@ -92,7 +92,7 @@ def test_the_hf_pass_stops_after_the_last_hook(smollm2_hf, rows):
     (("model.layers.6:input", "model.layers.6.mlp"), ("blocks.6.hook_resid_pre", "blocks.6.hook_mlp_out")),
 ], ids=["sae", "transcoder"])
 def test_ce_loss_score_is_the_same_through_both_backends(smollm2, smollm2_hf, rows, hf_hooks, tl_hooks):
-    from saesweep.evals import ce_metrics
+    from saesweep.evaluation.held_out import ce_metrics
     from saesweep.sae import build_sae
     from saesweep.sae.topk import TopKSAEConfig
 
@@ -126,7 +126,7 @@ def test_module_path_typo_suggests_close_paths(smollm2_hf):
 def test_hook_layer_reads_both_spellings(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from saesweep.hf_model import HFLanguageModel
+    from saesweep.lm.hf_backend import HFLanguageModel
 
     assert hook_layer("blocks.12.hook_resid_post") == 12
     assert hook_layer("model.layers.6.mlp:input") == 6
@@ -163,8 +163,8 @@ def test_from_pretrained_kwargs_reach_the_loader_of_both_backends():
 
 
 def test_backend_and_its_weights_enter_the_cache_key(smollm2, smollm2_hf, rows):
-    from saesweep.cache import activation_spec, cache_key
-    from saesweep.config import TrainConfig
+    from saesweep.activations.cache import activation_spec, cache_key
+    from saesweep.config.schema import TrainConfig
 
     cfg = TrainConfig()
     base = cache_key(activation_spec(cfg, smollm2, rows, ["blocks.6.hook_resid_post"]))

@@ -63,10 +63,10 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monk
     """Disk full half-way through torch.save: the old checkpoint stays, no temp file is left."""
     import errno
 
-    from saesweep import checkpoint
+    from saesweep.training import checkpoint
 
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    checkpoint.save_checkpoints({path: {"step": 1, "w": torch.ones(3)}})
 
     def disk_full(state, f):
         with open(f, "wb") as out:
@@ -75,7 +75,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        checkpoint.save_checkpoints({path: {"step": 2, "w": torch.zeros(3)}})
     monkeypatch.undo()
     assert checkpoint.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
@@ -86,12 +86,12 @@ def test_a_skipped_step_is_made_up_and_the_run_finishes(tmp_path, monkeypatch):
     (the buffer pulls it past its limit) and still trains total_tokens // batch_size steps."""
     from hydra import compose, initialize_config_dir
 
-    from saesweep import trainer
-    from saesweep.config import validate
-    from saesweep.train import CONF_DIR
+    from saesweep.training import loop, member
+    from saesweep.config.schema import validate
+    from saesweep.config import CONF_DIR
 
     calls = 0
-    start = trainer.Member.start
+    start = member.Member.start
 
     def start_poisoned(self, *args, **kwargs):
         start(self, *args, **kwargs)
@@ -106,9 +106,9 @@ def test_a_skipped_step_is_made_up_and_the_run_finishes(tmp_path, monkeypatch):
             return out
         self.forward = poisoned
 
-    monkeypatch.setattr(trainer.Member, "start", start_poisoned)
+    monkeypatch.setattr(member.Member, "start", start_poisoned)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = validate(compose("train", [*TINY_RUN, "sae.k=8"]))
-    result = trainer.train(cfg, tmp_path)
+    result = loop.train(cfg, tmp_path)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert calls == 9 and steps[-1] == 8 and result["tokens_trained"] == 8192

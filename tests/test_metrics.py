@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from saesweep.config import SchedulerConfig
-from saesweep.metrics import ReconstructionStats, ce_loss_score, explained_variance
-from saesweep.optim import lr_factor
+from saesweep.config.schema import SchedulerConfig
+from saesweep.evaluation.metrics import ReconstructionStats, ce_loss_score, explained_variance
+from saesweep.training.optim import lr_factor
 
 
 def test_explained_variance_hand_values():

@@ -13,7 +13,7 @@ from conftest import TINY_RUN, run_cli
 def test_embedded_model_log_probs_match_hf(smollm2):
     from transformers import AutoModelForCausalLM
 
-    from saesweep.models import embedded_model_dir
+    from saesweep.lm.model import embedded_model_dir
 
     hf = AutoModelForCausalLM.from_pretrained(embedded_model_dir("SmolLM2-135M-Instruct.Q4_1", None))
     ids = smollm2.tokenizer("Now is the winter of our discontent made glorious summer", return_tensors="pt").input_ids
@@ -30,7 +30,7 @@ def test_embedded_model_log_probs_match_hf(smollm2):
 
 def test_weights_stored_as_the_forward_reads_them_skip_its_copies_and_change_no_bit(smollm2):
     """TransformerLens copies W_in.T etc. to contiguous memory at every forward unless
-    they are stored that way (saesweep.tl_model.store_weights_as_read)."""
+    they are stored that way (saesweep.lm.tl_backend.store_weights_as_read)."""
     import copy
 
     from torch.profiler import ProfilerActivity, profile
@@ -59,7 +59,7 @@ def test_weights_stored_as_the_forward_reads_them_skip_its_copies_and_change_no_
 
 def test_hook_point_typo_suggests_close_names(smollm2):
     from saesweep.errors import UserError
-    from saesweep.models import check_hook
+    from saesweep.lm.model import check_hook
 
     with pytest.raises(UserError, match="blocks.6.hook_resid_post"):
         check_hook(smollm2, "blocks.6.hook_resid_pots", "model.hook_point")
@@ -78,7 +78,7 @@ def tiny_hf_model_and_data(tmp_path_factory, smollm2):
     torch.manual_seed(0)
     GPT2LMHeadModel(cfg).save_pretrained(root / "tiny-gpt2")
     tok.save_pretrained(root / "tiny-gpt2")
-    from saesweep.data import embedded_files
+    from saesweep.data.rows import embedded_files
 
     text = open(embedded_files("shakespeare")[0]).read()
     docs = [text[i : i + 2000] for i in range(0, 200_000, 2000)]

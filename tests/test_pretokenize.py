@@ -10,8 +10,8 @@ import torch
 
 from conftest import CONF_DIR, TINY_RUN, run_cli, weights
 from saesweep import pretokenize as pt
-from saesweep.config import DatasetConfig
-from saesweep.data import METADATA_FILE, load_token_rows, tokenizer_fingerprint
+from saesweep.config.schema import DatasetConfig
+from saesweep.data.rows import METADATA_FILE, load_token_rows, tokenizer_fingerprint
 from saesweep.errors import UserError
 from test_data import CharTokenizer
 
@@ -66,7 +66,7 @@ def test_max_rows_and_an_existing_output_and_a_crash(tmp_path, chars, monkeypatc
         yield torch.tensor([1, 2, 3, 4])
         raise RuntimeError("killed")
 
-    monkeypatch.setattr("saesweep.data.iter_rows", crash)
+    monkeypatch.setattr("saesweep.data.rows.iter_rows", crash)
     cfg.pretokenize.output_path = str(tmp_path / "crashed")
     with pytest.raises(RuntimeError, match="killed"):
         pt.pretokenize(cfg)

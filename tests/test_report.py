@@ -15,7 +15,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from saesweep.errors import UserError
-from saesweep.report import SweepReportCallback, differing_overrides, load_sweep, main, pareto_front, report_rows, write_report
+from saesweep.report import main
+from saesweep.sweep.report import SweepReportCallback, differing_overrides, load_sweep, pareto_front, report_rows, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,7 +46,7 @@ def make_member(sweep: Path, name: str, overrides: list[str] | None = None, arch
 def sweep(tmp_path) -> Path:
     """4 members, 2 architectures: 0 and 1 done, 2 failed (a Traceback in its log), 3 unfinished."""
     s = tmp_path / "multirun" / "2026-11-23" / "14-00-00"
-    info = "[2026-11-23 14:00:01,000][saesweep.trainer][INFO] - training topk\n"
+    info = "[2026-11-23 14:00:01,000][saesweep.training.loop][INFO] - training topk\n"
     make_member(s, "0", ["architecture=topk", "sae.k=16", "training.total_tokens=1000000"], "topk", EVAL_0, info)
     make_member(s, "1", ["architecture=batchtopk", "sae.k=32", "training.total_tokens=1000000", "optimizer.lr=1e-3"],
                 "batchtopk", EVAL_1, info)
@@ -69,7 +70,7 @@ def test_load_sweep_status_and_fields(sweep):
 
 def test_differing_overrides(sweep):
     # total_tokens is the same everywhere; optimizer.lr is set in one member only, which counts as different.
-    assert differing_overrides(load_sweep(sweep)) == ["architecture", "sae.k", "optimizer.lr"]
+    assert differing_overrides([m.overrides for m in load_sweep(sweep)]) == ["architecture", "sae.k", "optimizer.lr"]
 
 
 def test_members_sorted_numerically_and_odd_entries_tolerated(tmp_path):
@@ -92,7 +93,7 @@ def test_members_sorted_numerically_and_odd_entries_tolerated(tmp_path):
     assert by_name["3"].status == "failed" and by_name["3"].reason == "eval.json unreadable: holds a list, not an object"
     assert by_name["4"].status == "failed" and by_name["4"].reason == "status.json: UserError: bad"
     # The member without .hydra has unknown overrides, not "every key missing".
-    assert differing_overrides(members) == ["sae.k"]
+    assert differing_overrides([m.overrides for m in members]) == ["sae.k"]
     write_report(s)  # the full report copes with all of the above
     assert (s / "report.csv").read_text().count("\n") == 7
 
@@ -198,7 +199,7 @@ def test_callback_writes_report(sweep):
 
 
 def test_callback_failure_is_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="saesweep.report"):
+    with caplog.at_level(logging.WARNING, logger="saesweep.sweep.report"):
         SweepReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "no")}}}))
     assert "sweep report not written" in caplog.text
 
@@ -219,7 +220,7 @@ def test_callback_in_a_real_multirun(tmp_path):
     """))
     proc = subprocess.run(
         [sys.executable, "app.py", "--multirun", "+x=1,2,3", "hydra.sweep.dir=sw",
-         "+hydra.callbacks.sweep_report._target_=saesweep.report.SweepReportCallback"],
+         "+hydra.callbacks.sweep_report._target_=saesweep.sweep.report.SweepReportCallback"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "x=2 is bad" in proc.stderr  # the sweep itself still fails
     assert (tmp_path / "sw" / "1" / "status.json").exists()  # member 1 ran x=2

@@ -13,10 +13,10 @@ import torch
 from torch.func import functional_call
 
 from conftest import TINY_RUN, run_cli
-from saesweep.config import OptimizerConfig, SchedulerConfig
+from saesweep.config.schema import OptimizerConfig, SchedulerConfig
 from saesweep.errors import UserError
-from saesweep.export import save_sae
-from saesweep.optim import build_optimizer, build_scheduler, lr_factor
+from saesweep.sae_format.write import save_sae
+from saesweep.training.optim import build_optimizer, build_scheduler, lr_factor
 from saesweep.sae import build_sae
 from saesweep.sae.gated import GatedSAE, GatedSAEConfig
 from saesweep.sae.jumprelu import JumpReLUSAE, JumpReLUSAEConfig, heaviside_step, jumprelu

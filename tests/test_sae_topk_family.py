@@ -11,7 +11,7 @@ import torch
 from conftest import train_a_few_steps
 from saesweep.errors import UserError
 from saesweep.sae import build_sae
-from saesweep.export import save_sae
+from saesweep.sae_format.write import save_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
 from saesweep.sae.matryoshka import MatryoshkaBatchTopKSAEConfig
 from saesweep.sae.topk import TopKSAEConfig, scheduled_k

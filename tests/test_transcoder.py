@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, run_cli, train_a_few_steps
-from saesweep.export import save_sae
+from saesweep.sae_format.write import save_sae
 from saesweep.sae import build_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
 from saesweep.sae.gated import GatedSAEConfig

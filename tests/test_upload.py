@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import run_cli
-from saesweep.export import save_sae
+from saesweep.sae_format.write import save_sae
 from saesweep.sae import build_sae
 from saesweep.sae.topk import TopKSAEConfig
 from saesweep.upload import Run, assign_sae_ids

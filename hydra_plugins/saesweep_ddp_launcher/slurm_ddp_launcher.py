@@ -4,7 +4,7 @@ hydra-submitit-launcher pickles the launcher, and submitit's batch script starts
 pickle with `srun`, once per task; every task then calls the launcher's `__call__`, which
 runs the whole Hydra job of the member (`run_job`: run dir, `.hydra/`, logging, the task
 function). With training.distributed=ddp each task is one rank (SLURM_PROCID among the
-step's SLURM_STEP_NUM_TASKS; see saesweep.distributed) and the tasks train the member
+step's SLURM_STEP_NUM_TASKS; see saesweep.training.distributed) and the tasks train the member
 together. The sweep takes task 0's result as the member's (`job.results()[0]`), and task
 0 is rank 0, the one that evaluates.
 
@@ -23,7 +23,7 @@ class SlurmDDPLauncher(SlurmLauncher):
         import submitit
 
         # Imported here: a plugin module is imported whenever any Hydra app starts.
-        from saesweep.distributed import QUIET_RANK_OVERRIDES
+        from saesweep.training.distributed import QUIET_RANK_OVERRIDES
 
         if submitit.JobEnvironment().global_rank != 0:
             sweep_overrides = [*sweep_overrides, *QUIET_RANK_OVERRIDES]

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 from pathlib import Path
+from functools import partial
 from types import FrameType
 from typing import Any, Callable
 
 import torch
 
+from saesweep.atomic import atomic_write_many, stale_temps
 from saesweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,39 +31,20 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    save_checkpoints({path: state})
-
-
 def save_checkpoints(states: dict[Path, dict[str, Any]], write: Callable[[Any, Path], None] | None = None) -> None:
-    """Write the checkpoints of a group's members as one step: every temp file is complete
-    before the first rename, so a crash while writing leaves every previous checkpoint.
-    Only a crash between the renames (microseconds) leaves members at different points,
-    and the trainer then resumes them as separate subgroups. `write(state, tmp)` defaults
-    to torch.save (looked up per call, so tests can replace it)."""
-    temps: list[tuple[Path, Path]] = []
-    try:
-        for path, state in states.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=Path(path).parent)
-            os.close(fd)
-            temps.append((Path(tmp), Path(path)))
-            (write or torch.save)(state, Path(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; run outputs are for everyone who can see the run
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
-        raise
+    """Write the checkpoints of a group's members as one step (atomic_write_many): a crash
+    while writing leaves every previous checkpoint. Only a crash between the renames
+    (microseconds) leaves members at different points, and the trainer then resumes them as
+    separate subgroups. `write(state, tmp)` defaults to torch.save (looked up per call, so
+    tests can replace it)."""
+    atomic_write_many({Path(path): partial(write or torch.save, state) for path, state in states.items()})
 
 
 def load_checkpoint(path: Path, clean: bool = True) -> dict[str, Any] | None:
     """The checkpoint at `path`, if any. `clean`: remove the temp files of writes a crash
     interrupted (the checkpoint they would have replaced is intact); false for readers
     that must not write, as data-parallel ranks other than 0."""
-    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp") if clean else []:
+    for stale in stale_temps(path) if clean else []:
         stale.unlink(missing_ok=True)
     if not path.exists():
         return None

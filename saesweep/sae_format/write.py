@@ -10,8 +10,6 @@ half-written `sae/` behind.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,8 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 import saesweep
+from saesweep.atomic import staged_dir
 from saesweep.sae import SAE
-from saesweep.sae_dir import CFG_FILENAME, SPARSITY_FILENAME, SPARSITY_KEY, WEIGHTS_FILENAME
+from saesweep.sae_format.read import CFG_FILENAME, SPARSITY_FILENAME, SPARSITY_KEY, WEIGHTS_FILENAME
 
 # The SAELens on-disk format version our files follow (its loader reads it from
 # metadata.sae_lens_version and would otherwise apply pre-6.0 key renames).
@@ -63,26 +62,10 @@ def save_sae(sae: SAE, directory: Path, metadata: dict[str, Any], sparsity: Opti
     if sparsity is not None and tuple(sparsity.shape) != (sae.d_sae,):
         raise ValueError(f"sparsity has shape {list(sparsity.shape)}; expected [{sae.d_sae}]")
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_dir(directory) as staging:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in sae.export_tensors().items()}
         save_file(tensors, str(staging / WEIGHTS_FILENAME))
         if sparsity is not None:
             save_file({SPARSITY_KEY: sparsity.detach().float().cpu().contiguous()}, str(staging / SPARSITY_FILENAME))
         (staging / CFG_FILENAME).write_text(json.dumps(sae_lens_config(sae, metadata), indent=2))
-        # mkdtemp makes the directory 0700: run outputs are for everyone who can see the run.
-        staging.chmod(0o755)
-        for f in staging.iterdir():
-            f.chmod(0o644)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            staging.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory

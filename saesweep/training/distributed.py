@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from saesweep.config import DISTRIBUTED_MODES, TrainingConfig
+from saesweep.config.schema import DISTRIBUTED_MODES, TrainingConfig
 from saesweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class Ranks:
         unknown = sorted(n for n, _ in module.named_buffers() if _leaf(n) not in RUNNING_STATE.keys() | SET_ONCE)
         if self.active and unknown and self.is_main:
             log.warning("training.distributed=ddp: SAE buffer(s) %s have no rule for combining ranks in "
-                        "saesweep.distributed.RUNNING_STATE; every rank takes rank 0's after each step",
+                        "saesweep.training.distributed.RUNNING_STATE; every rank takes rank 0's after each step",
                         ", ".join(unknown))
 
     def broadcast_object(self, obj: Any) -> Any:
@@ -214,6 +214,14 @@ class Ranks:
 
 
 SINGLE = Ranks()
+
+
+def resolve_device(name: str, key: str, ranks: Ranks = SINGLE) -> torch.device:
+    """The device a config value names (`auto`: cuda when present), this rank's under DDP.
+    `key` is the config key the value came from, for the error."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"config key '{key}': {name!r} but no CUDA GPU is visible; use auto or cpu")
+    return ranks.device(name)
 
 
 def _leaf(name: str) -> str:

@@ -7,7 +7,7 @@ from typing import Iterable, Union
 
 import torch
 
-from saesweep.config import OptimizerConfig, SchedulerConfig
+from saesweep.config.schema import OptimizerConfig, SchedulerConfig
 from saesweep.sae.base import ParamGroup
 
 

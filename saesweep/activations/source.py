@@ -2,7 +2,7 @@
 
 `ActivationSource` turns token rows into activations (for training, evaluation and
 building the cache); `LiveFeed` is the training feed that runs it over the training
-rows. The other feed, `saesweep.cache.CacheReader`, reads the same chunks from disk;
+rows. The other feed, `saesweep.activations.cache.CacheReader`, reads the same chunks from disk;
 the buffer cannot tell them apart.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from saesweep.models import LanguageModel
+from saesweep.lm.model import LanguageModel
 
 Columns = tuple[torch.Tensor, ...]
 

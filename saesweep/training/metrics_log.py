@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from saesweep.config import LoggerConfig
+from saesweep.config.schema import LoggerConfig
 
 
 class MetricsLog:

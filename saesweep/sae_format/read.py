@@ -51,7 +51,7 @@ class SAEDirError(UserError):
 class LoadedSAE(nn.Module):
     """An SAE read from disk: `encode(x) -> acts`, `decode(acts) -> x_hat` on raw activations.
 
-    Exposes what saesweep.evals reads of an SAE: W_enc (for its device), d_in,
+    Exposes what saesweep.evaluation.held_out reads of an SAE: W_enc (for its device), d_in,
     d_out, d_sae, encode and decode.
     """
 

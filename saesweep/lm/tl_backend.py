@@ -16,7 +16,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from saesweep.errors import UserError
-from saesweep.models import HookFn, hook_layer, tokenizer_kwargs
+from saesweep.lm.model import HookFn, hook_layer, tokenizer_kwargs
 
 
 class HookedLM(HookedTransformer):

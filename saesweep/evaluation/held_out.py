@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import torch
 
-from saesweep.activations import ActivationSource
-from saesweep.metrics import ReconstructionStats, ce_loss_score
+from saesweep.activations.source import ActivationSource
+from saesweep.evaluation.metrics import ReconstructionStats, ce_loss_score
 from saesweep.sae import SAE
-from saesweep.sae_dir import log10_firing_rate
+from saesweep.sae_format.read import log10_firing_rate
 
 
 class EvalResult(dict):

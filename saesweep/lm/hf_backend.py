@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from saesweep.errors import UserError
-from saesweep.models import HookFn, tokenizer_kwargs
+from saesweep.lm.model import HookFn, tokenizer_kwargs
 
 INPUT_SUFFIX = ":input"
 # Config entries that say where or with what a model was saved, not what it computes.
@@ -52,7 +52,7 @@ class HFModelInfo:
 
 
 class HFLanguageModel:
-    """An AutoModelForCausalLM behind the LanguageModel interface of saesweep.models."""
+    """An AutoModelForCausalLM behind the LanguageModel interface of saesweep.lm.model."""
 
     def __init__(self, hf: nn.Module, tokenizer: Any):
         self.hf = hf

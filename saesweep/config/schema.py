@@ -24,7 +24,7 @@ MODEL_BACKENDS = ("transformer_lens", "hf")
 class ModelConfig:
     name: str = "SmolLM2-135M-Instruct.Q4_1"
     source: str = "embedded"
-    backend: str = "transformer_lens"  # or "hf" (saesweep.models)
+    backend: str = "transformer_lens"  # or "hf" (saesweep.lm.model)
     hook_point: str = "blocks.6.hook_resid_post"
     hook_point_out: Optional[str] = None
     dtype: str = "float32"
@@ -43,7 +43,7 @@ class DatasetConfig:
     is_tokenized: bool = False
     context_size: int = 128
     prepend_bos: bool = True
-    # SAELens's windowing tokens: "bos" | "eos" | "sep" | a token id | null (see saesweep.data)
+    # SAELens's windowing tokens: "bos" | "eos" | "sep" | a token id | null (see saesweep.data.rows)
     begin_batch_token: Optional[Any] = None
     begin_sequence_token: Optional[Any] = None
     sequence_separator_token: Optional[Any] = None
@@ -126,7 +126,7 @@ class TrainingConfig:
     max_nonfinite_steps: int = 10
     autocast: str = "none"
     compile: bool = False
-    distributed: str = "none"  # none | ddp (saesweep.distributed)
+    distributed: str = "none"  # none | ddp (saesweep.training.distributed)
 
 
 @dataclass

@@ -1,0 +1,386 @@
+"""Compare the members of a Hydra multirun sweep (`python -m saesweep.report SWEEP_DIR`).
+
+Writes report.csv, report.md (one row per member) and pareto.png (L0 against
+explained variance and against CE loss score, Pareto fronts drawn) into the sweep
+dir, or `--out DIR`. `SweepReportCallback` does the same at the end of a sweep.
+
+A member is a numerically named subdirectory (Hydra's default `hydra.sweep.subdir`).
+Its status:
+  done        eval.json is present and holds a JSON object;
+  failed      eval.json is present but unreadable; or status.json has
+              `"status": "failed"` (the callback writes one when a job raises, since
+              Hydra records the exception nowhere in the member dir); or a `*.log`
+              in the member dir has a `Traceback (most recent call last)` line, an
+              `[ERROR]`/`[CRITICAL]` log record, or a line starting with `error:`;
+  unfinished  anything else: still running, or killed without a trace.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from saesweep.atomic import atomic_write, atomic_write_text
+from saesweep.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METRICS = ("l0", "explained_variance", "mse", "dead_fraction", "ce_loss_score", "tokens_trained", "tokens_per_second")
+# How report.md shows each metric; report.csv keeps full precision.
+MD_FORMAT = {
+    "l0": ".1f",
+    "explained_variance": ".4f",
+    "mse": ".4g",
+    "dead_fraction": ".3f",
+    "ce_loss_score": ".4f",
+    "tokens_trained": ",.0f",
+    "tokens_per_second": ",.0f",
+}
+# Hydra's log format is "[time][logger][LEVEL] - message"; `error:` is our UserError line.
+# A bare "error" anywhere would also match messages such as "mean squared error".
+FAILURE_LINE = re.compile(r"Traceback \(most recent call last\)|\]\[(ERROR|CRITICAL)\] - |^error:", re.MULTILINE)
+PANELS = (("explained_variance", "explained variance"), ("ce_loss_score", "CE loss score"))
+L0_LABEL = "L0 (mean active latents per token)"
+# Where a member-number label may sit around its point (points), first choice first.
+LABEL_OFFSETS = ((8, 7), (8, -7), (-8, 7), (-8, -7), (0, 11), (0, -11), (14, 0), (-14, 0))
+
+
+@dataclass
+class MemberResult:
+    name: str
+    path: Path
+    status: str  # done | failed | unfinished
+    reason: str = ""
+    # None when .hydra/overrides.yaml is absent or unreadable: unknown, not empty.
+    overrides: dict[str, str] | None = None
+    architecture: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def number(self) -> int:
+        return int(self.name)
+
+
+def parse_overrides(lines: list[str]) -> dict[str, str]:
+    """`["sae.k=16", "+x=1", "~y"]` -> `{"sae.k": "16", "x": "1", "y": "<deleted>"}`."""
+    result = {}
+    for line in lines:
+        key, sep, value = str(line).partition("=")
+        # "+key", "++key" and "key" set the same key; "~key" deletes it.
+        result[key.lstrip("+~")] = value if sep else "<deleted>"
+    return result
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _architecture(member_dir: Path) -> str | None:
+    cfg = _read_yaml(member_dir / ".hydra" / "config.yaml")
+    sae = cfg.get("sae") if isinstance(cfg, dict) else None
+    arch = sae.get("architecture") if isinstance(sae, dict) else None
+    if arch is None:
+        # Without .hydra the exported SAE still records what it was trained as.
+        try:
+            arch = json.loads((member_dir / "sae" / "cfg.json").read_text())["metadata"]["training_architecture"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return str(arch)
+
+
+def _failure_reason(member_dir: Path) -> str | None:
+    """Why a member without eval.json failed, or None when nothing says it did."""
+    try:
+        status = json.loads((member_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        status = None
+    if isinstance(status, dict) and status.get("status") == "failed":
+        return f"status.json: {status.get('error') or 'failed'}"
+    for log_file in sorted(member_dir.glob("*.log")):
+        try:
+            text = log_file.read_text(errors="replace")
+        except OSError:
+            continue
+        if match := FAILURE_LINE.search(text):
+            lines = text[text.rfind("\n", 0, match.start()) + 1 :].splitlines()
+            line = lines[0]
+            if match.group().startswith("Traceback"):
+                # The exception is the first unindented line after the (indented) frames.
+                line = next((x for x in lines[1:] if x.strip() and not x[0].isspace()), line)
+            return f"{log_file.name}: {line.strip()[:200]}"
+    return None
+
+
+def load_member(member_dir: Path) -> MemberResult:
+    overrides_list = _read_yaml(member_dir / ".hydra" / "overrides.yaml")
+    member = MemberResult(
+        name=member_dir.name,
+        path=member_dir,
+        status="unfinished",
+        overrides=parse_overrides(overrides_list) if isinstance(overrides_list, list) else None,
+        architecture=_architecture(member_dir),
+    )
+    eval_path = member_dir / "eval.json"
+    if eval_path.exists():
+        try:
+            result = json.loads(eval_path.read_text())
+            if not isinstance(result, dict):
+                raise ValueError(f"holds a {type(result).__name__}, not an object")
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            member.status, member.reason = "failed", f"eval.json unreadable: {e}"
+        else:
+            member.status = "done"
+            member.metrics = {
+                k: float(result[k])
+                for k in METRICS
+                if isinstance(result.get(k), (int, float)) and not isinstance(result.get(k), bool)
+            }
+    elif (reason := _failure_reason(member_dir)) is not None:
+        member.status, member.reason = "failed", reason
+    return member
+
+
+def load_sweep(sweep_dir: Path) -> list[MemberResult]:
+    """Every member of the sweep, by member number. UserError if there are none."""
+    sweep_dir = Path(sweep_dir)
+    expected = "a Hydra multirun directory with member subdirectories 0, 1, 2, ..."
+    if not sweep_dir.exists():
+        raise UserError(f"sweep directory '{sweep_dir}' does not exist; expected {expected}")
+    if not sweep_dir.is_dir():
+        raise UserError(f"'{sweep_dir}' is not a directory; expected {expected}")
+    member_dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not member_dirs:
+        raise UserError(f"'{sweep_dir}' has no member subdirectories; expected {expected}")
+    return sorted((load_member(p) for p in member_dirs), key=lambda m: m.number)
+
+
+def differing_overrides(overrides: list[dict[str, str] | None]) -> list[str]:
+    """Override keys whose value is not the same in every member (absent counts as a value).
+
+    Members whose overrides are None (no .hydra/overrides.yaml) are left out: unknown.
+    """
+    known = [o for o in overrides if o is not None]
+    keys = list(dict.fromkeys(k for o in known for k in o))
+    return [k for k in keys if len({o.get(k) for o in known}) > 1]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (minimise x, maximise y), by increasing x.
+
+    Equal points do not dominate each other, so duplicates on the front are all kept.
+    A NaN compares false both ways and would always be kept: drop non-finite points first.
+    """
+
+    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] <= b[0] and a[1] >= b[1] and a != b
+
+    front = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1], i))
+
+
+def report_rows(members: list[MemberResult]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Column names and one dict per member; metric values as floats, missing ones as None."""
+    fixed = ["member", "status", "architecture"]
+    keys = differing_overrides([m.overrides for m in members])
+    # The `architecture` group override names the architecture column's value again,
+    # unless a group option is named differently from the architecture it selects.
+    if all((m.overrides or {}).get("architecture") in (None, m.architecture) for m in members):
+        keys = [k for k in keys if k != "architecture"]
+    # An override key can still clash with a fixed column or a metric.
+    overrides = {k: f"{k} (override)" if k in fixed or k in METRICS else k for k in keys}
+    columns = [*fixed, *overrides.values(), *METRICS, "reason"]
+    rows = []
+    for m in members:
+        row = {"member": m.name, "status": m.status, "architecture": m.architecture, "reason": m.reason}
+        row.update({col: (m.overrides or {}).get(key) for key, col in overrides.items()})
+        row.update({k: m.metrics.get(k) for k in METRICS})
+        rows.append(row)
+    return columns, rows
+
+
+def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        # Counts such as tokens_trained come back from JSON as ints; keep them so.
+        return str(int(v)) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else str(v)
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([cell(row[c]) for c in columns] for row in rows)
+    return buf.getvalue()
+
+
+def summary(members: list[MemberResult]) -> str:
+    counts = {s: sum(m.status == s for m in members) for s in ("done", "failed", "unfinished")}
+    return f"{len(members)} members: {counts['done']} done, {counts['failed']} failed, {counts['unfinished']} unfinished"
+
+
+def _md_text(sweep_dir: Path, members: list[MemberResult], columns: list[str], rows: list[dict[str, Any]]) -> str:
+    def cell(column: str, v: Any) -> str:
+        if v is None:
+            return ""
+        text = format(v, MD_FORMAT[column]) if column in MD_FORMAT else str(v)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        f"# Sweep report: {sweep_dir}",
+        "",
+        summary(members),
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---:" if c in METRICS else "---" for c in columns) + "|",
+        *("| " + " | ".join(cell(c, row[c]) for c in columns) + " |" for row in rows),
+        "",
+        "![L0 against explained variance and CE loss score](pareto.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _title(sweep_dir: Path) -> str:
+    # Hydra's default sweep dir is multirun/DATE/TIME; the time alone says little.
+    return "/".join(Path(sweep_dir).resolve().parts[-2:])
+
+
+def _annotate(ax: Any, names: list[str], points: list[tuple[float, float]]) -> None:
+    """Label points with their member numbers, each where it covers no point and no earlier label.
+
+    Near-identical runs (the same k under topk and batchtopk) would otherwise print
+    their numbers on top of each other.
+    """
+    ax.autoscale_view()
+    px_per_pt = ax.figure.dpi / 72
+    taken = [tuple(p) for p in ax.transData.transform(points)] if points else []
+    for name, point, (x, y) in zip(names, points, list(taken)):
+        def spot(offset: tuple[int, int]) -> tuple[float, float]:
+            return x + offset[0] * px_per_pt, y + offset[1] * px_per_pt
+
+        offset = next((o for o in LABEL_OFFSETS if all(math.dist(spot(o), t) > 12 for t in taken)), LABEL_OFFSETS[0])
+        taken.append(spot(offset))
+        ax.annotate(name, point, xytext=offset, textcoords="offset points", ha="center", va="center",
+                    fontsize=9, zorder=5)
+
+
+def plot_pareto(members: list[MemberResult], path: Path, title: str) -> None:
+    """Write the two-panel L0 vs metric plot of the done members to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    done = [m for m in members if m.status == "done" and math.isfinite(m.metrics.get("l0", math.nan))]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), layout="constrained")
+    fig.suptitle(f"Sweep {title}: sparsity vs reconstruction", fontsize=13)
+    architectures = sorted({m.architecture or "unknown" for m in done})
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(architectures)}
+    l0s = [m.metrics["l0"] for m in done]
+    # L0 sweeps usually span decades (k = 8 ... 256); a linear axis crowds the sparse end.
+    log_x = bool(l0s) and min(l0s) > 0 and max(l0s) / min(l0s) >= 10
+
+    for ax, (key, label) in zip(axes, PANELS):
+        plotted = [m for m in done if math.isfinite(m.metrics.get(key, math.nan))]
+        points = [(m.metrics["l0"], m.metrics[key]) for m in plotted]
+        for arch in architectures:
+            xy = [p for m, p in zip(plotted, points) if (m.architecture or "unknown") == arch]
+            ax.scatter([x for x, _ in xy], [y for _, y in xy], color=colors[arch], s=45, zorder=3)
+        front = pareto_front(points)
+        if front:
+            xs, ys = zip(*(points[i] for i in front))
+            ax.step(xs, ys, where="post", color="black", lw=1.2, alpha=0.7, zorder=2)
+            ax.scatter(xs, ys, s=150, facecolors="none", edgecolors="black", lw=1.3, zorder=4)
+        if log_x:
+            ax.set_xscale("log")
+            # Label 10, 20, 50, 100, ... rather than only the powers of ten.
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        _annotate(ax, [m.name for m in plotted], points)
+        ax.set_xlabel(L0_LABEL + (", log scale" if log_x else ""))
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs L0 (up and left is better)", fontsize=11)
+        ax.grid(True, which="major", alpha=0.3)
+        if not plotted:
+            ax.set_xticks([])
+            ax.set_yticks([])  # ticks around 0 would suggest data
+            ax.text(0.5, 0.5, f"no finished run has {label}" if done else "no finished runs", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=14, color="gray")
+    # One legend for both panels: the architectures and the front mean the same in each.
+    handles = [Line2D([], [], ls="none", marker="o", color=colors[a], label=a) for a in architectures]
+    handles.append(Line2D([], [], color="black", marker="o", mfc="none", ms=10, label="Pareto front"))
+    if architectures:
+        fig.legend(handles=handles, loc="outside right upper", title="architecture")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
+    """Write report.csv, report.md and pareto.png for the sweep; returns report.md's path."""
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir) if out_dir is not None else sweep_dir
+    members = load_sweep(sweep_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns, rows = report_rows(members)
+    atomic_write_text(out_dir / "report.csv", _csv_text(columns, rows))
+    md_path = out_dir / "report.md"
+    atomic_write_text(md_path, _md_text(sweep_dir, members, columns, rows))
+    plot_pareto(members, out_dir / "pareto.png", _title(sweep_dir))
+    return md_path
+
+
+def _is_multirun(config: DictConfig) -> bool:
+    mode = OmegaConf.select(config, "hydra.mode")
+    return getattr(mode, "name", mode) == "MULTIRUN"
+
+
+class SweepReportCallback(Callback):
+    """Writes the sweep report when a multirun ends; a report failure never fails the sweep.
+
+    Hydra's basic sweeper raises as soon as any member has failed and then never
+    calls on_multirun_end, so the report is also refreshed after every member, and a
+    failed member gets a status.json with its exception.
+    """
+
+    def _report(self, config: DictConfig) -> None:
+        try:
+            path = write_report(Path(config.hydra.sweep.dir))
+            log.info("sweep report: %s", path)
+        except Exception as e:
+            log.warning("sweep report not written: %s: %s", type(e).__name__, e)
+            log.debug("sweep report traceback", exc_info=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._report(config)
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if not _is_multirun(config):
+            return
+        from saesweep.training.distributed import launched_rank
+
+        if launched_rank() != 0:  # a data-parallel member's other ranks: rank 0 reports
+            return
+        if getattr(getattr(job_return, "status", None), "name", None) == "FAILED":
+            try:
+                error = job_return._return_value  # the exception; .return_value would re-raise it
+                status = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+                atomic_write_text(Path(config.hydra.runtime.output_dir) / "status.json", json.dumps(status) + "\n")
+            except Exception as e:
+                log.warning("status.json not written: %s: %s", type(e).__name__, e)
+        self._report(config)

@@ -1,0 +1,294 @@
+"""One SAE of a training group, with all that is its own.
+
+A member has its own SAE, optimizer, scheduler, dead-latent counters, torch RNG,
+metrics log, checkpoint and run dir; the group (saesweep.training.loop) hands every
+member the same batches. A single run is a group of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from saesweep.activations.source import ActivationSource
+from saesweep.atomic import atomic_write_text
+from saesweep.config.schema import TrainConfig
+from saesweep.errors import UserError
+from saesweep.evaluation.held_out import evaluate
+from saesweep.evaluation.metrics import explained_variance
+from saesweep.sae import build_sae
+from saesweep.sae_format.write import save_sae
+from saesweep.training.checkpoint import CHECKPOINT_NAME, config_differences, load_checkpoint
+from saesweep.training.distributed import SINGLE, Ranks
+from saesweep.training.metrics_log import MetricsLog, NullMetricsLog
+from saesweep.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+# Keys that may change between an interrupted run and its resumption (the number of
+# processes may not: Member checks it).
+RESUME_MAY_CHANGE = {"training.resume", "training.checkpoint_every_tokens", "training.log_every",
+                     "training.device", "training.compile", "training.distributed", "training.max_nonfinite_steps",
+                     "eval", "cache_dir", "logger", "objectives", "activations.cache_dir", "activations.shard_mb"}
+
+
+def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
+    flat = asdict(cfg)
+    for key in RESUME_MAY_CHANGE:
+        section, _, name = key.partition(".")
+        if name:
+            flat[section].pop(name, None)
+        else:
+            flat.pop(section, None)
+    return flat
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
+    """A context factory: bf16 autocast on `device` if training.autocast asks for it."""
+    return partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.training.autocast == "bf16")
+
+
+def stream_position(checkpoint: dict[str, Any]) -> int:
+    # Checkpoints of single runs written before groups existed count steps only; there
+    # every batch was a step unless skipped.
+    return checkpoint.get("batches", checkpoint["step"])
+
+
+class Member:
+    """One SAE of a group, with all that is its own: optimizer, scheduler, counters,
+    torch RNG (so its init and any random op match a separate run), log and run dir."""
+
+    def __init__(self, index: int, cfg: TrainConfig, run_dir: Path, named: bool, ranks: Ranks = SINGLE):
+        self.index, self.cfg, self.run_dir, self.named, self.ranks = index, cfg, run_dir, named, ranks
+        self.log = MemberLog(log, run_dir, named)
+        self.checkpoint = (load_checkpoint(run_dir / CHECKPOINT_NAME, clean=ranks.is_main)
+                           if cfg.training.resume != "never" else None)
+        if self.checkpoint is not None and cfg.training.resume != "force":
+            changed = config_differences(self.checkpoint["config"], resumable_config(cfg))
+            if changed:
+                raise UserError(
+                    f"run dir {run_dir} holds a checkpoint of a different config: {'; '.join(changed)}. "
+                    "Use a new run dir, or training.resume=force to continue anyway"
+                )
+        # Each rank's share of the stream is in the checkpoint; another number of ranks
+        # would need them split or merged, which cannot continue exactly.
+        saved_world = self.checkpoint.get("world_size", 1) if self.checkpoint is not None else ranks.world
+        if saved_world != ranks.world:
+            raise UserError(
+                f"config key 'training.distributed': run dir {run_dir} holds a checkpoint of {saved_world} "
+                f"process(es), this run has {ranks.world}; resume it with {saved_world} (torchrun "
+                "--nproc_per_node or SLURM tasks), or use a new run dir"
+            )
+        self.position = stream_position(self.checkpoint) if self.checkpoint is not None else None
+        self.error: Exception | None = None
+        self.result: dict[str, Any] = {}
+        self.last_l0 = float("nan")
+
+    def start(self, source: ActivationSource, device: torch.device, total_steps: int,
+              first: tuple[torch.Tensor, ...] | None = None) -> None:
+        """Build the SAE and its optimizer: fitted to the first fill, or as checkpointed."""
+        cfg, checkpoint = self.cfg, self.checkpoint
+        # Seeded here, per member, so each SAE starts as it would in a separate run.
+        torch.manual_seed(cfg.training.seed)
+        transcoder = cfg.model.hook_point_out not in (None, cfg.model.hook_point)
+        self.sae = build_sae(cfg.sae, source.d_in, source.d_out, transcoder).to(device)
+        # The training forward; compiled, it shares the SAE's parameters and state.
+        self.forward = torch.compile(self.sae) if cfg.training.compile else self.sae
+        self.amp = autocast(cfg, device)
+        self.optimizer = build_optimizer(self.sae.param_groups(), cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.scheduler)
+        self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
+        self.nonfinite = 0  # consecutive skipped steps
+        main = self.ranks.is_main  # the one rank that writes the run dir
+        if checkpoint is None:
+            self.step = 0
+            if main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", 0)  # lines of a run killed before its first checkpoint
+            self.sae.fit_to_data(first[0], first[-1])
+            self.rng_state = torch.get_rng_state()
+        else:
+            self.step = checkpoint["step"]
+            self.sae.load_state_dict(checkpoint["sae"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.tokens_since_fired.copy_(checkpoint["tokens_since_fired"])
+            self.rng_state = checkpoint["torch_rng"]
+            if main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            self.log.info("resuming %s from step %d of %d", self.run_dir, self.step, total_steps)
+            self.checkpoint = None  # the buffer copy in it is large
+        self.ranks.broadcast_module(self.sae)  # DDP: every replica starts as rank 0's
+        self.ranks.check_state(self.sae)
+        self.metrics = MetricsLog(self.run_dir, cfg.logger, cfg) if main else NullMetricsLog()
+        self.sae.train()
+
+    @contextmanager
+    def own_rng(self) -> Iterator[None]:
+        torch.set_rng_state(self.rng_state)
+        try:
+            yield
+        finally:
+            self.rng_state = torch.get_rng_state()
+
+    def train_step(self, x: torch.Tensor, target: torch.Tensor, elapsed: Callable[[], float]) -> None:
+        """One optimizer step on this batch, or a skipped one; any error ends this member only."""
+        try:
+            with self.own_rng(), self.ranks.running_state(self.sae):
+                self._step(x, target, elapsed)
+        except Exception as e:
+            self.fail(e)
+            self.metrics.close()
+
+    def fail(self, error: Exception) -> None:
+        """Record what ended this member. A single run's caller reports it; in a group the
+        others go on, so say it now, in this member's log."""
+        self.error = error
+        if self.named:
+            self.log.error("%s: %s", type(error).__name__, error, exc_info=not isinstance(error, UserError))
+
+    def _step(self, x: torch.Tensor, target: torch.Tensor, elapsed: Callable[[], float]) -> None:
+        cfg, sae = self.cfg, self.sae
+        with self.amp():
+            out = self.forward(x, target, self.step)
+            loss = sum(out.losses.values())
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.ranks.average_gradients(sae)  # DDP: every replica steps on the global batch's gradient
+        # With no clipping the max norm is inf: the gradients stay as they are, but we
+        # still get their norm for the finiteness check below.
+        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm or float("inf"))
+        # One host sync per step: a NaN/Inf step would poison Adam's moments for good.
+        # Under DDP a step is skipped on every rank or on none.
+        if not self.ranks.all_true(torch.isfinite(loss.detach() + grad_norm)):
+            self.nonfinite += 1
+            self.log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                             self.step, float(loss.detach()), float(grad_norm), self.nonfinite)
+            if self.nonfinite >= cfg.training.max_nonfinite_steps:
+                raise UserError(
+                    f"training diverged: {self.nonfinite} steps in a row had a non-finite loss or gradient "
+                    f"(at step {self.step}); the last good state is in {self.run_dir / CHECKPOINT_NAME}. Lower "
+                    "optimizer.lr or set training.grad_clip_norm, then rerun with training.resume=force"
+                )
+            return
+        self.nonfinite = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        sae.after_step()
+        # Fired anywhere in the global batch of len(x) x world tokens.
+        fired = self.ranks.any(out.fired)
+        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + len(x) * self.ranks.world)
+        self.step += 1
+
+        total_steps = cfg.training.total_tokens // cfg.training.batch_size
+        if self.step % cfg.training.log_every == 0 or self.step == total_steps:
+            tokens = self.step * cfg.training.batch_size
+            measured = self.ranks.mean({  # DDP: over the ranks' shares of the batch
+                "loss": float(loss.detach()),
+                **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
+                "l0": float(out.l0),
+                "explained_variance": explained_variance(target, out.recon.detach()),
+            })
+            self.last_l0 = measured["l0"]
+            self.metrics.log({
+                "step": self.step,
+                "tokens": tokens,
+                "lr": self.scheduler.get_last_lr()[0],
+                **measured,
+                "dead_features": int((self.tokens_since_fired >= cfg.training.dead_after_tokens).sum()),
+                "tokens_per_second": tokens / elapsed(),
+            })
+
+    def state(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """This member's checkpoint: the shared stream state plus its own; a single run's format."""
+        return {
+            "config": resumable_config(self.cfg),
+            "step": self.step,
+            **shared,  # stream position (batches, feed position, buffer) and elapsed time
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+            "torch_rng": self.rng_state,
+        }
+
+    def export_partial(self, sample: torch.Tensor) -> None:
+        with self.own_rng():
+            self.sae.calibrate(sample)
+        save_sae(self.sae, self.run_dir / "sae", {**sae_metadata(self.cfg), "partial": True,
+                                                  "tokens_trained": self.step * self.cfg.training.batch_size})
+
+    def finish(self, source: ActivationSource, rows: Any, sample: torch.Tensor, train_seconds: float,
+               feed_name: str, shared: str | None = None) -> None:
+        """Calibrate, evaluate on held-out rows, export; eval.json last, as it marks the run finished."""
+        cfg = self.cfg
+        try:
+            with self.own_rng():
+                self.sae.calibrate(sample)
+                result = evaluate(self.sae, source, rows.eval_rows, cfg.eval.rows, cfg.eval.ce_rows,
+                                  cfg.eval.batch_rows, shared)
+            tokens_trained = self.step * cfg.training.batch_size
+            result.update(
+                tokens_trained=tokens_trained,
+                train_seconds=train_seconds,
+                tokens_per_second=tokens_trained / train_seconds,
+                bos_excluded=cfg.activations.exclude_bos,
+                activation_source=feed_name,
+            )
+            self.metrics.final(result)
+            self.metrics.close()
+            save_sae(self.sae, self.run_dir / "sae", sae_metadata(cfg), sparsity=result.log10_firing_rate())
+            atomic_write_text(self.run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+        except Exception as e:
+            self.fail(e)
+            return
+        # eval.json now marks the run finished; the checkpoint (buffer included) is dead weight.
+        (self.run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        self.result = result
+
+
+class MemberLog(logging.LoggerAdapter):
+    """Tags a member's log records with its run dir (the grouped launcher routes them to
+    that member's log file only) and, in a group, prefixes them with the member's dir name."""
+
+    def __init__(self, logger: logging.Logger, run_dir: Path, named: bool):
+        super().__init__(logger, {"run_dir": str(run_dir)})
+        self.prefix = f"[{run_dir.name}] " if named else ""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.prefix}{msg}", {**kwargs, "extra": self.extra}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from; they will be logged again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def sae_metadata(cfg: TrainConfig) -> dict[str, Any]:
+    """What SAELens keeps in cfg.json's metadata, so users can find the activations again."""
+    return {
+        "model_name": cfg.model.name,
+        "hook_name": cfg.model.hook_point,
+        "hook_name_out": cfg.model.hook_point_out,
+        "hook_head_index": None,
+        "context_size": cfg.dataset.context_size,
+        "prepend_bos": cfg.dataset.prepend_bos,
+        "exclude_bos": cfg.activations.exclude_bos,
+        "dataset_path": cfg.dataset.path,
+        "model_from_pretrained_kwargs": dict(cfg.model.from_pretrained_kwargs),
+        # SAELens's name for what the hook names refer to: module paths of the HF model,
+        # or TransformerLens hook points.
+        "model_class_name": "AutoModelForCausalLM" if cfg.model.backend == "hf" else "HookedTransformer",
+        "seqpos_slice": [None],
+    }

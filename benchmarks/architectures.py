@@ -36,8 +36,16 @@ def main() -> int:
     parser.add_argument("--name", default="architectures", help="results file stem")
     args, overrides = parser.parse_known_args()
 
-    cmd = [sys.executable, "-m", "saesweep.train", "--multirun", f"architecture={args.archs}",
-           f"training.total_tokens={args.tokens}", f"hydra.sweep.dir={args.sweep_dir}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saesweep.train",
+        "--multirun",
+        f"architecture={args.archs}",
+        f"training.total_tokens={args.tokens}",
+        f"hydra.sweep.dir={args.sweep_dir}",
+        *overrides,
+    ]
     print("+", " ".join(cmd), flush=True)
     code = subprocess.run(cmd, cwd=REPO).returncode
 
@@ -52,9 +60,11 @@ def main() -> int:
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": cmd, "machine": machine}, indent=2) + "\n")
     shutil.copy(args.sweep_dir / "report.csv", RESULTS / f"{args.name}.csv")
     report = (args.sweep_dir / "report.md").read_text().replace("](pareto.png)", f"]({args.name}.png)")
-    header = (f"Command: `{' '.join(['python benchmarks/architectures.py', *sys.argv[1:]])}`  \n"
-              f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}"
-              f"{', GPU ' + machine['gpu'] if machine['gpu'] else ', no GPU'}\n\n")
+    header = (
+        f"Command: `{' '.join(['python benchmarks/architectures.py', *sys.argv[1:]])}`  \n"
+        f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}"
+        f"{', GPU ' + machine['gpu'] if machine['gpu'] else ', no GPU'}\n\n"
+    )
     (RESULTS / f"{args.name}.md").write_text(header + report)
     shutil.copy(args.sweep_dir / "pareto.png", RESULTS / f"{args.name}.png")
     print(f"wrote {RESULTS / args.name}.md")

@@ -63,8 +63,11 @@ def main() -> int:
             start = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - start)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {tokens.numel() / s[-1]:.0f} tok/s" for n, s in seconds.items()),
-              flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {tokens.numel() / s[-1]:.0f} tok/s" for n, s in seconds.items()),
+            flush=True,
+        )
 
     n = tokens.numel()
     result = {
@@ -114,8 +117,9 @@ def manual_to_layer(hf: torch.nn.Module, tokens: torch.Tensor, layer: int) -> to
     base = hf.model
     x = base.embed_tokens(tokens)
     positions = torch.arange(tokens.shape[1])[None]
-    mask = create_causal_mask(config=base.config, inputs_embeds=x, attention_mask=None, cache=None,
-                              position_ids=positions)
+    mask = create_causal_mask(
+        config=base.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
+    )
     rotary = base.rotary_emb(x, position_ids=positions)
     for block in base.layers[: layer + 1]:
         x = block(x, attention_mask=mask, position_embeddings=rotary, position_ids=positions)

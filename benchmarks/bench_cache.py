@@ -35,10 +35,17 @@ RESULTS = REPO / "benchmarks" / "results"
 def sweep(source: str, tokens: int, extra: list[str], work: Path, grouped: bool = False) -> dict:
     sweep_dir = work / f"sweep-{source}{'-grouped' if grouped else ''}"
     cmd = [
-        sys.executable, "-m", "saesweep.train", "--multirun", *(["hydra/launcher=grouped"] if grouped else []),
-        f"activations.source={source}", "sae.k=16,32,64,128",
-        f"training.total_tokens={tokens}", f"activations.cache_dir={work / 'acts'}",
-        f"hydra.sweep.dir={sweep_dir}", *extra,
+        sys.executable,
+        "-m",
+        "saesweep.train",
+        "--multirun",
+        *(["hydra/launcher=grouped"] if grouped else []),
+        f"activations.source={source}",
+        "sae.k=16,32,64,128",
+        f"training.total_tokens={tokens}",
+        f"activations.cache_dir={work / 'acts'}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *extra,
     ]
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -88,8 +95,11 @@ def main() -> None:
         "note": f"{args.note}; arms ran back to back, cache first, then live{', then grouped' if grouped else ''}",
         "live": live,
         "cache": cache,
-        **({"grouped": grouped, "live_over_grouped_wall": round(live["wall_seconds"] / grouped["wall_seconds"], 3)}
-           if grouped else {}),
+        **(
+            {"grouped": grouped, "live_over_grouped_wall": round(live["wall_seconds"] / grouped["wall_seconds"], 3)}
+            if grouped
+            else {}
+        ),
         "cache_over_live_wall": round(ratio, 3),
         "meets_45_percent": ratio <= 0.45 and cache["cache_built"] == 1 and cache["cache_hit"] == 3,
     }
@@ -101,14 +111,21 @@ def main() -> None:
         "",
         "| source | wall s | cache built | cache hit | train s per member | EV per member | load avg before/after |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {r['source']} | {r['wall_seconds']} | {r['cache_built']} | {r['cache_hit']} | "
-          f"{', '.join(map(str, r['train_seconds']))} | {', '.join(map(str, r['explained_variance']))} | "
-          f"{r['load_average_1min_before_after'][0]} / {r['load_average_1min_before_after'][1]} |"
-          for r in (live, cache, *([grouped] if grouped else []))),
+        *(
+            f"| {r['source']} | {r['wall_seconds']} | {r['cache_built']} | {r['cache_hit']} | "
+            f"{', '.join(map(str, r['train_seconds']))} | {', '.join(map(str, r['explained_variance']))} | "
+            f"{r['load_average_1min_before_after'][0]} / {r['load_average_1min_before_after'][1]} |"
+            for r in (live, cache, *([grouped] if grouped else []))
+        ),
         "",
         f"cache / live wall time: **{ratio:.1%}** (bar: <= 45 %). Overrides: {' '.join(args.extra) or 'none'}.",
-        *([f"4 separate live runs / one grouped live job: **{result['live_over_grouped_wall']:.2f}x** (bar: >= 2.5x)."]
-          if grouped else []),
+        *(
+            [
+                f"4 separate live runs / one grouped live job: **{result['live_over_grouped_wall']:.2f}x** (bar: >= 2.5x)."
+            ]
+            if grouped
+            else []
+        ),
         f"The cache arm's LM pass (build) took {cache['cache_build_seconds']} s of its {cache['wall_seconds']} s.",
         f"Machine: {result['machine']}; {result['note']}.",
     ]

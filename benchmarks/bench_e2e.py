@@ -55,14 +55,14 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(REPO))
 from saesweep.training.allocator import THRESHOLD, USER_SETTINGS  # noqa: E402  (light: ctypes and os only)
+
 RESULTS = BENCH / "results"
 PY = sys.executable
 
 # Small evaluation: the arms are compared on training speed; saesweep's figure excludes
 # evaluation anyway, this only keeps each process short.
 EVAL = ["eval.rows=16", "eval.ce_rows=2"]
-COMMON = ["training.batch_size=4096", "sae.expansion_factor=8", "activations.source=live",
-          "training.device=cpu"]
+COMMON = ["training.batch_size=4096", "sae.expansion_factor=8", "activations.source=live", "training.device=cpu"]
 
 # name -> saesweep overrides (on top of COMMON, the token count, the k and EVAL)
 SAESWEEP_ARMS = {
@@ -74,8 +74,14 @@ SAESWEEP_ARMS = {
 }
 CEILING_ARMS = {
     "ceiling_tl_fp32": ["--backend", "transformer_lens", "--hook", "blocks.6.hook_resid_post"],
-    "ceiling_tl_fp32_glibc": ["--backend", "transformer_lens", "--hook", "blocks.6.hook_resid_post",
-                              "--allocator", "glibc"],
+    "ceiling_tl_fp32_glibc": [
+        "--backend",
+        "transformer_lens",
+        "--hook",
+        "blocks.6.hook_resid_post",
+        "--allocator",
+        "glibc",
+    ],
     "ceiling_hf_fp32": ["--backend", "hf", "--hook", "model.layers.6"],
     "ceiling_hf_bf16": ["--backend", "hf", "--hook", "model.layers.6", "--autocast", "bf16"],
 }
@@ -91,9 +97,9 @@ def loadavg() -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
-
     from importlib.metadata import version
+
+    import torch
 
     cpu = platform.processor() or "unknown"
     flags = ""
@@ -103,11 +109,17 @@ def machine_info() -> dict[str, Any]:
         if line.startswith("flags") and not flags:
             flags = line
     return {
-        "cpu_model": cpu, "cpu_count": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "sae_lens": version("sae-lens"), "eai_sparsify": version("eai-sparsify"),
-        "transformers": version("transformers"), "transformer_lens": version("transformer-lens"),
-        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "sae_lens": version("sae-lens"),
+        "eai_sparsify": version("eai-sparsify"),
+        "transformers": version("transformers"),
+        "transformer_lens": version("transformer-lens"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
     }
 
 
@@ -116,7 +128,8 @@ def machine_info() -> dict[str, Any]:
 
 def compose(overrides: list[str]) -> Any:
     """saesweep's typed config, as `python -m saesweep.train OVERRIDES` composes it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from saesweep.config.schema import validate
 
@@ -128,7 +141,7 @@ def worker_sparsify(tokens: int, k: int, work: Path) -> dict[str, Any]:
     """sparsify's Trainer.fit() on the same model, rows and sizes; see the module docstring."""
     import datasets
     import torch
-    from sparsify import SaeConfig, Trainer, TrainConfig
+    from sparsify import SaeConfig, TrainConfig, Trainer
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,12 +192,23 @@ def worker_sparsify(tokens: int, k: int, work: Path) -> dict[str, Any]:
     trainer.fit()
     fit = time.perf_counter() - t0
     return {
-        "tokens": trained_tokens, "steps": steps, "rows_per_step": rows_per_step,
-        "seconds": fit, "tokens_per_second": trained_tokens / fit,
-        "trainer_construct_seconds": construct, "load_seconds": load_seconds,
-        "settings": {"k": k, "num_latents": d_sae, "hookpoint": f"layers.{layer}", "optimizer": train_cfg.optimizer,
-                     "lr": train_cfg.lr, "loss_fn": train_cfg.loss_fn, "exclude_tokens": [bos],
-                     "lm": f"{model_dir} truncated to layers[:{layer + 1}], norm and lm_head = Identity"},
+        "tokens": trained_tokens,
+        "steps": steps,
+        "rows_per_step": rows_per_step,
+        "seconds": fit,
+        "tokens_per_second": trained_tokens / fit,
+        "trainer_construct_seconds": construct,
+        "load_seconds": load_seconds,
+        "settings": {
+            "k": k,
+            "num_latents": d_sae,
+            "hookpoint": f"layers.{layer}",
+            "optimizer": train_cfg.optimizer,
+            "lr": train_cfg.lr,
+            "loss_fn": train_cfg.loss_fn,
+            "exclude_tokens": [bos],
+            "lm": f"{model_dir} truncated to layers[:{layer + 1}], norm and lm_head = Identity",
+        },
     }
 
 
@@ -212,11 +236,17 @@ def worker_saelens(tokens: int, k: int, work: Path) -> dict[str, Any]:
     comp = r["component_seconds"]
     loop = r["wall_seconds"] - comp.get("norm_estimate", 0.0) - comp.get("save_final_sae", 0.0)
     return {
-        "tokens": r["tokens"], "seconds": r["wall_seconds"], "tokens_per_second": r["wall_tokens_per_second"],
-        "seconds_without_norm_estimate": loop, "tokens_per_second_without_norm_estimate": r["tokens"] / loop,
-        "component_seconds": comp, "runner_construct_seconds": r["runner_construct_seconds"],
-        "load_seconds": load_seconds, "settings": r["settings"],
-        "l0": r["l0"], "explained_variance": r["explained_variance"],
+        "tokens": r["tokens"],
+        "seconds": r["wall_seconds"],
+        "tokens_per_second": r["wall_tokens_per_second"],
+        "seconds_without_norm_estimate": loop,
+        "tokens_per_second_without_norm_estimate": r["tokens"] / loop,
+        "component_seconds": comp,
+        "runner_construct_seconds": r["runner_construct_seconds"],
+        "load_seconds": load_seconds,
+        "settings": r["settings"],
+        "l0": r["l0"],
+        "explained_variance": r["explained_variance"],
     }
 
 
@@ -227,8 +257,17 @@ WORKERS = {"sparsify": worker_sparsify, "saelens": worker_saelens}
 
 
 def saesweep_cmd(name: str, tokens: int, k: int, run_dir: Path) -> list[str]:
-    return [PY, "-m", "saesweep.train", *SAESWEEP_ARMS[name], *COMMON, f"sae.k={k}",
-            f"training.total_tokens={tokens}", *EVAL, f"hydra.run.dir={run_dir}"]
+    return [
+        PY,
+        "-m",
+        "saesweep.train",
+        *SAESWEEP_ARMS[name],
+        *COMMON,
+        f"sae.k={k}",
+        f"training.total_tokens={tokens}",
+        *EVAL,
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def run_arm(name: str, tokens: int, ceiling_tokens: int, work: Path, tag: str, k: int = 32) -> dict[str, Any]:
@@ -243,23 +282,45 @@ def run_arm(name: str, tokens: int, ceiling_tokens: int, work: Path, tag: str, k
     else:
         worker, extra_env = PEER_VARIANTS.get(name, (name, {}))
         env.update(extra_env)
-        cmd = [PY, str(Path(__file__).resolve()), "--worker", worker, "--tokens", str(tokens), "--k", str(k),
-               "--worker-out", str(out), "--work", str(work / f"{name}-{tag}")]
+        cmd = [
+            PY,
+            str(Path(__file__).resolve()),
+            "--worker",
+            worker,
+            "--tokens",
+            str(tokens),
+            "--k",
+            str(k),
+            "--worker-out",
+            str(out),
+            "--work",
+            str(work / f"{name}-{tag}"),
+        ]
     before = loadavg()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     process_seconds = time.perf_counter() - t0
     (work / f"{name}-{tag}.log").write_text(proc.stdout + proc.stderr)
-    rec: dict[str, Any] = {"arm": name, "tag": tag, "command": " ".join(c.replace(PY, "python") for c in cmd),
-                           "process_seconds": round(process_seconds, 1), "load_1min_before_after": [before, loadavg()],
-                           "returncode": proc.returncode}
+    rec: dict[str, Any] = {
+        "arm": name,
+        "tag": tag,
+        "command": " ".join(c.replace(PY, "python") for c in cmd),
+        "process_seconds": round(process_seconds, 1),
+        "load_1min_before_after": [before, loadavg()],
+        "returncode": proc.returncode,
+    }
     if proc.returncode != 0:
         rec["error"] = (proc.stderr or proc.stdout)[-2000:]
         return rec
     if name in SAESWEEP_ARMS:
         ev = json.loads((run_dir / "eval.json").read_text())
-        rec.update(tokens=ev["tokens_trained"], seconds=ev["train_seconds"], tokens_per_second=ev["tokens_per_second"],
-                   l0=ev["l0"], explained_variance=ev["explained_variance"])
+        rec.update(
+            tokens=ev["tokens_trained"],
+            seconds=ev["train_seconds"],
+            tokens_per_second=ev["tokens_per_second"],
+            l0=ev["l0"],
+            explained_variance=ev["explained_variance"],
+        )
     elif name in CEILING_ARMS:
         r = json.loads(out.read_text())
         rec.update(tokens=r["tokens"], seconds=r["seconds"], tokens_per_second=r["tokens_per_second"])
@@ -296,9 +357,13 @@ def summarize(results: dict[str, Any]) -> None:
                 ratios[f"{a}_over_{peer}"] = v / med[peer]
     if med.get("saesweep_topk_hf_bf16") and med.get("sparsify"):
         ratios["saesweep_topk_hf_bf16_over_sparsify"] = med["saesweep_topk_hf_bf16"] / med["sparsify"]
-    for a, ceiling in (("saesweep_batchtopk_tl_fp32", "ceiling_tl_fp32"), ("saesweep_batchtopk_hf_fp32", "ceiling_hf_fp32"),
-                       ("saesweep_batchtopk_hf_bf16", "ceiling_hf_bf16"), ("sparsify", "ceiling_hf_fp32"),
-                       ("saelens", "ceiling_tl_fp32")):
+    for a, ceiling in (
+        ("saesweep_batchtopk_tl_fp32", "ceiling_tl_fp32"),
+        ("saesweep_batchtopk_hf_fp32", "ceiling_hf_fp32"),
+        ("saesweep_batchtopk_hf_bf16", "ceiling_hf_bf16"),
+        ("sparsify", "ceiling_hf_fp32"),
+        ("saelens", "ceiling_tl_fp32"),
+    ):
         if med.get(a) and med.get(ceiling):
             ratios[f"{a}_fraction_of_{ceiling}"] = med[a] / med[ceiling]
     results["ratios"] = ratios
@@ -344,8 +409,10 @@ def markdown(results: dict[str, Any]) -> str:
         loads = "; ".join(f"{r['load_1min_before_after'][0]}/{r['load_1min_before_after'][1]}" for r in rs)
         lines.append(f"| {a} | **{fmt(med.get(a))}** | {vals} | {toks} | {loads} |")
     if med.get("saelens_without_norm_estimate"):
-        lines.append(f"| saelens, without its norm-estimate batches | {fmt(med['saelens_without_norm_estimate'])} | "
-                     f"{', '.join(fmt(r.get('tokens_per_second_without_norm_estimate')) for r in runs if r['arm'] == 'saelens')} | | |")
+        lines.append(
+            f"| saelens, without its norm-estimate batches | {fmt(med['saelens_without_norm_estimate'])} | "
+            f"{', '.join(fmt(r.get('tokens_per_second_without_norm_estimate')) for r in runs if r['arm'] == 'saelens')} | | |"
+        )
     lines += ["", "Ratios of medians:", ""]
     for key, v in ratios.items():
         lines.append(f"- {key}: {v if isinstance(v, str) else format(v, '.2f') + ('x' if '_over_' in key else '')}")
@@ -438,17 +505,44 @@ def main() -> None:
     arms = args.arms.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     results: dict[str, Any] = {
-        "benchmark": "e2e_from_tokens_live", "machine": machine_info(), "arms": arms, "work_dir": str(work),
-        "settings": {"tokens": args.tokens, "ceiling_tokens": args.ceiling_tokens, "repeats": args.repeats, "k": args.k,
-                     "d_sae": 4608, "batch_tokens": 4096, "saesweep_eval": EVAL, "common_overrides": COMMON},
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "finished": None,
-        "note": args.note, "runs": [],
+        "benchmark": "e2e_from_tokens_live",
+        "machine": machine_info(),
+        "arms": arms,
+        "work_dir": str(work),
+        "settings": {
+            "tokens": args.tokens,
+            "ceiling_tokens": args.ceiling_tokens,
+            "repeats": args.repeats,
+            "k": args.k,
+            "d_sae": 4608,
+            "batch_tokens": 4096,
+            "saesweep_eval": EVAL,
+            "common_overrides": COMMON,
+        },
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished": None,
+        "note": args.note,
+        "runs": [],
     }
     for rep in range(args.repeats):
-        for name in (arms if rep % 2 == 0 else arms[::-1]):
+        for name in arms if rep % 2 == 0 else arms[::-1]:
             rec = run_arm(name, args.tokens, args.ceiling_tokens, work, f"r{rep}", args.k)
-            print(json.dumps({k: rec.get(k) for k in ("arm", "tag", "tokens_per_second", "process_seconds",
-                                                       "load_1min_before_after", "returncode")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: rec.get(k)
+                        for k in (
+                            "arm",
+                            "tag",
+                            "tokens_per_second",
+                            "process_seconds",
+                            "load_1min_before_after",
+                            "returncode",
+                        )
+                    }
+                ),
+                flush=True,
+            )
             if "error" in rec:
                 print(rec["error"], file=sys.stderr, flush=True)
             results["runs"].append(rec)

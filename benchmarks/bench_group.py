@@ -37,10 +37,18 @@ DEFAULT_EXTRA = ["eval.rows=13", "eval.ce_rows=3"]
 def sweep(arm: str, tokens: int, extra: list[str], work: Path) -> dict:
     sweep_dir = work / f"sweep-{arm}"
     cmd = [
-        sys.executable, "-m", "saesweep.train", "--multirun", MEMBERS,
+        sys.executable,
+        "-m",
+        "saesweep.train",
+        "--multirun",
+        MEMBERS,
         *(["hydra/launcher=grouped"] if arm == "grouped" else []),
-        "architecture=batchtopk", "training.batch_size=4096", "activations.source=live",
-        f"training.total_tokens={tokens}", f"hydra.sweep.dir={sweep_dir}", *extra,
+        "architecture=batchtopk",
+        "training.batch_size=4096",
+        "activations.source=live",
+        f"training.total_tokens={tokens}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *extra,
     ]
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -81,8 +89,12 @@ def main() -> None:
         "tokens_per_member": args.tokens,
         "members": 4,
         "overrides": extra,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        },
         "work_dir": str(work),
         "note": "CPU shared with other jobs while measured (see load averages); arms ran back to back, grouped first",
         "grouped": grouped,
@@ -99,10 +111,12 @@ def main() -> None:
         "",
         "| arm | wall s | train s per member | EV per member | L0 per member | load avg before/after |",
         "|---|---|---|---|---|---|",
-        *(f"| {r['arm']} | {r['wall_seconds']} | {', '.join(map(str, r['train_seconds']))} | "
-          f"{', '.join(map(str, r['explained_variance']))} | {', '.join(map(str, r['l0']))} | "
-          f"{r['load_average_1min_before_after'][0]} / {r['load_average_1min_before_after'][1]} |"
-          for r in (separate, grouped)),
+        *(
+            f"| {r['arm']} | {r['wall_seconds']} | {', '.join(map(str, r['train_seconds']))} | "
+            f"{', '.join(map(str, r['explained_variance']))} | {', '.join(map(str, r['l0']))} | "
+            f"{r['load_average_1min_before_after'][0]} / {r['load_average_1min_before_after'][1]} |"
+            for r in (separate, grouped)
+        ),
         "",
         f"separate / grouped wall time: **{ratio:.2f}x** (bar: >= 2.5x). Overrides for both: {' '.join(extra)}.",
         "",

@@ -27,25 +27,31 @@ sys.path.insert(0, str(REPO))
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", default=None, help="an HF checkpoint dir (model.source=pretrained); "
-                   "default: the embedded SmolLM2")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="an HF checkpoint dir (model.source=pretrained); default: the embedded SmolLM2",
+    )
     p.add_argument("--backend", default="transformer_lens", choices=["transformer_lens", "hf"])
     p.add_argument("--hook", default="blocks.6.hook_resid_post")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-rows", type=int, default=32, help="rows of 128 tokens per forward")
     p.add_argument("--tokens", type=int, default=200_000)
     p.add_argument("--autocast", default="none", choices=["none", "bf16"])
-    p.add_argument("--allocator", default="kept", choices=["kept", "glibc"],
-                   help="kept: freed memory stays in the process, as in training (saesweep/allocator.py); "
-                   "glibc: its defaults")
+    p.add_argument(
+        "--allocator",
+        default="kept",
+        choices=["kept", "glibc"],
+        help="kept: freed memory stays in the process, as in training (saesweep/allocator.py); glibc: its defaults",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args()
 
     from saesweep.activations.source import ActivationSource
-    from saesweep.training.allocator import keep_freed_memory
     from saesweep.config.schema import DatasetConfig, ModelConfig
     from saesweep.data.rows import load_token_rows
     from saesweep.lm.model import load_model
+    from saesweep.training.allocator import keep_freed_memory
 
     kept = args.allocator == "kept" and keep_freed_memory()
     device = torch.device(args.device)
@@ -72,11 +78,18 @@ def main() -> None:
 
     result = {
         "benchmark": "lm_forward_to_hook",
-        "backend": args.backend, "hook": args.hook, "device": args.device,
+        "backend": args.backend,
+        "hook": args.hook,
+        "device": args.device,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "model": args.model_dir or model_cfg.name, "batch_rows": args.batch_rows, "autocast": args.autocast,
+        "model": args.model_dir or model_cfg.name,
+        "batch_rows": args.batch_rows,
+        "autocast": args.autocast,
         "allocator": "kept" if kept else "glibc",
-        "tokens": seen, "seconds": seconds, "tokens_per_second": seen / seconds, "torch": torch.__version__,
+        "tokens": seen,
+        "seconds": seconds,
+        "tokens_per_second": seen / seconds,
+        "torch": torch.__version__,
     }
     line = json.dumps(result)
     print(line)

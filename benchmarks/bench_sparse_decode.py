@@ -41,18 +41,32 @@ def main() -> None:
         dense = timed(lambda: torch.addmm(b, codes, w))
         sparse = timed(lambda: torch.addmm(b, codes.to_sparse_csr(), w))  # conversion included
         assert torch.allclose(torch.addmm(b, codes, w), torch.addmm(b, codes.to_sparse_csr(), w), atol=1e-3)
-        rows.append({"l0": l0, "density": l0 / d_sae, "dense_ms": round(dense * 1e3, 1),
-                     "sparse_ms": round(sparse * 1e3, 1), "dense_over_sparse": round(dense / sparse, 2)})
+        rows.append(
+            {
+                "l0": l0,
+                "density": l0 / d_sae,
+                "dense_ms": round(dense * 1e3, 1),
+                "sparse_ms": round(sparse * 1e3, 1),
+                "dense_over_sparse": round(dense / sparse, 2),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "tokens": n, "d_sae": d_sae, "d": d}
     (RESULTS / "sparse_decode_cpu.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# Decoder at evaluation, CPU: dense vs CSR sparse ({n:,} tokens, {d_sae} latents -> {d})", "",
-             f"`python benchmarks/bench_sparse_decode.py`, torch {meta['torch']}, {meta['threads']} threads, "
-             "median of 5; the sparse time includes the conversion to CSR.", "",
-             "| L0 | density | dense ms | sparse ms | dense / sparse |", "|---:|---:|---:|---:|---:|",
-             *(f"| {r['l0']} | {r['density']:.3f} | {r['dense_ms']} | {r['sparse_ms']} | {r['dense_over_sparse']}x |"
-               for r in rows)]
+    lines = [
+        f"# Decoder at evaluation, CPU: dense vs CSR sparse ({n:,} tokens, {d_sae} latents -> {d})",
+        "",
+        f"`python benchmarks/bench_sparse_decode.py`, torch {meta['torch']}, {meta['threads']} threads, "
+        "median of 5; the sparse time includes the conversion to CSR.",
+        "",
+        "| L0 | density | dense ms | sparse ms | dense / sparse |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['l0']} | {r['density']:.3f} | {r['dense_ms']} | {r['sparse_ms']} | {r['dense_over_sparse']}x |"
+            for r in rows
+        ),
+    ]
     (RESULTS / "sparse_decode_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

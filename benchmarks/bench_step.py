@@ -79,15 +79,24 @@ def sync(device: torch.device) -> None:
 
 # Each factory returns step(x) -> None, with its model and optimizer built and warm.
 
+
 def autocast(on: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
-def saesweep_step(arch: str, d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool = False,
-                  compile: bool = False, kernels: tuple[str, str] = ("auto", "auto")) -> Callable[[torch.Tensor], None]:
+def saesweep_step(
+    arch: str,
+    d_in: int,
+    d_sae: int,
+    k: int,
+    acts: torch.Tensor,
+    bf16: bool = False,
+    compile: bool = False,
+    kernels: tuple[str, str] = ("auto", "auto"),
+) -> Callable[[torch.Tensor], None]:
     from saesweep.config.schema import OptimizerConfig, SchedulerConfig
-    from saesweep.training.optim import build_optimizer, build_scheduler
     from saesweep.sae import ARCHITECTURES, build_sae, sparse
+    from saesweep.training.optim import build_optimizer, build_scheduler
 
     cfg = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=d_sae, k=k)
     sae = build_sae(cfg, d_in).to(acts.device)
@@ -116,7 +125,9 @@ def saesweep_step(arch: str, d_in: int, d_sae: int, k: int, acts: torch.Tensor, 
     return step
 
 
-def saelens_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool = False) -> Callable[[torch.Tensor], None]:
+def saelens_step(
+    d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool = False
+) -> Callable[[torch.Tensor], None]:
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
@@ -131,10 +142,15 @@ def saelens_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool =
     def step(x: torch.Tensor) -> None:
         sae.train()
         with autocast(bf16, x.device):  # SAELens's `autocast` option wraps the forward pass alike
-            out = sae.training_forward_pass(step_input=TrainStepInput(
-                sae_in=x, coefficients=coefficients, dead_neuron_mask=since_fired > 1000,
-                n_training_steps=state["step"], is_logging_step=False,
-            ))
+            out = sae.training_forward_pass(
+                step_input=TrainStepInput(
+                    sae_in=x,
+                    coefficients=coefficients,
+                    dead_neuron_mask=since_fired > 1000,
+                    n_training_steps=state["step"],
+                    is_logging_step=False,
+                )
+            )
         with torch.no_grad():
             fired = out.feature_acts.bool().float()
             since_fired.add_(1)
@@ -149,15 +165,18 @@ def saelens_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool =
     return step
 
 
-def sparsify_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool = False) -> Callable[[torch.Tensor], None]:
+def sparsify_step(
+    d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool = False
+) -> Callable[[torch.Tensor], None]:
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
     sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=acts.device, dtype=torch.float32)
     sae.b_dec.data = acts[:4096].mean(0)
-    optimizer = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]),
-                                    momentum=0.95)
+    optimizer = ScheduleFreeWrapper(
+        SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]), momentum=0.95
+    )
     optimizer.train()
 
     def step(x: torch.Tensor) -> None:
@@ -175,17 +194,23 @@ def sparsify_step(d_in: int, d_sae: int, k: int, acts: torch.Tensor, bf16: bool 
     return step
 
 
-def time_steps(step: Callable[[torch.Tensor], None], acts: torch.Tensor, batch: int, steps: int,
-               device: torch.device, warmup: int = 2) -> float:
+def time_steps(
+    step: Callable[[torch.Tensor], None],
+    acts: torch.Tensor,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    warmup: int = 2,
+) -> float:
     """Seconds per step over `steps` steps (after `warmup` steps), cycling through acts."""
     n = len(acts) // batch
     for i in range(warmup):
-        step(acts[(i % n) * batch:(i % n + 1) * batch])
+        step(acts[(i % n) * batch : (i % n + 1) * batch])
     sync(device)
     start = time.perf_counter()
     for i in range(steps):
         j = i % n
-        step(acts[j * batch:(j + 1) * batch])
+        step(acts[j * batch : (j + 1) * batch])
     sync(device)
     return (time.perf_counter() - start) / steps
 
@@ -195,22 +220,27 @@ def build_step(spec: str, args: argparse.Namespace, acts: torch.Tensor) -> Calla
     name, *opts = spec.split("+")
     unknown = set(opts) - {"bf16", "compile", "sparse", "dense", "sparsedec"}
     if unknown:
-        raise SystemExit(f"--trainers: unknown option(s) {sorted(unknown)} in {spec!r}; "
-                         "valid: bf16, compile, sparse, dense, sparsedec")
+        raise SystemExit(
+            f"--trainers: unknown option(s) {sorted(unknown)} in {spec!r}; "
+            "valid: bf16, compile, sparse, dense, sparsedec"
+        )
     bf16 = "bf16" in opts
     both = "dense" if "dense" in opts else "sparse" if "sparse" in opts else "auto"
     kernels = (both, "sparse" if "sparsedec" in opts else both)
     if name in ("saesweep_batchtopk", "saesweep_topk"):
-        return saesweep_step(name.removeprefix("saesweep_"), args.d_in, args.d_sae, args.k, acts, bf16,
-                             "compile" in opts, kernels)
+        return saesweep_step(
+            name.removeprefix("saesweep_"), args.d_in, args.d_sae, args.k, acts, bf16, "compile" in opts, kernels
+        )
     if opts and set(opts) != {"bf16"}:
         raise SystemExit(f"--trainers: {name} takes only +bf16")
     if name == "saelens_batchtopk":
         return saelens_step(args.d_in, args.d_sae, args.k, acts, bf16)
     if name == "sparsify_topk":
         return sparsify_step(args.d_in, args.d_sae, args.k, acts, bf16)
-    raise SystemExit(f"--trainers: unknown trainer {name!r}; valid: saesweep_batchtopk, saesweep_topk, "
-                     "saelens_batchtopk, sparsify_topk")
+    raise SystemExit(
+        f"--trainers: unknown trainer {name!r}; valid: saesweep_batchtopk, saesweep_topk, "
+        "saelens_batchtopk, sparsify_topk"
+    )
 
 
 def bf16_matmul_tflops(device: torch.device, n: int = 8192) -> float:
@@ -267,7 +297,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--random", action="store_true", help="Gaussian activations instead of SmolLM2's (needed when d_in != 576)")
+    p.add_argument(
+        "--random", action="store_true", help="Gaussian activations instead of SmolLM2's (needed when d_in != 576)"
+    )
     p.add_argument("--trainers", default="saesweep_batchtopk,saesweep_topk,saelens_batchtopk,sparsify_topk")
     p.add_argument("--peak", action="store_true", help="measure the bf16 matrix-product rate (GPU)")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of this trainer's step")
@@ -324,14 +356,14 @@ def main() -> None:
         "dense_flop_per_token": 10 * args.d_in * args.d_sae,
     }
     if device.type == "cuda":
-        x = acts[:args.batch]
+        x = acts[: args.batch]
         result["host_syncs_per_step"] = {name: host_syncs_per_step(step, x) for name, step in steps.items()}
         print("host syncs per step:", result["host_syncs_per_step"], flush=True)
     if args.peak:
         result["bf16_matmul_tflops"] = bf16_matmul_tflops(device)
         print(f"bf16 matmul: {result['bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
     if args.profile:
-        table = profile_table(steps[args.profile], acts[:args.batch], device)
+        table = profile_table(steps[args.profile], acts[: args.batch], device)
         prof_path = out.with_name(out.stem + "_profile.txt")
         prof_path.write_text(f"{args.profile}\n{table}\n")
         print(table, flush=True)
@@ -341,14 +373,20 @@ def main() -> None:
 
 
 def machine(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "gpu": None,
-            "load_average": os.getloadavg()}
+    info = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": None,
+        "load_average": os.getloadavg(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     for package in ("sae_lens", "sparsify"):
         try:
             from importlib.metadata import version
+
             info[package] = version(package.replace("_", "-") if package == "sae_lens" else "eai-sparsify")
         except Exception:
             info[package] = None
@@ -389,19 +427,30 @@ def markdown(r: dict) -> str:
     for name, why in r.get("unavailable", {}).items():
         lines.append(f"| {name} | not run: {why} | | |")
     if peak:
-        lines += ["", f"bf16 peak: an 8192^3 bf16 matrix product measured {peak:.0f} TFLOP/s in this run. "
-                  f"Needed FLOPs: {r['needed_flop_per_token'] / 1e6:.1f} MFLOP/token (dense encoder forward + "
-                  f"sparse decoder and gradients); dense-equivalent: {r['dense_flop_per_token'] / 1e6:.1f} "
-                  "MFLOP/token (what a dense SAE step of this size computes)."]
+        lines += [
+            "",
+            f"bf16 peak: an 8192^3 bf16 matrix product measured {peak:.0f} TFLOP/s in this run. "
+            f"Needed FLOPs: {r['needed_flop_per_token'] / 1e6:.1f} MFLOP/token (dense encoder forward + "
+            f"sparse decoder and gradients); dense-equivalent: {r['dense_flop_per_token'] / 1e6:.1f} "
+            "MFLOP/token (what a dense SAE step of this size computes).",
+        ]
     base = {n.split("+")[0] for n in med}
-    pairs = [("saesweep_batchtopk", "saelens_batchtopk"), ("saesweep_batchtopk", "sparsify_topk"),
-             ("saesweep_topk", "sparsify_topk"), ("saesweep_topk", "saelens_batchtopk")]
+    pairs = [
+        ("saesweep_batchtopk", "saelens_batchtopk"),
+        ("saesweep_batchtopk", "sparsify_topk"),
+        ("saesweep_topk", "sparsify_topk"),
+        ("saesweep_topk", "saelens_batchtopk"),
+    ]
     best = {b: min(med[n] for n in med if n.split("+")[0] == b) for b in base}
     like = [f"{a} is {best[b] / best[a]:.2f}x {b}" for a, b in pairs if a in best and b in best]
     if like:
         lines += ["", "Speed-ups (best variant of each, ratio of median step times): " + "; ".join(like) + "."]
-    lines += ["", "Per-repeat ms/step: " + "; ".join(
-        f"{n} " + ", ".join(f"{v * 1000:.0f}" for v in vals) for n, vals in r["seconds_per_step"].items()), ""]
+    lines += [
+        "",
+        "Per-repeat ms/step: "
+        + "; ".join(f"{n} " + ", ".join(f"{v * 1000:.0f}" for v in vals) for n, vals in r["seconds_per_step"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 

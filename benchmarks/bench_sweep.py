@@ -57,18 +57,35 @@ def saesweep_sweep(arm: str, tokens: int, ks: list[int], work: Path) -> dict[str
     launcher = ["hydra/launcher=grouped"] if arm.startswith("saesweep_grouped") else []
     cache = ["activations.source=cache", f"activations.cache_dir={work / 'acts'}"] if arm.endswith("cache") else []
     common = [c for c in e2e.COMMON if not (cache and c.startswith("activations.source"))]
-    cmd = [e2e.PY, "-m", "saesweep.train", "--multirun", f"sae.k={','.join(map(str, ks))}", *launcher,
-           "architecture=batchtopk", *common, *cache, f"training.total_tokens={tokens}", *e2e.EVAL,
-           f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [
+        e2e.PY,
+        "-m",
+        "saesweep.train",
+        "--multirun",
+        f"sae.k={','.join(map(str, ks))}",
+        *launcher,
+        "architecture=batchtopk",
+        *common,
+        *cache,
+        f"training.total_tokens={tokens}",
+        *e2e.EVAL,
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     before = e2e.loadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=e2e.REPO, env={**__import__("os").environ, "PYTHONPATH": str(e2e.REPO)},
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        cmd, cwd=e2e.REPO, env={**__import__("os").environ, "PYTHONPATH": str(e2e.REPO)}, capture_output=True, text=True
+    )
     wall = time.perf_counter() - t0
     (work / f"{arm}.log").write_text(proc.stdout + proc.stderr)
-    rec: dict[str, Any] = {"arm": arm, "commands": [" ".join(c.replace(e2e.PY, "python") for c in cmd)],
-                           "members_measured": ks, "measured_wall_seconds": round(wall, 1),
-                           "load_1min_before_after": [[before, e2e.loadavg()]], "returncode": proc.returncode}
+    rec: dict[str, Any] = {
+        "arm": arm,
+        "commands": [" ".join(c.replace(e2e.PY, "python") for c in cmd)],
+        "members_measured": ks,
+        "measured_wall_seconds": round(wall, 1),
+        "load_1min_before_after": [[before, e2e.loadavg()]],
+        "returncode": proc.returncode,
+    }
     if proc.returncode != 0:
         rec["error"] = proc.stderr[-2000:]
         return rec
@@ -79,7 +96,8 @@ def saesweep_sweep(arm: str, tokens: int, ks: list[int], work: Path) -> dict[str
         # A group trains its members in one shared span: count it once.
         measured_train_seconds=round(max(train) if launcher else sum(train), 1),
         tokens_per_member=[e["tokens_trained"] for e in evals],
-        l0=[round(e["l0"], 2) for e in evals], explained_variance=[round(e["explained_variance"], 4) for e in evals],
+        l0=[round(e["l0"], 2) for e in evals],
+        explained_variance=[round(e["explained_variance"], 4) for e in evals],
     )
     return rec
 
@@ -87,17 +105,23 @@ def saesweep_sweep(arm: str, tokens: int, ks: list[int], work: Path) -> dict[str
 def process_sweep(arm: str, run: str, tokens: int, ks: list[int], work: Path) -> dict[str, Any]:
     """One process per member: bench_e2e's arm `run` with each k."""
     runs = [e2e.run_arm(run, tokens, 0, work, f"k{k}", k=k) for k in ks]
-    rec: dict[str, Any] = {"arm": arm, "commands": [r["command"] for r in runs], "members_measured": ks,
-                           "measured_wall_seconds": round(sum(r["process_seconds"] for r in runs), 1),
-                           "process_seconds_per_member": [r["process_seconds"] for r in runs],
-                           "load_1min_before_after": [r["load_1min_before_after"] for r in runs],
-                           "returncode": max(r["returncode"] for r in runs)}
+    rec: dict[str, Any] = {
+        "arm": arm,
+        "commands": [r["command"] for r in runs],
+        "members_measured": ks,
+        "measured_wall_seconds": round(sum(r["process_seconds"] for r in runs), 1),
+        "process_seconds_per_member": [r["process_seconds"] for r in runs],
+        "load_1min_before_after": [r["load_1min_before_after"] for r in runs],
+        "returncode": max(r["returncode"] for r in runs),
+    }
     if rec["returncode"] != 0:
         rec["error"] = next(r["error"] for r in runs if "error" in r)
         return rec
-    rec.update(train_seconds_per_member=[round(r["seconds"], 1) for r in runs],
-               measured_train_seconds=round(sum(r["seconds"] for r in runs), 1),
-               tokens_per_member=[r["tokens"] for r in runs])
+    rec.update(
+        train_seconds_per_member=[round(r["seconds"], 1) for r in runs],
+        measured_train_seconds=round(sum(r["seconds"] for r in runs), 1),
+        tokens_per_member=[r["tokens"] for r in runs],
+    )
     if "load_seconds" in runs[0]:
         rec["load_seconds_per_member"] = [round(r["load_seconds"], 1) for r in runs]
     if "l0" in runs[0]:
@@ -143,17 +167,22 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {r['arm']} | **{r['sweep_wall_seconds']}**{ex} | {','.join(map(str, r['members_measured']))} | "
             f"{', '.join(map(str, per))} | {r.get('sweep_train_seconds', '-')}{ex} | "
-            f"{', '.join(map(str, r.get('explained_variance', ['-'])))} | {', '.join(map(str, r.get('l0', ['-'])))} | {loads} |")
+            f"{', '.join(map(str, r.get('explained_variance', ['-'])))} | {', '.join(map(str, r.get('l0', ['-'])))} | {loads} |"
+        )
     lines += ["", "Ratios of sweep wall time (slower arm / saesweep_grouped):", ""]
     for k, v in res["ratios"].items():
         lines.append(f"- {k}: {v:.2f}x")
     lines.append("")
-    for baseline, what in (("saesweep_processes", "4 separate processes (jobs)"),
-                           ("saesweep_separate", "4 runs of one basic-launcher multirun")):
+    for baseline, what in (
+        ("saesweep_processes", "4 separate processes (jobs)"),
+        ("saesweep_separate", "4 runs of one basic-launcher multirun"),
+    ):
         bar = res["ratios"].get(f"{baseline}_over_saesweep_grouped")
         if bar is not None:
-            lines.append(f"Acceptance bar: grouped >= 2.5x faster than {what}: "
-                         f"**{'met' if bar >= 2.5 else 'NOT met'}** ({bar:.2f}x).")
+            lines.append(
+                f"Acceptance bar: grouped >= 2.5x faster than {what}: "
+                f"**{'met' if bar >= 2.5 else 'NOT met'}** ({bar:.2f}x)."
+            )
     lines += [
         "",
         "What the times include: *sweep wall* = whole-process wall clock summed over the arm's processes "
@@ -185,10 +214,13 @@ def write(res: dict[str, Any], out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=49_152, help="training tokens per member")
-    p.add_argument("--arms", default="saesweep_grouped,saesweep_separate,saesweep_processes,sparsify_separate,"
-                   "saelens_separate")
+    p.add_argument(
+        "--arms", default="saesweep_grouped,saesweep_separate,saesweep_processes,sparsify_separate,saelens_separate"
+    )
     p.add_argument("--with-cache", action="store_true", help="also run saesweep_grouped_cache")
-    p.add_argument("--separate-members", default="16,32,64,128", help="k values the saesweep_separate and _processes arms run")
+    p.add_argument(
+        "--separate-members", default="16,32,64,128", help="k values the saesweep_separate and _processes arms run"
+    )
     p.add_argument("--peer-members", default="16,32,64,128", help="k values the sparsify/SAELens arms run")
     p.add_argument("--out", type=Path, default=e2e.RESULTS / "sweep_cpu.json")
     p.add_argument("--note", default="")
@@ -208,11 +240,21 @@ def main() -> None:
     sep = [int(k) for k in args.separate_members.split(",")]
     peers = [int(k) for k in args.peer_members.split(",")]
     res: dict[str, Any] = {
-        "benchmark": "k_sweep_wall_time", "machine": e2e.machine_info(), "work_dir": str(work),
-        "settings": {"tokens": args.tokens, "members": MEMBERS, "separate_members": sep, "peer_members": peers,
-                     "saesweep_eval": e2e.EVAL, "common_overrides": e2e.COMMON},
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "finished": None,
-        "note": args.note, "arms": [],
+        "benchmark": "k_sweep_wall_time",
+        "machine": e2e.machine_info(),
+        "work_dir": str(work),
+        "settings": {
+            "tokens": args.tokens,
+            "members": MEMBERS,
+            "separate_members": sep,
+            "peer_members": peers,
+            "saesweep_eval": e2e.EVAL,
+            "common_overrides": e2e.COMMON,
+        },
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished": None,
+        "note": args.note,
+        "arms": [],
     }
     for arm in arms:
         if arm == "saesweep_processes":
@@ -225,8 +267,10 @@ def main() -> None:
             finish(rec)
         else:
             print(rec["error"], file=sys.stderr, flush=True)
-        print(json.dumps({k: rec.get(k) for k in ("arm", "sweep_wall_seconds", "measured_wall_seconds", "returncode")}),
-              flush=True)
+        print(
+            json.dumps({k: rec.get(k) for k in ("arm", "sweep_wall_seconds", "measured_wall_seconds", "returncode")}),
+            flush=True,
+        )
         res["arms"].append(rec)
         write(res, args.out)
     res["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

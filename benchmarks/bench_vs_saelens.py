@@ -63,19 +63,35 @@ log = logging.getLogger("bench_vs_saelens")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=1_000_000,
-                   help="training tokens (rounded down to whole batches, for both trainers)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=1_000_000,
+        help="training tokens (rounded down to whole batches, for both trainers)",
+    )
     p.add_argument("--k", type=int, default=32, help="BatchTopK k (mean active latents per token)")
     p.add_argument("--expansion-factor", type=int, default=8, help="d_sae = expansion factor x d_model")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per optimizer step")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "vs_saelens.json",
-                   help="results JSON; a markdown table is written next to it with suffix .md")
-    p.add_argument("--order", choices=["ours,saelens", "saelens,ours"], default="ours,saelens",
-                   metavar="{ours,saelens|saelens,ours}",
-                   help="which trainer runs first (they run back to back in this process)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "benchmarks" / "results" / "vs_saelens.json",
+        help="results JSON; a markdown table is written next to it with suffix .md",
+    )
+    p.add_argument(
+        "--order",
+        choices=["ours,saelens", "saelens,ours"],
+        default="ours,saelens",
+        metavar="{ours,saelens|saelens,ours}",
+        help="which trainer runs first (they run back to back in this process)",
+    )
     p.add_argument("--device", default="cpu", help="device for the LM and both SAEs")
-    p.add_argument("--work-dir", type=Path, default=None,
-                   help="keep both runs' outputs (SAEs, metrics) here; default: a temp dir, deleted")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep both runs' outputs (SAEs, metrics) here; default: a temp dir, deleted",
+    )
     return p.parse_args(argv)
 
 
@@ -96,7 +112,9 @@ def compose_config(args: argparse.Namespace) -> Any:
         cfg = compose(config_name="train", overrides=overrides)
     typed = validate(cfg)
     if typed.sae.architecture != "batchtopk":
-        raise SystemExit(f"conf/train.yaml's architecture is {typed.sae.architecture!r}; this benchmark needs batchtopk")
+        raise SystemExit(
+            f"conf/train.yaml's architecture is {typed.sae.architecture!r}; this benchmark needs batchtopk"
+        )
     return typed
 
 
@@ -179,12 +197,14 @@ def evaluate_saved_sae(path: Path, source: Any, eval_rows: torch.Tensor, cfg: An
 
 def _timed_method(timings: dict[str, float], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """fn, adding its wall time to timings[name]; a plain function, so it binds as a method too."""
+
     def wrapper(*a: Any, **kw: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return fn(*a, **kw)
         finally:
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
     return wrapper
 
 
@@ -200,11 +220,13 @@ def instrumented_trainer(model: Any, rows: Any, timings: dict[str, float]) -> It
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         return _timed_method(timings, name, fn)
 
-    with mock.patch.object(loop_mod, "load_model_checked", timed("load_model", lambda *a, **kw: model)), \
-         mock.patch.object(loop_mod, "load_token_rows", timed("load_token_rows", lambda *a, **kw: rows)), \
-         mock.patch.object(member_mod, "evaluate", timed("evaluate", member_mod.evaluate)), \
-         mock.patch.object(member_mod, "save_sae", timed("save_sae", member_mod.save_sae)), \
-         mock.patch.object(BatchTopKSAE, "calibrate", timed("calibrate", BatchTopKSAE.calibrate)):
+    with (
+        mock.patch.object(loop_mod, "load_model_checked", timed("load_model", lambda *a, **kw: model)),
+        mock.patch.object(loop_mod, "load_token_rows", timed("load_token_rows", lambda *a, **kw: rows)),
+        mock.patch.object(member_mod, "evaluate", timed("evaluate", member_mod.evaluate)),
+        mock.patch.object(member_mod, "save_sae", timed("save_sae", member_mod.save_sae)),
+        mock.patch.object(BatchTopKSAE, "calibrate", timed("calibrate", BatchTopKSAE.calibrate)),
+    ):
         yield
 
 
@@ -221,8 +243,14 @@ def run_ours(cfg: Any, model: Any, rows: Any, source: Any, run_dir: Path, device
     tokens = int(result["tokens_trained"])
     # The wall time outside the trainer's own timed span and the calls timed here
     # (e.g. the first buffer fill, if the trainer's span starts after it).
-    timings["other"] = wall - result["train_seconds"] - timings.get("calibrate", 0.0) \
-        - timings.get("save_sae", 0.0) - timings.get("load_model", 0.0) - timings.get("load_token_rows", 0.0)
+    timings["other"] = (
+        wall
+        - result["train_seconds"]
+        - timings.get("calibrate", 0.0)
+        - timings.get("save_sae", 0.0)
+        - timings.get("load_model", 0.0)
+        - timings.get("load_token_rows", 0.0)
+    )
     log.info("ours: %d tokens, train() %.1f s (%.1f s without evaluation)", tokens, total, wall)
 
     evaluated = evaluate_saved_sae(run_dir / "sae", source, rows.eval_rows, cfg, device)
@@ -259,7 +287,9 @@ def saelens_dataset(rows: Any, n_rows: int) -> Any:
     return datasets.Dataset.from_dict({"input_ids": take.tolist()})
 
 
-def run_saelens(cfg: Any, model: Any, rows: Any, source: Any, out_dir: Path, tokens: int, device: str) -> dict[str, Any]:
+def run_saelens(
+    cfg: Any, model: Any, rows: Any, source: Any, out_dir: Path, tokens: int, device: str
+) -> dict[str, Any]:
     from sae_lens import (
         BatchTopKTrainingSAEConfig,
         LanguageModelSAERunnerConfig,
@@ -354,10 +384,18 @@ def run_saelens(cfg: Any, model: Any, rows: Any, source: Any, out_dir: Path, tok
     components: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
-        with mock.patch.object(ActivationScaler, "estimate_scaling_factor",
-                               _timed_method(components, "norm_estimate", ActivationScaler.estimate_scaling_factor)), \
-             mock.patch.object(LanguageModelSAETrainingRunner, "save_final_sae",
-                               _timed_method(components, "save_final_sae", LanguageModelSAETrainingRunner.save_final_sae)):
+        with (
+            mock.patch.object(
+                ActivationScaler,
+                "estimate_scaling_factor",
+                _timed_method(components, "norm_estimate", ActivationScaler.estimate_scaling_factor),
+            ),
+            mock.patch.object(
+                LanguageModelSAETrainingRunner,
+                "save_final_sae",
+                _timed_method(components, "save_final_sae", LanguageModelSAETrainingRunner.save_final_sae),
+            ),
+        ):
             trained = runner.run()
     finally:
         wall = time.perf_counter() - t0
@@ -370,8 +408,9 @@ def run_saelens(cfg: Any, model: Any, rows: Any, source: Any, out_dir: Path, tok
     # not the exported JumpReLU threshold): separates training quality from the
     # threshold SAELens exports. Reconstruction only (no CE) to keep it cheap.
     trained.eval()
-    training_form = reconstruction_metrics(SAELensForEval(trained), source, rows.eval_rows[: cfg.eval.rows],
-                                           cfg.eval.batch_rows)
+    training_form = reconstruction_metrics(
+        SAELensForEval(trained), source, rows.eval_rows[: cfg.eval.rows], cfg.eval.batch_rows
+    )
     return {
         "tokens": tokens,
         "wall_seconds": wall,
@@ -414,19 +453,31 @@ def markdown(results: dict[str, Any]) -> str:
     rows = [
         ("tokens trained", fmt(ours["tokens"], ","), fmt(theirs["tokens"], ",")),
         ("wall seconds (see notes)", fmt(ours["wall_seconds"], ".1f"), fmt(theirs["wall_seconds"], ".1f")),
-        ("**tokens/s, wall (see notes)**", fmt(ours["wall_tokens_per_second"], ",.0f"),
-         fmt(theirs["wall_tokens_per_second"], ",.0f")),
+        (
+            "**tokens/s, wall (see notes)**",
+            fmt(ours["wall_tokens_per_second"], ",.0f"),
+            fmt(theirs["wall_tokens_per_second"], ",.0f"),
+        ),
         ("tokens/s, saesweep trainer's own figure (eval.json)", fmt(ours["trainer_tokens_per_second"], ",.0f"), "-"),
         ("L0 (held-out, exported JumpReLU SAE)", fmt(ours["l0"], ".2f"), fmt(theirs["l0"], ".2f")),
         ("explained variance", fmt(ours["explained_variance"], ".4f"), fmt(theirs["explained_variance"], ".4f")),
         ("CE loss score", fmt(ours["ce_loss_score"], ".4f"), fmt(theirs["ce_loss_score"], ".4f")),
         ("dead fraction (over eval tokens)", fmt(ours["dead_fraction"], ".4f"), fmt(theirs["dead_fraction"], ".4f")),
-        ("JumpReLU threshold", fmt(ours["eval"].get("jumprelu_threshold"), ".4g"),
-         fmt(theirs["eval"].get("jumprelu_threshold"), ".4g")),
-        ("SAELens as trained (BatchTopK form): L0 / EV", "-",
-         f"{trained_form['l0']:.2f} / {trained_form['explained_variance']:.4f}"),
-        ("1-min load average before / after", "{before:.2f} / {after:.2f}".format(**ours["load_average_1min"]),
-         "{before:.2f} / {after:.2f}".format(**theirs["load_average_1min"])),
+        (
+            "JumpReLU threshold",
+            fmt(ours["eval"].get("jumprelu_threshold"), ".4g"),
+            fmt(theirs["eval"].get("jumprelu_threshold"), ".4g"),
+        ),
+        (
+            "SAELens as trained (BatchTopK form): L0 / EV",
+            "-",
+            f"{trained_form['l0']:.2f} / {trained_form['explained_variance']:.4f}",
+        ),
+        (
+            "1-min load average before / after",
+            "{before:.2f} / {after:.2f}".format(**ours["load_average_1min"]),
+            "{before:.2f} / {after:.2f}".format(**theirs["load_average_1min"]),
+        ),
     ]
     table = "\n".join(["| | saesweep | SAELens |", "|---|---:|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
     r = results["ratios"]
@@ -441,43 +492,43 @@ def markdown(results: dict[str, Any]) -> str:
     )
     return f"""# saesweep vs SAELens: BatchTopK training
 
-Generated by `benchmarks/bench_vs_saelens.py` on {m['date']}.
+Generated by `benchmarks/bench_vs_saelens.py` on {m["date"]}.
 
-**Machine:** {m['cpu_model']}, {m['cpu_count']} cores (torch threads: {m['torch_num_threads']}), \
-torch {m['torch_version']}, sae-lens {m['sae_lens_version']}, transformer-lens {m['transformer_lens_version']}, \
-Python {m['python_version']}, device `{s['device']}`.
+**Machine:** {m["cpu_model"]}, {m["cpu_count"]} cores (torch threads: {m["torch_num_threads"]}), \
+torch {m["torch_version"]}, sae-lens {m["sae_lens_version"]}, transformer-lens {m["transformer_lens_version"]}, \
+Python {m["python_version"]}, device `{s["device"]}`.
 
-**Setup:** {s['model']} at `{s['hook']}`, BatchTopK k={s['k']}, d_sae={s['d_sae']} \
-(expansion {s['expansion_factor']} x {s['d_in']}), {s['batch_size']} tokens/step, {s['tokens']:,} tokens \
-({s['tokens_requested']:,} requested, rounded down to whole steps), context {s['context_size']}, \
-LM batches of {s['lm_batch_rows']} rows, Adam lr {s['lr']} betas {tuple(s['betas'])}, constant lr, \
-grad-norm clip 1.0 (both), input normalization `{s['normalize_activations']}` (both), \
-activation buffer {s['buffer_tokens']:,} tokens (both), BOS excluded: {s['bos_excluded']}, seed {s['seed']}. \
-Run order: {s['order']}, back to back in one process.
+**Setup:** {s["model"]} at `{s["hook"]}`, BatchTopK k={s["k"]}, d_sae={s["d_sae"]} \
+(expansion {s["expansion_factor"]} x {s["d_in"]}), {s["batch_size"]} tokens/step, {s["tokens"]:,} tokens \
+({s["tokens_requested"]:,} requested, rounded down to whole steps), context {s["context_size"]}, \
+LM batches of {s["lm_batch_rows"]} rows, Adam lr {s["lr"]} betas {tuple(s["betas"])}, constant lr, \
+grad-norm clip 1.0 (both), input normalization `{s["normalize_activations"]}` (both), \
+activation buffer {s["buffer_tokens"]:,} tokens (both), BOS excluded: {s["bos_excluded"]}, seed {s["seed"]}. \
+Run order: {s["order"]}, back to back in one process.
 
 {table}
 
-**Speed ratio saesweep / SAELens, tokens/s wall vs wall: {r['wall_tokens_per_second']:.2f}x** \
-(saesweep trainer's own figure vs SAELens wall: {r['trainer_vs_saelens_wall_tokens_per_second']:.2f}x).
+**Speed ratio saesweep / SAELens, tokens/s wall vs wall: {r["wall_tokens_per_second"]:.2f}x** \
+(saesweep trainer's own figure vs SAELens wall: {r["trainer_vs_saelens_wall_tokens_per_second"]:.2f}x).
 
 Notes:
 - *saesweep wall* = the whole `train()` call minus its `evaluate()`: first buffer fill (LM forward), \
 training loop, threshold calibration, writing the SAE. *Trainer's own figure* is eval.json's \
 `tokens_per_second`, over the span `saesweep.training.loop` times itself.
-- *SAELens wall* = its whole `runner.run()`: {theirs['settings']['n_batches_for_norm_estimate']} \
+- *SAELens wall* = its whole `runner.run()`: {theirs["settings"]["n_batches_for_norm_estimate"]} \
 norm-estimate batches (LM forward, not trained on), training loop (LM forward included), weight folding, \
 writing the SAE.
 - Time breakdown (s): {breakdown}.
 - The model and token rows are loaded once and shared, so neither figure includes loading them. \
 SAELens trains on our training rows, in our first-epoch order (never the held-out rows).
 - Both SAEs are loaded from disk with `sae_lens.SAE.load_from_disk` (JumpReLU inference form) and \
-evaluated by `saesweep.evaluation.held_out.evaluate` on the same {s['eval_rows']} held-out rows (CE on the first \
-{s['ce_rows']}); EV is accumulated in float64 over all eval tokens with BOS excluded. Dead fraction = \
+evaluated by `saesweep.evaluation.held_out.evaluate` on the same {s["eval_rows"]} held-out rows (CE on the first \
+{s["ce_rows"]}); EV is accumulated in float64 over all eval tokens with BOS excluded. Dead fraction = \
 latents that never fire on those eval tokens.
 - SAELens keeps its BatchTopK defaults besides the shared settings (aux-k loss coefficient \
-{theirs['settings']['aux_loss_coefficient']}, rescale_acts_by_decoder_norm \
-{theirs['settings']['rescale_acts_by_decoder_norm']}, decoder init norm \
-{theirs['settings']['decoder_init_norm']}, threshold EMA rate {theirs['settings']['topk_threshold_lr']}). \
+{theirs["settings"]["aux_loss_coefficient"]}, rescale_acts_by_decoder_norm \
+{theirs["settings"]["rescale_acts_by_decoder_norm"]}, decoder init norm \
+{theirs["settings"]["decoder_init_norm"]}, threshold EMA rate {theirs["settings"]["topk_threshold_lr"]}). \
 Its exported threshold is an EMA that starts at 0 with no bias correction, so after a short run it is \
 too low and the exported SAE's L0 is far above k; the "as trained" row shows the same weights with the \
 BatchTopK activation over each eval chunk. Its `seed` setting is not applied by SAELens; the benchmark \
@@ -552,8 +603,8 @@ def main(argv: list[str] | None = None) -> None:
     ours, theirs = results["ours"], results["saelens"]
     results["ratios"] = {
         "wall_tokens_per_second": ours["wall_tokens_per_second"] / theirs["wall_tokens_per_second"],
-        "trainer_vs_saelens_wall_tokens_per_second":
-            ours["trainer_tokens_per_second"] / theirs["wall_tokens_per_second"],
+        "trainer_vs_saelens_wall_tokens_per_second": ours["trainer_tokens_per_second"]
+        / theirs["wall_tokens_per_second"],
     }
 
     out = args.out

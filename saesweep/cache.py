@@ -11,8 +11,8 @@ from typing import Any
 
 import hydra
 
-from saesweep.config import CONF_DIR
 from saesweep.cli import run
+from saesweep.config import CONF_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -33,7 +33,9 @@ def main(cfg: Any) -> None:
     cache = ensure_cache(typed, model, rows)
     print(f"cache dir: {cache.path}")
     print(f"key: {cache.key}")
-    print(f"tokens: {cache.tokens} in {len(cache.manifest['shards'])} shards; hooks: {', '.join(cache.manifest['hooks'])}")
+    print(
+        f"tokens: {cache.tokens} in {len(cache.manifest['shards'])} shards; hooks: {', '.join(cache.manifest['hooks'])}"
+    )
 
 
 def cli() -> None:

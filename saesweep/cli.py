@@ -24,7 +24,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from saesweep.errors import UserError
 
-
 # Set by `run`: the user asked for tracebacks.
 DEBUG = False
 
@@ -62,8 +61,11 @@ def run(main: Callable[[], Any]) -> None:
         # full): say which, not where in Hydra or torch it surfaced.
         if debug or e.filename is None:
             raise
-        print(f"error: '{e.filename}': {e.strerror} (for an output, choose another "
-              "hydra.run.dir / hydra.sweep.dir or free space)", file=sys.stderr)
+        print(
+            f"error: '{e.filename}': {e.strerror} (for an output, choose another "
+            "hydra.run.dir / hydra.sweep.dir or free space)",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
@@ -73,19 +75,25 @@ def one_line(e: Exception) -> str:
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, option = e.missing_cfg_file.rpartition("/")
         if e.options is not None:
-            return (f"config group '{group}' has no option '{option}'"
-                    f"{did_you_mean(option, e.options)}; valid: {', '.join(sorted(e.options))}")
+            return (
+                f"config group '{group}' has no option '{option}'"
+                f"{did_you_mean(option, e.options)}; valid: {', '.join(sorted(e.options))}"
+            )
         return f"config file '{e.missing_cfg_file}' not found"
     if isinstance(e, OverrideParseException):
-        return (f"cannot parse the override '{e.override}': {e.message.splitlines()[0]}. Form: key=value, group=option, "
-                "+new_key=value; quote values with spaces or brackets")
+        return (
+            f"cannot parse the override '{e.override}': {e.message.splitlines()[0]}. Form: key=value, group=option, "
+            "+new_key=value; quote values with spaces or brackets"
+        )
     cause = e.__cause__
     first = str(e).splitlines()[0]
     if first.startswith("Could not override '") and isinstance(cause, OmegaConfBaseException):
         key = first.split("'")[1]
         same_depth = [k for k in known_keys() if k.count(".") == key.count(".")]
-        return (f"config key '{key}': not in the config{did_you_mean(key, same_depth)}. "
-                f"A new key needs a leading +, e.g. +{key}=...")
+        return (
+            f"config key '{key}': not in the config{did_you_mean(key, same_depth)}. "
+            f"A new key needs a leading +, e.g. +{key}=..."
+        )
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
@@ -103,7 +111,9 @@ def known_keys() -> list[str]:
     keys = list(_dotted(TrainConfig))
     for arch in ARCHITECTURES.values():
         keys += [f"sae.{f.name}" for f in dataclasses.fields(arch.config_class)]
-    keys += [group.name for group in Path(CONF_DIR).iterdir() if group.is_dir() and not group.name.startswith("_")]  # architecture, model, ...
+    keys += [
+        group.name for group in Path(CONF_DIR).iterdir() if group.is_dir() and not group.name.startswith("_")
+    ]  # architecture, model, ...
     return sorted(set(keys))
 
 

@@ -31,9 +31,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from saesweep.cli import run, user_errors
 from saesweep.config import CONF_DIR
 from saesweep.config.schema import EvaluateConfig, validate_evaluate
-from saesweep.cli import run, user_errors
 from saesweep.errors import UserError
 
 log = logging.getLogger("saesweep.evaluate")
@@ -59,8 +59,12 @@ def resolve_backend(cfg: EvaluateConfig, sae: Any) -> None:
     """With the SAE's own hook, run the backend that hook name belongs to."""
     recorded = BACKEND_OF_CLASS.get(sae.metadata.get("model_class_name"))
     if cfg.model.hook_point is None and recorded is not None and recorded != cfg.model.backend:
-        log.info("%s was trained on the %s backend (cfg.json model_class_name); evaluating with model.backend=%s",
-                 sae.path, recorded, recorded)
+        log.info(
+            "%s was trained on the %s backend (cfg.json model_class_name); evaluating with model.backend=%s",
+            sae.path,
+            recorded,
+            recorded,
+        )
         cfg.model.backend = recorded
 
 
@@ -73,7 +77,9 @@ def check_widths(sae: Any, source: Any, hook_in: str, hook_out: str | None, mode
     probe = torch.full((1, 2), source.bos or 0, dtype=torch.long)
     acts = source.hook_activations(probe)
     widths = [activation_width(a.shape) for a in acts]
-    for (what, want, hook), got in zip([("d_in", sae.d_in, hook_in), ("d_out", sae.d_out, hook_out or hook_in)], [widths[0], widths[-1]]):
+    for (what, want, hook), got in zip(
+        [("d_in", sae.d_in, hook_in), ("d_out", sae.d_out, hook_out or hook_in)], [widths[0], widths[-1]]
+    ):
         if want != got:
             raise UserError(
                 f"{sae.path / 'cfg.json'}: the SAE's {what} is {want} but hook {hook!r} of model "
@@ -98,8 +104,10 @@ def plot_density(log10_rate: Any, dead: int, tokens: int, path: Path, title: str
     ax.set_xlabel("log10 firing rate (fraction of eval tokens a latent is active on)")
     ax.set_ylabel("latents")
     d_sae = len(log10_rate)
-    ax.set_title(f"{title}\n{dead} of {d_sae} latents dead ({100 * dead / d_sae:.1f} %, never active "
-                 f"in {tokens:,} tokens)", fontsize=10)
+    ax.set_title(
+        f"{title}\n{dead} of {d_sae} latents dead ({100 * dead / d_sae:.1f} %, never active in {tokens:,} tokens)",
+        fontsize=10,
+    )
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
@@ -110,13 +118,13 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from saesweep.activations.source import ActivationSource
-    from saesweep.training.allocator import keep_freed_memory
-    from saesweep.training.distributed import resolve_device
     from saesweep.atomic import atomic_write, atomic_write_text
     from saesweep.data.rows import load_token_rows
     from saesweep.evaluation.held_out import evaluate
     from saesweep.lm.model import check_hook, load_model
     from saesweep.sae_format.read import SPARSITY_FILENAME, SPARSITY_KEY, load_sae_dir
+    from saesweep.training.allocator import keep_freed_memory
+    from saesweep.training.distributed import resolve_device
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, "device")
@@ -142,8 +150,15 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.seed).eval_rows
     if len(rows) < cfg.eval.rows:
         log.warning("only %d held-out rows (eval.rows=%d)", len(rows), cfg.eval.rows)
-    log.info("evaluating %s (%s, d_in=%d, d_sae=%d) at %s on %d held-out rows",
-             sae.path, sae.architecture, sae.d_in, sae.d_sae, hook_in, min(len(rows), cfg.eval.rows))
+    log.info(
+        "evaluating %s (%s, d_in=%d, d_sae=%d) at %s on %d held-out rows",
+        sae.path,
+        sae.architecture,
+        sae.d_in,
+        sae.d_sae,
+        hook_in,
+        min(len(rows), cfg.eval.rows),
+    )
     start = time.perf_counter()
     result = evaluate(sae, source, rows, cfg.eval.rows, cfg.eval.ce_rows, cfg.eval.batch_rows)
     log10_rate = result.log10_firing_rate()
@@ -165,10 +180,14 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "eval.json", json.dumps(dict(result), indent=2) + "\n")
-    atomic_write(out_dir / SPARSITY_FILENAME,
-                 lambda tmp: save_file({SPARSITY_KEY: log10_rate.contiguous()}, str(tmp)))
-    plot_density(log10_rate, dead, int(result["dead_window_tokens"]), out_dir / "density.png",
-                 f"{sae.architecture} SAE at {hook_in}: {'/'.join(Path(cfg.sae_path).parts[-3:])}")
+    atomic_write(out_dir / SPARSITY_FILENAME, lambda tmp: save_file({SPARSITY_KEY: log10_rate.contiguous()}, str(tmp)))
+    plot_density(
+        log10_rate,
+        dead,
+        int(result["dead_window_tokens"]),
+        out_dir / "density.png",
+        f"{sae.architecture} SAE at {hook_in}: {'/'.join(Path(cfg.sae_path).parts[-3:])}",
+    )
     log.info("wrote %s, density.png, %s to %s", "eval.json", SPARSITY_FILENAME, out_dir)
     return result
 
@@ -184,8 +203,11 @@ def main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
-               if k in ("l0", "explained_variance", "mse", "dead_fraction", "ce_loss_score")}
+    summary = {
+        k: round(v, 4) if isinstance(v, float) else v
+        for k, v in result.items()
+        if k in ("l0", "explained_variance", "mse", "dead_fraction", "ce_loss_score")
+    }
     log.info("eval: %s", summary)
     return result.get("explained_variance")
 

@@ -59,8 +59,10 @@ def validate_pretokenize(cfg: DictConfig) -> PretokenizeConfig:
     check_dataset(typed.dataset)
     p = typed.pretokenize
     if not p.output_path and not p.hf_repo_id:
-        raise UserError("config key 'pretokenize.output_path': missing; give a folder to write, "
-                        "e.g. pretokenize.output_path=data/shakespeare-128 (or pretokenize.hf_repo_id=USER/NAME)")
+        raise UserError(
+            "config key 'pretokenize.output_path': missing; give a folder to write, "
+            "e.g. pretokenize.output_path=data/shakespeare-128 (or pretokenize.hf_repo_id=USER/NAME)"
+        )
     if p.max_rows is not None and p.max_rows < 1:
         raise UserError("config key 'pretokenize.max_rows': must be >= 1 or null (all rows)")
     check_model(typed.model)
@@ -76,8 +78,9 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | None) -> Any:
 
         return AutoTokenizer.from_pretrained(embedded_model_dir(cfg.name, cache_dir))
     try:
-        return AutoTokenizer.from_pretrained(str(Path(cfg.name).expanduser()) if Path(cfg.name).expanduser().is_dir()
-                                             else cfg.name)
+        return AutoTokenizer.from_pretrained(
+            str(Path(cfg.name).expanduser()) if Path(cfg.name).expanduser().is_dir() else cfg.name
+        )
     except OSError as e:
         raise UserError(f"config key 'model.name': no tokenizer for {cfg.name!r} ({str(e).splitlines()[0]})") from None
 
@@ -90,16 +93,21 @@ def metadata(cfg: PretokenizeConfig, tokenizer: Any, rows: int) -> dict[str, Any
     ids = window_tokens(d, tokenizer)
     return {
         "saesweep_version": __version__,
-        "tokenizer": {"name": cfg.model.name, "vocab_size": vocab_size(tokenizer),
-                      "vocab_sha256": tokenizer_fingerprint(tokenizer)},
+        "tokenizer": {
+            "name": cfg.model.name,
+            "vocab_size": vocab_size(tokenizer),
+            "vocab_sha256": tokenizer_fingerprint(tokenizer),
+        },
         "context_size": d.context_size,
         "windowing": {
             "prepend_bos": d.prepend_bos,
             **{key: getattr(d, key) for key in WINDOW_TOKEN_KEYS},
             "token_ids": dataclasses.asdict(ids),
         },
-        "source": {k: getattr(d, k) for k in ("source", "path", "name", "split", "column", "data_files",
-                                                "streaming", "is_tokenized")},
+        "source": {
+            k: getattr(d, k)
+            for k in ("source", "path", "name", "split", "column", "data_files", "streaming", "is_tokenized")
+        },
         "rows": rows,
         "tokens": rows * d.context_size,
         "shuffled": False,  # training shuffles as it reads
@@ -119,8 +127,11 @@ def pretokenize(cfg: PretokenizeConfig) -> Path | None:
         raise UserError(f"config key 'pretokenize.output_path': {target} exists; remove it or choose another path")
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     if cfg.dataset.context_size > getattr(tokenizer, "model_max_length", float("inf")):
-        log.warning("dataset.context_size=%d exceeds the tokenizer's model_max_length %d",
-                    cfg.dataset.context_size, tokenizer.model_max_length)
+        log.warning(
+            "dataset.context_size=%d exceeds the tokenizer's model_max_length %d",
+            cfg.dataset.context_size,
+            tokenizer.model_max_length,
+        )
     source = load_hf_dataset(cfg.dataset)
     count = [0]
 
@@ -138,14 +149,16 @@ def pretokenize(cfg: PretokenizeConfig) -> Path | None:
         # A fresh cache dir: from_generator would otherwise reuse a stale build of the
         # same generator code.
         try:
-            built = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(build_dir),
-                                                    fingerprint=f"saesweep-{build_dir.name}")
+            built = datasets.Dataset.from_generator(
+                rows, features=features, cache_dir=str(build_dir), fingerprint=f"saesweep-{build_dir.name}"
+            )
         except datasets.exceptions.DatasetGenerationError as e:
             # `datasets` wraps what our generator raised (a UserError among them): show that instead
             raise (e.__cause__ or e) from None
         if count[0] < 1:
-            raise UserError(f"config key 'dataset.path': {cfg.dataset.path} gives no rows of "
-                            f"{cfg.dataset.context_size} tokens")
+            raise UserError(
+                f"config key 'dataset.path': {cfg.dataset.path} gives no rows of {cfg.dataset.context_size} tokens"
+            )
         # Pushed from the staged copy, so a failed push leaves nothing at output_path.
         with staged_dir(target if target is not None else build_dir / "dataset", replace=False) as out:
             built.save_to_disk(str(out))
@@ -172,11 +185,18 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> None:
 
     try:
         datasets.load_from_disk(str(folder)).push_to_hub(repo_id, private=private)
-        HfApi().upload_file(path_or_fileobj=str(folder / METADATA_FILE), path_in_repo=METADATA_FILE,
-                            repo_id=repo_id, repo_type="dataset", commit_message="saesweep pretokenize metadata")
+        HfApi().upload_file(
+            path_or_fileobj=str(folder / METADATA_FILE),
+            path_in_repo=METADATA_FILE,
+            repo_id=repo_id,
+            repo_type="dataset",
+            commit_message="saesweep pretokenize metadata",
+        )
     except Exception as e:
-        raise UserError(f"config key 'pretokenize.hf_repo_id': pushing to {repo_id} failed: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(
+            f"config key 'pretokenize.hf_repo_id': pushing to {repo_id} failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     log.info("pushed to https://huggingface.co/datasets/%s", repo_id)
 
 

@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: cannot write the report to '{e.filename or args.out or args.sweep_dir}': {e.strerror}",
-              file=sys.stderr)
+        print(
+            f"error: cannot write the report to '{e.filename or args.out or args.sweep_dir}': {e.strerror}",
+            file=sys.stderr,
+        )
         return 2
     print(path)
     return 0

@@ -13,9 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from saesweep.cli import run, user_errors
 from saesweep.config import CONF_DIR
 from saesweep.config.schema import objective_values, validate
-from saesweep.cli import run, user_errors
 from saesweep.errors import UserError
 
 log = logging.getLogger("saesweep")
@@ -63,8 +63,11 @@ def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any
 
     sweep_dir = hydra_cfgs[0].sweep.dir
     try:
-        results = train_group([typed[i] for i in valid], [Path(hydra_cfgs[i].runtime.output_dir) for i in valid],
-                              resume_hint=f"hydra.sweep.dir={sweep_dir}")
+        results = train_group(
+            [typed[i] for i in valid],
+            [Path(hydra_cfgs[i].runtime.output_dir) for i in valid],
+            resume_hint=f"hydra.sweep.dir={sweep_dir}",
+        )
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same sweep with hydra.sweep.dir={sweep_dir} to resume", file=sys.stderr)
         sys.exit(130)
@@ -73,9 +76,12 @@ def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any
         if isinstance(result, Exception):
             outcomes[i] = result
             continue
-        log.info("eval %s: %s", hydra_cfgs[i].runtime.output_dir,
-                 {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
-                 extra={"run_dir": hydra_cfgs[i].runtime.output_dir})  # into this member's log only
+        log.info(
+            "eval %s: %s",
+            hydra_cfgs[i].runtime.output_dir,
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
+            extra={"run_dir": hydra_cfgs[i].runtime.output_dir},
+        )  # into this member's log only
         outcomes[i] = objective_values(result, typed[i].objectives)
     return outcomes
 
@@ -86,9 +92,11 @@ def check_not_distributed(typed: Any) -> Any:
 
     launch = launched()
     if typed.training.distributed != "none" or (launch is not None and launch.world > 1):
-        raise UserError("config key 'training.distributed': hydra/launcher=grouped trains its members together "
-                        "in one process and does not run data-parallel; use training.distributed=none with one "
-                        "process, or hydra/launcher=slurm_ddp for ddp")
+        raise UserError(
+            "config key 'training.distributed': hydra/launcher=grouped trains its members together "
+            "in one process and does not run data-parallel; use training.distributed=none with one "
+            "process, or hydra/launcher=slurm_ddp for ddp"
+        )
     return typed
 
 

@@ -45,8 +45,12 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Files copied into each SAE's folder: SAELens's three, plus our eval.json.
 SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
 MAX_DEPTH = 4  # multirun/DATE/TIME/N is three levels below multirun/
-METRIC_COLUMNS = (("l0", "L0"), ("explained_variance", "explained variance"),
-                  ("ce_loss_score", "CE loss score"), ("dead_fraction", "dead fraction"))
+METRIC_COLUMNS = (
+    ("l0", "L0"),
+    ("explained_variance", "explained variance"),
+    ("ce_loss_score", "CE loss score"),
+    ("dead_fraction", "dead fraction"),
+)
 
 
 class PushError(Exception):
@@ -239,8 +243,11 @@ def stage(root: Path, repo_id: str, stage_dir: Path) -> list[Run]:
 
     finished, unfinished = find_runs(root)
     if unfinished:
-        log.warning("skipping %d unfinished run(s) without eval.json: %s", len(unfinished),
-                    ", ".join(str(p) for p in unfinished[:5]) + (" ..." if len(unfinished) > 5 else ""))
+        log.warning(
+            "skipping %d unfinished run(s) without eval.json: %s",
+            len(unfinished),
+            ", ".join(str(p) for p in unfinished[:5]) + (" ..." if len(unfinished) > 5 else ""),
+        )
     if not finished:
         raise UserError(f"{root}: no finished runs (a finished run dir holds sae/cfg.json and eval.json)")
     runs = [read_run(p) for p in finished]
@@ -274,8 +281,7 @@ def push(stage_dir: Path, repo_id: str, private: bool, message: str) -> str:
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(stage_dir), repo_id=repo_id, repo_type="model",
-                                 commit_message=message)
+        info = api.upload_folder(folder_path=str(stage_dir), repo_id=repo_id, repo_type="model", commit_message=message)
     except Exception as e:  # network, auth, permissions: all end the same way for the user
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise PushError(f"{type(e).__name__}: {first}") from None
@@ -283,12 +289,17 @@ def push(stage_dir: Path, repo_id: str, private: bool, message: str) -> str:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m saesweep.upload",
-                                description="Push finished runs to the Hugging Face hub in SAELens's layout.")
+    p = argparse.ArgumentParser(
+        prog="python -m saesweep.upload", description="Push finished runs to the Hugging Face hub in SAELens's layout."
+    )
     p.add_argument("path", type=Path, help="a run dir (with sae/ and eval.json), a sweep dir, or a tree of them")
     p.add_argument("--repo-id", required=True, help="hub model repository, USER/NAME (created if missing)")
-    p.add_argument("--stage-dir", type=Path, default=None,
-                   help="where to lay out the repository (new or empty); default: a temporary directory")
+    p.add_argument(
+        "--stage-dir",
+        type=Path,
+        default=None,
+        help="where to lay out the repository (new or empty); default: a temporary directory",
+    )
     p.add_argument("--dry-run", action="store_true", help="stage only; print where, push nothing")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--commit-message", default=None, help="default: 'Upload N SAEs with saesweep'")
@@ -299,8 +310,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
     args = parse_args(argv)
     if not REPO_ID.match(args.repo_id):
-        print(f"error: --repo-id {args.repo_id!r}: expected USER/NAME (letters, digits, '.', '_', '-')",
-              file=sys.stderr)
+        print(
+            f"error: --repo-id {args.repo_id!r}: expected USER/NAME (letters, digits, '.', '_', '-')", file=sys.stderr
+        )
         return 2
     stage_dir = args.stage_dir or Path(tempfile.mkdtemp(prefix="saesweep-upload-"))
     try:
@@ -319,8 +331,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         url = push(stage_dir, args.repo_id, args.private, message)
     except PushError as e:
-        print(f"error: pushing to hub repo {args.repo_id} failed ({e}); the staged files are in {stage_dir}",
-              file=sys.stderr)
+        print(
+            f"error: pushing to hub repo {args.repo_id} failed ({e}); the staged files are in {stage_dir}",
+            file=sys.stderr,
+        )
         return 1
     print(f"pushed {len(runs)} SAE(s) to https://huggingface.co/{args.repo_id} ({url})")
     if args.stage_dir is None:

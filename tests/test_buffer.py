@@ -29,8 +29,13 @@ def drain(buffer: ActivationBuffer, steps: int) -> list[float]:
 
 
 def test_every_activation_is_handed_out_at_most_once_and_in_shuffled_order():
-    buf = ActivationBuffer(counting_source(), capacity=64, batch_size=8, device=torch.device("cpu"),
-                           generator=torch.Generator().manual_seed(0))
+    buf = ActivationBuffer(
+        counting_source(),
+        capacity=64,
+        batch_size=8,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+    )
     seen = drain(buf, 40)  # 320 tokens: five refills
     assert len(seen) == len(set(seen)) == 320
     assert seen[:8] != sorted(seen[:8])
@@ -40,8 +45,13 @@ def test_every_activation_is_handed_out_at_most_once_and_in_shuffled_order():
 
 def test_refill_happens_when_half_is_read():
     pulled: list[int] = []
-    buf = ActivationBuffer(recorded(counting_source(chunk=4), pulled), capacity=32, batch_size=4, device=torch.device("cpu"),
-                           generator=torch.Generator().manual_seed(0))
+    buf = ActivationBuffer(
+        recorded(counting_source(chunk=4), pulled),
+        capacity=32,
+        batch_size=4,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+    )
     drain(buf, 1)
     assert sum(pulled) == 32
     drain(buf, 3)  # 16 read = half: the next batch triggers a refill of 16
@@ -52,8 +62,13 @@ def test_refill_happens_when_half_is_read():
 
 def test_paired_columns_stay_aligned_and_seed_fixes_the_order():
     def make(seed):
-        return ActivationBuffer(counting_source(paired=True), capacity=32, batch_size=8,
-                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
+        return ActivationBuffer(
+            counting_source(paired=True),
+            capacity=32,
+            batch_size=8,
+            device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     buf = make(1)
     for _ in range(10):
@@ -65,15 +80,22 @@ def test_paired_columns_stay_aligned_and_seed_fixes_the_order():
 
 def test_capacity_must_hold_two_batches():
     with pytest.raises(ValueError):
-        ActivationBuffer(counting_source(), capacity=8, batch_size=8, device=torch.device("cpu"),
-                         generator=torch.Generator())
+        ActivationBuffer(
+            counting_source(), capacity=8, batch_size=8, device=torch.device("cpu"), generator=torch.Generator()
+        )
 
 
 @pytest.mark.parametrize("steps", [3, 12, 13, 21])  # inside the first fill, at a full refill, between
 def test_limit_pulls_exactly_the_tokens_the_run_reads_and_hands_out_each_once(steps):
     pulled: list[int] = []
-    buf = ActivationBuffer(recorded(counting_source(chunk=5), pulled), capacity=32, batch_size=4, device=torch.device("cpu"),
-                           generator=torch.Generator().manual_seed(0), limit=steps * 4)
+    buf = ActivationBuffer(
+        recorded(counting_source(chunk=5), pulled),
+        capacity=32,
+        batch_size=4,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+        limit=steps * 4,
+    )
     seen = drain(buf, steps)
     # Tokens 0..limit-1, each once: nothing computed that no step trains on, nothing skipped.
     assert sorted(seen) == list(range(steps * 4))
@@ -85,8 +107,14 @@ def test_limit_pulls_exactly_the_tokens_the_run_reads_and_hands_out_each_once(st
 
 def test_a_resumed_limited_buffer_hands_out_the_same_batches():
     def make():
-        return ActivationBuffer(counting_source(chunk=3), capacity=16, batch_size=4, device=torch.device("cpu"),
-                                generator=torch.Generator().manual_seed(3), limit=36)
+        return ActivationBuffer(
+            counting_source(chunk=3),
+            capacity=16,
+            batch_size=4,
+            device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(3),
+            limit=36,
+        )
 
     whole = drain(make(), 9)
     first = make()
@@ -99,9 +127,16 @@ def test_a_resumed_limited_buffer_hands_out_the_same_batches():
 
 def test_a_resumed_buffer_past_its_limit_hands_out_the_same_batches():
     """Skipped steps made up beyond the limit, with a checkpoint taken past it."""
+
     def make(source=None):
-        return ActivationBuffer(source or counting_source(chunk=3), capacity=16, batch_size=4,
-                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(3), limit=36)
+        return ActivationBuffer(
+            source or counting_source(chunk=3),
+            capacity=16,
+            batch_size=4,
+            device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(3),
+            limit=36,
+        )
 
     whole = drain(make(), 12)  # 9 planned batches and 3 made up
     first = make()
@@ -122,8 +157,14 @@ def test_the_live_feed_runs_the_lm_only_on_the_rows_the_run_trains_on(smollm2):
     rows = load_token_rows(cfg.dataset, smollm2.tokenizer, 8, cfg.training.seed)
     source = ActivationSource(smollm2, "blocks.6.hook_resid_post", None, exclude_bos=True)
     feed = LiveFeed(source, rows, batch_rows=8)
-    buf = ActivationBuffer(feed, capacity=128, batch_size=64, device=torch.device("cpu"),
-                           generator=torch.Generator().manual_seed(0), limit=5 * 64)
+    buf = ActivationBuffer(
+        feed,
+        capacity=128,
+        batch_size=64,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+        limit=5 * 64,
+    )
     handed = torch.cat([buf.next_batch()[0].clone() for _ in range(5)])  # batches are views a refill overwrites
 
     first = [r for _, r in zip(range(8), rows.train_iter())]

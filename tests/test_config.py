@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF_DIR
 from saesweep.config.schema import validate
 from saesweep.errors import UserError
 

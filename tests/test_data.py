@@ -13,8 +13,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from saesweep.config.schema import DatasetConfig, check_dataset
 from saesweep.data.rows import METADATA_FILE, load_hf_dataset, load_token_rows, tokenizer_fingerprint
 from saesweep.data.rows import iter_rows as _iter_rows
@@ -57,24 +57,27 @@ def rows(docs, **cfg) -> list[list[int]]:
 # --------------------------------------------------------------------------- windowing
 
 
-@pytest.mark.parametrize("options, want", [
-    # today's default, prepend_bos: BOS starts each row and separates documents
-    ({}, [[BOS, a, b, c], [BOS, d, e, BOS], [BOS, f, g, h]]),
-    # nothing added: plain concatenation
-    ({"prepend_bos": False}, [[a, b, c, d], [e, f, g, h]]),
-    # a set key overrides what prepend_bos implies, the other stays BOS
-    ({"begin_batch_token": "eos"}, [[EOS, a, b, c], [EOS, d, e, BOS], [EOS, f, g, h]]),
-    ({"sequence_separator_token": "eos"}, [[BOS, a, b, c], [BOS, d, e, EOS], [BOS, f, g, h]]),
-    # begin_sequence: each document starts with it; no separator, no row start
-    ({"prepend_bos": False, "begin_sequence_token": "eos"}, [[EOS, a, b, c], [d, e, EOS, f]]),
-    # separator only between documents sharing a row
-    ({"prepend_bos": False, "sequence_separator_token": "eos"}, [[a, b, c, d], [e, EOS, f, g]]),
-    # begin_batch only, as a token id
-    ({"prepend_bos": False, "begin_batch_token": 7}, [[7, a, b, c], [7, d, e, f]]),
-    # all three: the document's own start token follows the row's; no separator before it
-    # at a row start; the separator is skipped where the next token already is one
-    ({"begin_sequence_token": "eos"}, [[BOS, EOS, a, b], [BOS, c, d, e], [BOS, EOS, f, g]]),
-])
+@pytest.mark.parametrize(
+    "options, want",
+    [
+        # today's default, prepend_bos: BOS starts each row and separates documents
+        ({}, [[BOS, a, b, c], [BOS, d, e, BOS], [BOS, f, g, h]]),
+        # nothing added: plain concatenation
+        ({"prepend_bos": False}, [[a, b, c, d], [e, f, g, h]]),
+        # a set key overrides what prepend_bos implies, the other stays BOS
+        ({"begin_batch_token": "eos"}, [[EOS, a, b, c], [EOS, d, e, BOS], [EOS, f, g, h]]),
+        ({"sequence_separator_token": "eos"}, [[BOS, a, b, c], [BOS, d, e, EOS], [BOS, f, g, h]]),
+        # begin_sequence: each document starts with it; no separator, no row start
+        ({"prepend_bos": False, "begin_sequence_token": "eos"}, [[EOS, a, b, c], [d, e, EOS, f]]),
+        # separator only between documents sharing a row
+        ({"prepend_bos": False, "sequence_separator_token": "eos"}, [[a, b, c, d], [e, EOS, f, g]]),
+        # begin_batch only, as a token id
+        ({"prepend_bos": False, "begin_batch_token": 7}, [[7, a, b, c], [7, d, e, f]]),
+        # all three: the document's own start token follows the row's; no separator before it
+        # at a row start; the separator is skipped where the next token already is one
+        ({"begin_sequence_token": "eos"}, [[BOS, EOS, a, b], [BOS, c, d, e], [BOS, EOS, f, g]]),
+    ],
+)
 def test_window_options_on_hand_written_documents(options, want):
     assert rows(TEXT, **options) == want
 
@@ -136,8 +139,10 @@ def saved(tmp_path, docs, meta=None, name="ds"):
 
 
 def meta(context_size=3, tokenizer=CharTokenizer()):
-    return {"context_size": context_size,
-            "tokenizer": {"name": "chars", "vocab_size": 256, "vocab_sha256": tokenizer_fingerprint(tokenizer)}}
+    return {
+        "context_size": context_size,
+        "tokenizer": {"name": "chars", "vocab_size": 256, "vocab_sha256": tokenizer_fingerprint(tokenizer)},
+    }
 
 
 def load_saved(path, **cfg):
@@ -210,8 +215,16 @@ def write_format(tmp_path, kind):
     raise AssertionError(kind)
 
 
-FORMATS = ["txt files", "jsonl", "json", "parquet", "parquet folder", "save_to_disk", "save_to_disk dict",
-           "builder + data_files"]
+FORMATS = [
+    "txt files",
+    "jsonl",
+    "json",
+    "parquet",
+    "parquet folder",
+    "save_to_disk",
+    "save_to_disk dict",
+    "builder + data_files",
+]
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["finite", "streamed"])
@@ -224,8 +237,11 @@ def test_local_formats_give_the_same_rows(tmp_path, kind, streaming):
 
 def test_a_missing_split_of_a_saved_dataset_dict_is_named(tmp_path):
     path, _ = write_format(tmp_path, "save_to_disk dict")
-    with pytest.raises(UserError, match=r"^config key 'dataset.split': 'test' is not a split of .*; "
-                                        r"valid: train, validation"):
+    with pytest.raises(
+        UserError,
+        match=r"^config key 'dataset.split': 'test' is not a split of .*; "
+        r"valid: train, validation",
+    ):
         load_hf_dataset(DatasetConfig(source="hf", path=str(path), split="test"))
 
 
@@ -302,22 +318,49 @@ def data_errors(tmp_path) -> list[tuple[str, str, str]]:
     """(mistake, arguments, error line) for the dataset mistakes that need no CLI run to show."""
     docs = [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9, 10]}]
     cases = [
-        ("windowing token not bos/eos/sep/id", "dataset.begin_batch_token=cls",
-         lambda: check_dataset(DatasetConfig(begin_batch_token="cls"))),
-        ("tokenizer lacks the named token", "dataset.sequence_separator_token=sep (SmolLM2 has no SEP)",
-         lambda: rows(TEXT, sequence_separator_token="sep")),
-        ("pretokenized ids outside the model's vocab", "dataset.is_tokenized=true dataset.path={dir}",
-         lambda: rows([{"input_ids": [5, 6, 300]}], context_size=3, is_tokenized=True, path="{dir}")),
-        ("pretokenized with another context size", "dataset.path={dir} dataset.context_size=4",
-         lambda: load_saved(saved(tmp_path, docs, meta(), "ctx"), context_size=4, is_tokenized=True)),
-        ("pretokenized with another tokenizer", "dataset.path={dir}",
-         lambda: load_saved(saved(tmp_path, docs, {**meta(), "tokenizer": {**meta()["tokenizer"],
-                            "vocab_sha256": "0" * 64}}, "tok"), context_size=3, is_tokenized=True)),
-        ("pretokenized dataset read as text", "dataset.path={dir} (dataset.is_tokenized=false)",
-         lambda: load_saved(saved(tmp_path, docs, meta(), "flag"), context_size=3)),
-        ("split not in a saved DatasetDict", "dataset.path={dir} dataset.split=test",
-         lambda: load_hf_dataset(DatasetConfig(source="hf", path=str(write_format(tmp_path, "save_to_disk dict")[0]),
-                                               split="test"))),
+        (
+            "windowing token not bos/eos/sep/id",
+            "dataset.begin_batch_token=cls",
+            lambda: check_dataset(DatasetConfig(begin_batch_token="cls")),
+        ),
+        (
+            "tokenizer lacks the named token",
+            "dataset.sequence_separator_token=sep (SmolLM2 has no SEP)",
+            lambda: rows(TEXT, sequence_separator_token="sep"),
+        ),
+        (
+            "pretokenized ids outside the model's vocab",
+            "dataset.is_tokenized=true dataset.path={dir}",
+            lambda: rows([{"input_ids": [5, 6, 300]}], context_size=3, is_tokenized=True, path="{dir}"),
+        ),
+        (
+            "pretokenized with another context size",
+            "dataset.path={dir} dataset.context_size=4",
+            lambda: load_saved(saved(tmp_path, docs, meta(), "ctx"), context_size=4, is_tokenized=True),
+        ),
+        (
+            "pretokenized with another tokenizer",
+            "dataset.path={dir}",
+            lambda: load_saved(
+                saved(
+                    tmp_path, docs, {**meta(), "tokenizer": {**meta()["tokenizer"], "vocab_sha256": "0" * 64}}, "tok"
+                ),
+                context_size=3,
+                is_tokenized=True,
+            ),
+        ),
+        (
+            "pretokenized dataset read as text",
+            "dataset.path={dir} (dataset.is_tokenized=false)",
+            lambda: load_saved(saved(tmp_path, docs, meta(), "flag"), context_size=3),
+        ),
+        (
+            "split not in a saved DatasetDict",
+            "dataset.path={dir} dataset.split=test",
+            lambda: load_hf_dataset(
+                DatasetConfig(source="hf", path=str(write_format(tmp_path, "save_to_disk dict")[0]), split="test")
+            ),
+        ),
     ]
     out = []
     for what, args, make in cases:
@@ -339,5 +382,7 @@ def test_docs_list_the_dataset_errors(tmp_path):
         text = head + start + "| mistake | arguments | what you see |\n|---|---|---|\n" + table + end + tail
         DOCS.write_text(text)
     missing = [row for row in table.splitlines() if row not in text]
-    assert not missing, ("docs/errors.md is out of date (SAESWEEP_WRITE_ERROR_DOCS=1 python -m pytest "
-                         "tests/test_data.py):\n" + "\n".join(missing))
+    assert not missing, (
+        "docs/errors.md is out of date (SAESWEEP_WRITE_ERROR_DOCS=1 python -m pytest "
+        "tests/test_data.py):\n" + "\n".join(missing)
+    )

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
+
 from saesweep.config.schema import DatasetConfig, TrainingConfig
-from saesweep.training.distributed import Launch, Ranks, check_launch, launched
 from saesweep.errors import UserError
+from saesweep.training.distributed import Launch, Ranks, check_launch, launched
 
 # --------------------------------------------------------------------------- data shares
 
@@ -27,8 +27,10 @@ def test_rank_shares_of_the_rows_are_disjoint_and_cover_every_row_once_per_epoch
     rows = TokenRows(table[:1], table, None, DatasetConfig(), None, seed=3)
     epoch = [int(r[0]) for _, r in zip(range(10), rows.train_iter())]
     for world in (2, 3):
-        shares = [[int(r[0]) for _, r in zip(range(len(range(rank, 10, world))), rows.train_iter(0, rank, world))]
-                  for rank in range(world)]
+        shares = [
+            [int(r[0]) for _, r in zip(range(len(range(rank, 10, world))), rows.train_iter(0, rank, world))]
+            for rank in range(world)
+        ]
         assert sorted(sum(shares, [])) == sorted(epoch)  # disjoint, and together every row
         assert shares[0] == epoch[0::world]  # rank r: rows r, r + world, ... of one order
         # A resumed rank continues its own share: `start` counts its rows, across epochs too.
@@ -80,8 +82,15 @@ def test_cache_ranks_read_disjoint_shares_of_each_pass_and_resume_within_their_o
 
 
 def test_launch_is_read_from_torchrun_or_from_srun_but_not_from_a_batch_script(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
-                "SLURM_NTASKS"):
+    for var in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_STEP_NUM_TASKS",
+        "SLURM_LOCALID",
+        "SLURM_NTASKS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert launched() is None
     # sbatch --ntasks=2 running python directly: one process, though SLURM_NTASKS says 2
@@ -191,8 +200,9 @@ def _check_replicas_identical(ranks: Ranks, sae) -> None:
     states = ranks.gather({k: v.clone() for k, v in sae.state_dict().items()})
     if ranks.is_main:
         for name in states[0]:
-            torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=0, equal_nan=True,
-                                       msg=f"replicas differ in {name}")
+            torch.testing.assert_close(
+                states[0][name], states[1][name], rtol=0, atol=0, equal_nan=True, msg=f"replicas differ in {name}"
+            )
 
 
 def check_topk_step_matches_one_process(ranks: Ranks) -> None:
@@ -292,14 +302,32 @@ def test_on_two_gloo_ranks(two_ranks, check):
 # --------------------------------------------------------------------------- CLI under torchrun
 
 RUN = [*TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]
-RANK_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl",
-              "eval.json", "sae/cfg.json", "sae/sae_weights.safetensors", "sae/sparsity.safetensors")
+RANK_FILES = (
+    ".hydra/config.yaml",
+    ".hydra/hydra.yaml",
+    ".hydra/overrides.yaml",
+    "train.log",
+    "metrics.jsonl",
+    "eval.json",
+    "sae/cfg.json",
+    "sae/sae_weights.safetensors",
+    "sae/sparsity.safetensors",
+)
 
 
 def torchrun(*args: str, cwd: Path, env: dict | None = None):
     # --standalone: a free port of its own, so concurrent runs do not meet
-    return run_cli("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "saesweep.train",
-                   "training.distributed=ddp", *args, cwd=cwd, env=env)
+    return run_cli(
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "saesweep.train",
+        "training.distributed=ddp",
+        *args,
+        cwd=cwd,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -369,18 +397,31 @@ def test_killed_ranks_resume_to_the_uninterrupted_run_and_other_world_sizes_are_
 
 
 def test_batch_not_divisible_by_the_ranks_is_refused_before_training(tmp_path):
-    proc = torchrun(*TINY_RUN, "training.batch_size=1001", "training.total_tokens=4004",
-                    f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    proc = torchrun(
+        *TINY_RUN,
+        "training.batch_size=1001",
+        "training.total_tokens=4004",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors and all("config key 'training.batch_size': 1001 tokens per step do not split evenly over 2 "
-                          "ranks" in e for e in errors), proc.stderr[-3000:]
+    assert errors and all(
+        "config key 'training.batch_size': 1001 tokens per step do not split evenly over 2 ranks" in e for e in errors
+    ), proc.stderr[-3000:]
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
 def test_grouped_launcher_refuses_ddp(tmp_path):
-    proc = run_cli("saesweep.train", "--multirun", "hydra/launcher=grouped", "training.distributed=ddp",
-                   "sae.k=8,16", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.train",
+        "--multirun",
+        "hydra/launcher=grouped",
+        "training.distributed=ddp",
+        "sae.k=8,16",
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "error: config key 'training.distributed': hydra/launcher=grouped" in proc.stderr, proc.stderr[-3000:]
     assert not list((tmp_path / "s").glob("*/metrics.jsonl"))

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, run_cli
 
 
@@ -15,9 +14,7 @@ def trained_run(request, tmp_path_factory):
     arch = request.param
     run_dir = tmp_path_factory.mktemp(f"run-{arch}")
     extra = ["sae.l1_coefficient=0.5"] if arch == "standard" else ["sae.k=16"]
-    proc = run_cli(
-        "saesweep.train", f"architecture={arch}", *TINY_RUN, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir
-    )
+    proc = run_cli("saesweep.train", f"architecture={arch}", *TINY_RUN, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return arch, run_dir
 
@@ -29,8 +26,18 @@ def test_run_dir_has_the_contract_files(trained_run):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4, 6, 8]
     result = json.loads((run_dir / "eval.json").read_text())
-    for key in ("l0", "mse", "explained_variance", "dead_fraction", "ce_loss_score", "ce_clean",
-                "ce_sae", "ce_ablation", "tokens_trained", "tokens_per_second"):
+    for key in (
+        "l0",
+        "mse",
+        "explained_variance",
+        "dead_fraction",
+        "ce_loss_score",
+        "ce_clean",
+        "ce_sae",
+        "ce_ablation",
+        "tokens_trained",
+        "tokens_per_second",
+    ):
         assert key in result, key
     assert result["tokens_trained"] == 8192
     # 8 steps are enough to beat predicting the mean, and the splice must beat zero-ablation
@@ -41,8 +48,8 @@ def test_run_dir_has_the_contract_files(trained_run):
 
 def test_sae_lens_loads_it_and_computes_the_same(trained_run):
     """sae_lens.SAE.load_from_disk gives our encode/decode, and eval.json's L0 and EV."""
-    from safetensors.torch import load_file
     from sae_lens import SAE as LensSAE
+    from safetensors.torch import load_file
 
     arch, run_dir = trained_run
     lens = LensSAE.load_from_disk(str(run_dir / "sae"))
@@ -110,8 +117,16 @@ def test_bf16_autocast_and_compile_train_to_the_fp32_result(trained_run, tmp_pat
     arch, fp32_dir = trained_run
     if arch != "batchtopk":
         pytest.skip("BatchTopK only")
-    proc = run_cli("saesweep.train", "architecture=batchtopk", *TINY_RUN, "sae.k=16", "training.autocast=bf16",
-                   "training.compile=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.train",
+        "architecture=batchtopk",
+        *TINY_RUN,
+        "sae.k=16",
+        "training.autocast=bf16",
+        "training.compile=true",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fp32, bf16 = (json.loads((d / "eval.json").read_text()) for d in (fp32_dir, tmp_path))
     assert bf16["explained_variance"] == pytest.approx(fp32["explained_variance"], abs=0.03)

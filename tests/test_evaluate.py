@@ -9,16 +9,16 @@ import struct
 
 import pytest
 import torch
+from conftest import TINY_RUN, run_cli
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_RUN, run_cli
 from saesweep.errors import UserError
-from saesweep.sae_format.write import save_sae
 from saesweep.sae import build_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
 from saesweep.sae.standard import StandardSAEConfig
 from saesweep.sae.topk import TopKSAEConfig
 from saesweep.sae_format.read import load_sae_dir
+from saesweep.sae_format.write import save_sae
 
 HOOK = "blocks.6.hook_resid_post"
 EVAL_ARGS = ["eval.rows=24", "eval.batch_rows=8", "activations.batch_rows=16"]
@@ -36,8 +36,9 @@ def lens_sae(arch: str, d_in: int, d_sae: int, weights: dict[str, torch.Tensor] 
         "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig, {}),
     }
     sae_cls, cfg_cls, extra = classes[arch]
-    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=HOOK, model_name="SmolLM2-135M-Instruct.Q4_1"),
-                  **extra)
+    cfg = cfg_cls(
+        d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=HOOK, model_name="SmolLM2-135M-Instruct.Q4_1"), **extra
+    )
     sae = sae_cls(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -76,8 +77,13 @@ def test_reads_a_sae_lens_transcoder_with_its_output_width(tmp_path):
     import sae_lens
     from sae_lens.saes.sae import SAEMetadata
 
-    cfg = sae_lens.TranscoderConfig(d_in=12, d_sae=40, d_out=7, apply_b_dec_to_input=False,
-                                    metadata=SAEMetadata(hook_name=HOOK, hook_name_out="blocks.6.hook_mlp_out"))
+    cfg = sae_lens.TranscoderConfig(
+        d_in=12,
+        d_sae=40,
+        d_out=7,
+        apply_b_dec_to_input=False,
+        metadata=SAEMetadata(hook_name=HOOK, hook_name_out="blocks.6.hook_mlp_out"),
+    )
     lens = sae_lens.Transcoder(cfg)
     with torch.no_grad():
         lens.b_enc.copy_(0.3 * torch.randn(40))
@@ -93,11 +99,15 @@ def test_reads_a_sae_lens_transcoder_with_its_output_width(tmp_path):
         assert torch.allclose(ours.decode(ours.encode(x)), lens.decode(lens.encode(x)), atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [
-    StandardSAEConfig(d_sae=48, normalize_activations="expected_average_only_in"),
-    TopKSAEConfig(d_sae=48, k=6, normalize_activations="expected_average_only_in"),
-    BatchTopKSAEConfig(d_sae=48, k=6, normalize_activations="expected_average_only_in"),
-], ids=["standard", "topk", "batchtopk"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        StandardSAEConfig(d_sae=48, normalize_activations="expected_average_only_in"),
+        TopKSAEConfig(d_sae=48, k=6, normalize_activations="expected_average_only_in"),
+        BatchTopKSAEConfig(d_sae=48, k=6, normalize_activations="expected_average_only_in"),
+    ],
+    ids=["standard", "topk", "batchtopk"],
+)
 def test_reads_our_exports_with_our_modules_encode(cfg, tmp_path):
     torch.manual_seed(0)
     sae = build_sae(cfg, d_in=16)
@@ -162,10 +172,18 @@ def corrupt(kind: str, sae_dir):
 
 
 KINDS = {  # kind -> a phrase the message must contain
-    "no_dir": "does not exist", "not_a_dir": "not a directory", "no_cfg": "missing",
-    "bad_json": "not valid JSON", "no_d_sae": "'d_sae'", "bad_d_in": "'d_in'",
-    "unknown_arch": "'wavelet'", "no_weights": "missing", "truncated": "not a readable safetensors",
-    "garbage": "not a readable safetensors", "missing_tensor": "'b_enc'", "wrong_shape": "'W_dec' has shape",
+    "no_dir": "does not exist",
+    "not_a_dir": "not a directory",
+    "no_cfg": "missing",
+    "bad_json": "not valid JSON",
+    "no_d_sae": "'d_sae'",
+    "bad_d_in": "'d_in'",
+    "unknown_arch": "'wavelet'",
+    "no_weights": "missing",
+    "truncated": "not a readable safetensors",
+    "garbage": "not a readable safetensors",
+    "missing_tensor": "'b_enc'",
+    "wrong_shape": "'W_dec' has shape",
     "nan": "NaN",
 }
 
@@ -193,8 +211,13 @@ def test_cli_on_a_broken_dir_exits_with_one_line_no_traceback(kind, tmp_path):
 
 def test_cli_refuses_an_sae_of_another_width(tmp_path):
     write_sae_dir(tmp_path / "sae", d_in=32, d_sae=64)
-    proc = run_cli("saesweep.evaluate", f"sae_path={tmp_path / 'sae'}", *EVAL_ARGS,
-                   f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.evaluate",
+        f"sae_path={tmp_path / 'sae'}",
+        *EVAL_ARGS,
+        f"hydra.run.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "d_in is 32" in errors[0] and "width 576" in errors[0], proc.stderr[-2000:]
@@ -210,8 +233,14 @@ def trained_and_evaluated(tmp_path_factory):
     run_dir = work / "run"
     proc = run_cli("saesweep.train", "architecture=topk", "sae.k=16", *TINY_RUN, f"hydra.run.dir={run_dir}", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_cli("saesweep.evaluate", str(run_dir / "sae"), *EVAL_ARGS, "eval.ce_rows=4",
-                   f"hydra.run.dir={work / 'evaluated'}", cwd=work)
+    proc = run_cli(
+        "saesweep.evaluate",
+        str(run_dir / "sae"),
+        *EVAL_ARGS,
+        "eval.ce_rows=4",
+        f"hydra.run.dir={work / 'evaluated'}",
+        cwd=work,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, work / "evaluated"
 
@@ -222,7 +251,16 @@ def test_evaluate_reproduces_the_training_runs_eval_json(trained_and_evaluated):
     evaluated = json.loads((out / "eval.json").read_text())
     # Same held-out rows and hook; the exported weights have the input scaling folded in,
     # so only float rounding may differ.
-    for key in ("l0", "mse", "explained_variance", "dead_fraction", "ce_clean", "ce_sae", "ce_ablation", "ce_loss_score"):
+    for key in (
+        "l0",
+        "mse",
+        "explained_variance",
+        "dead_fraction",
+        "ce_clean",
+        "ce_sae",
+        "ce_ablation",
+        "ce_loss_score",
+    ):
         assert evaluated[key] == pytest.approx(trained[key], rel=1e-4, abs=1e-6), key
     assert evaluated["dead_window_tokens"] == trained["dead_window_tokens"]
     assert (evaluated["architecture"], evaluated["hook_point"], evaluated["d_sae"]) == ("topk", HOOK, 1152)
@@ -241,8 +279,8 @@ def test_evaluate_draws_the_density_histogram(trained_and_evaluated):
 def test_training_export_writes_sae_lens_sparsity(trained_and_evaluated):
     """sparsity.safetensors holds log10 firing rates over the eval window, under the key
     SAELens reads; its rates sum to L0 and its floor marks exactly the dead latents."""
-    from safetensors import safe_open
     from sae_lens import SAE as LensSAE
+    from safetensors import safe_open
 
     run_dir, out = trained_and_evaluated
     result = json.loads((run_dir / "eval.json").read_text())
@@ -326,9 +364,17 @@ def test_l0_ev_and_density_match_sae_lens_evals(arch, held_out, smollm2, tmp_pat
     from sae_lens import SAE as LensSAE
 
     theirs, features = get_sparsity_and_variance_metrics(
-        LensSAE.load_from_disk(str(tmp_path / "sae")), smollm2, RowsStore(rows), ActivationScaler(),
-        n_batches=3, compute_l2_norms=False, compute_sparsity_metrics=True, compute_variance_metrics=True,
-        compute_featurewise_density_statistics=True, eval_batch_size_prompts=8, model_kwargs={},
+        LensSAE.load_from_disk(str(tmp_path / "sae")),
+        smollm2,
+        RowsStore(rows),
+        ActivationScaler(),
+        n_batches=3,
+        compute_l2_norms=False,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        eval_batch_size_prompts=8,
+        model_kwargs={},
         ignore_tokens=[smollm2.tokenizer.bos_token_id],
     )
     assert 1 < ours["l0"] < 200 and 0.2 < ours["explained_variance"] < 0.999  # a real sparse code
@@ -344,26 +390,52 @@ def train_with_sae_lens(model, token_rows, out_dir) -> None:
     import signal
 
     import datasets
-    from sae_lens import (LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig,
-                          StandardTrainingSAEConfig)
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+        StandardTrainingSAEConfig,
+    )
 
     train_rows = torch.stack(list(itertools.islice(token_rows.train_iter(), 160)))
     bos = model.tokenizer.bos_token_id
     cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=2 * model.cfg.d_model, l1_coefficient=1.0,
-                                      dtype="float32", device="cpu", normalize_activations="expected_average_only_in"),
-        model_name="SmolLM2-135M-Instruct.Q4_1", hook_name=HOOK, dataset_path="shakespeare (saesweep rows)",
-        streaming=False, is_dataset_tokenized=True, context_size=train_rows.shape[1], n_batches_in_buffer=8,
-        training_tokens=8192, store_batch_size_prompts=16, train_batch_size_tokens=1024,
-        n_batches_for_norm_estimate=2, exclude_special_tokens=[bos], device="cpu", dtype="float32", lr=4e-3,
-        logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=None,
-        save_final_checkpoint=False, output_path=str(out_dir), verbose=False,
+        sae=StandardTrainingSAEConfig(
+            d_in=model.cfg.d_model,
+            d_sae=2 * model.cfg.d_model,
+            l1_coefficient=1.0,
+            dtype="float32",
+            device="cpu",
+            normalize_activations="expected_average_only_in",
+        ),
+        model_name="SmolLM2-135M-Instruct.Q4_1",
+        hook_name=HOOK,
+        dataset_path="shakespeare (saesweep rows)",
+        streaming=False,
+        is_dataset_tokenized=True,
+        context_size=train_rows.shape[1],
+        n_batches_in_buffer=8,
+        training_tokens=8192,
+        store_batch_size_prompts=16,
+        train_batch_size_tokens=1024,
+        n_batches_for_norm_estimate=2,
+        exclude_special_tokens=[bos],
+        device="cpu",
+        dtype="float32",
+        lr=4e-3,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+        output_path=str(out_dir),
+        verbose=False,
     )
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     torch.manual_seed(0)
     try:
-        LanguageModelSAETrainingRunner(cfg, override_dataset=datasets.Dataset.from_dict(
-            {"input_ids": train_rows.tolist()}), override_model=model).run()
+        LanguageModelSAETrainingRunner(
+            cfg, override_dataset=datasets.Dataset.from_dict({"input_ids": train_rows.tolist()}), override_model=model
+        ).run()
     finally:  # SAELens installs its own handlers and leaves them
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -378,14 +450,29 @@ def test_cli_on_a_sae_lens_trained_sae_matches_sae_lens_evals(held_out, smollm2,
 
     rows, _, _, token_rows = held_out
     train_with_sae_lens(smollm2, token_rows, tmp_path / "sae")
-    proc = run_cli("saesweep.evaluate", str(tmp_path / "sae"), *EVAL_ARGS, "eval.ce_rows=0",
-                   f"out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.evaluate",
+        str(tmp_path / "sae"),
+        *EVAL_ARGS,
+        "eval.ce_rows=0",
+        f"out_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = json.loads((tmp_path / "out" / "eval.json").read_text())
     theirs, features = get_sparsity_and_variance_metrics(
-        LensSAE.load_from_disk(str(tmp_path / "sae")), smollm2, RowsStore(rows), ActivationScaler(),
-        n_batches=3, compute_l2_norms=False, compute_sparsity_metrics=True, compute_variance_metrics=True,
-        compute_featurewise_density_statistics=True, eval_batch_size_prompts=8, model_kwargs={},
+        LensSAE.load_from_disk(str(tmp_path / "sae")),
+        smollm2,
+        RowsStore(rows),
+        ActivationScaler(),
+        n_batches=3,
+        compute_l2_norms=False,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        eval_batch_size_prompts=8,
+        model_kwargs={},
         ignore_tokens=[smollm2.tokenizer.bos_token_id],
     )
     bos_inside = int((rows[:, 1:] == smollm2.tokenizer.bos_token_id).sum())
@@ -411,8 +498,17 @@ def test_identity_sae_on_an_attention_hook_recovers_everything(smollm2, tmp_path
     hook = "blocks.0.attn.hook_z"
     d = smollm2.cfg.n_heads * smollm2.cfg.d_head
     eye = torch.eye(d)
-    sae = lens_sae("standard", d, 2 * d, {"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d),
-                                          "W_dec": torch.cat([eye, -eye]), "b_dec": torch.zeros(d)})
+    sae = lens_sae(
+        "standard",
+        d,
+        2 * d,
+        {
+            "W_enc": torch.cat([eye, -eye], 1),
+            "b_enc": torch.zeros(2 * d),
+            "W_dec": torch.cat([eye, -eye]),
+            "b_dec": torch.zeros(d),
+        },
+    )
     sae.cfg.metadata.hook_name = hook
     sae.cfg.reshape_activations = "hook_z"
     sae.save_model(tmp_path / "sae")
@@ -442,13 +538,14 @@ def test_cli_takes_the_sae_dir_as_first_argument_whatever_its_name(tmp_path):
 def test_evaluations_with_a_shared_key_equal_unshared_ones_and_skip_the_sae_independent_passes(smollm2):
     """Sweep members evaluated in one process share held-out activations and the clean and
     ablated CE passes: each later member runs one LM pass per CE batch, not four."""
+    from conftest import train_a_few_steps
+
     from saesweep.activations.source import ActivationSource
     from saesweep.config.schema import DatasetConfig, ModelConfig
     from saesweep.data.rows import load_token_rows
     from saesweep.evaluation.held_out import evaluate, shared_key
     from saesweep.sae import build_sae
     from saesweep.sae.topk import TopKSAEConfig
-    from conftest import train_a_few_steps
 
     hook = "blocks.6.hook_resid_post"
     rows = load_token_rows(DatasetConfig(), smollm2.tokenizer, eval_rows=6, seed=42).eval_rows
@@ -469,6 +566,7 @@ def test_evaluations_with_a_shared_key_equal_unshared_ones_and_skip_the_sae_inde
         def wrapper(*args, **kwargs):
             passes[kind] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     smollm2.run_to_hooks, smollm2.loss_with_hooks = counted("to_hook", to_hooks), counted("full", loss)

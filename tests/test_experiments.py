@@ -13,11 +13,11 @@ import itertools
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from conftest import run_cli
 from saesweep.config.schema import validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

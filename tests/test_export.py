@@ -6,23 +6,26 @@ import json
 
 import pytest
 import torch
-
 from conftest import train_a_few_steps
 
-from saesweep.sae_format.write import save_sae
 from saesweep.sae import build_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
 from saesweep.sae.standard import StandardSAEConfig
 from saesweep.sae.topk import TopKSAEConfig
+from saesweep.sae_format.write import save_sae
 
 NORM = "expected_average_only_in"
 
 
-@pytest.mark.parametrize("cfg", [
-    StandardSAEConfig(d_sae=48, l1_coefficient=0.1, normalize_activations=NORM),
-    TopKSAEConfig(d_sae=48, k=6, normalize_activations=NORM),
-    BatchTopKSAEConfig(d_sae=48, k=6, normalize_activations=NORM),
-], ids=["standard", "topk", "batchtopk"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        StandardSAEConfig(d_sae=48, l1_coefficient=0.1, normalize_activations=NORM),
+        TopKSAEConfig(d_sae=48, k=6, normalize_activations=NORM),
+        BatchTopKSAEConfig(d_sae=48, k=6, normalize_activations=NORM),
+    ],
+    ids=["standard", "topk", "batchtopk"],
+)
 def test_sae_lens_load_from_disk_encodes_and_decodes_like_our_module(cfg, tmp_path):
     from sae_lens import SAE as LensSAE
 

@@ -9,21 +9,30 @@ import signal
 import pytest
 import torch
 import yaml
-
 from conftest import CONF_DIR, TINY_RUN, metrics_without_timing, run_cli, weights
 
 # Member 0 diverges (lr 1e30 blows the weights up after its first step: 2 skipped steps
 # end it), member 1 trains normally; checkpoints every 2 steps.
 SHARED = [o for o in TINY_RUN if not o.startswith("optimizer.lr=")] + [
-    "sae.k=16", "training.grad_clip_norm=null", "training.max_nonfinite_steps=2",
+    "sae.k=16",
+    "training.grad_clip_norm=null",
+    "training.max_nonfinite_steps=2",
     "training.checkpoint_every_tokens=2048",
 ]
 GRID = "optimizer.lr=1e30,4e-3"
 
 
 def grouped_sweep(sweep_dir, env=None):
-    return run_cli("saesweep.train", "--multirun", "hydra/launcher=grouped", *SHARED, GRID,
-                   f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent, env=env)
+    return run_cli(
+        "saesweep.train",
+        "--multirun",
+        "hydra/launcher=grouped",
+        *SHARED,
+        GRID,
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=sweep_dir.parent,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +61,15 @@ def test_grouped_member_matches_a_separate_run_and_a_failed_member_fails_alone(g
     assert not (failed / "eval.json").exists() and (failed / "checkpoint.pt").exists()
     # ...while the other member finished, with what a separate run writes,
     assert not (done / "checkpoint.pt").exists()
-    for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "metrics.jsonl",
-                 "eval.json", "sae/cfg.json", "sae/sae_weights.safetensors"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/hydra.yaml",
+        ".hydra/overrides.yaml",
+        "metrics.jsonl",
+        "eval.json",
+        "sae/cfg.json",
+        "sae/sae_weights.safetensors",
+    ):
         assert (done / name).exists(), name
     assert "optimizer.lr=0.004" in yaml.safe_load((done / ".hydra" / "overrides.yaml").read_text())
     assert yaml.safe_load((done / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"] == 0.004
@@ -114,6 +130,7 @@ def test_group_members_may_differ_only_in_sae_optimizer_scheduler_objectives(mon
 
     may_differ = GroupedLauncherConf().may_differ
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+
         def configs(*overrides):
             return [compose("train", [o], return_hydra_config=True) for o in overrides]
 

@@ -11,8 +11,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, run_cli, train_a_few_steps
+
 from saesweep.activations.source import ActivationSource
 from saesweep.config.schema import DatasetConfig, ModelConfig
 from saesweep.errors import UserError
@@ -68,6 +68,7 @@ def test_the_hf_pass_stops_after_the_last_hook(smollm2_hf, rows):
     def counter(name):
         def count(module, args):
             calls[name] = calls.get(name, 0) + 1
+
         return count
 
     handles = [m.register_forward_pre_hook(counter(n)) for n, m in watched.items()]
@@ -82,15 +83,20 @@ def test_the_hf_pass_stops_after_the_last_hook(smollm2_hf, rows):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in hf.modules())
     short = rows[:2, :32]
     with torch.no_grad():
-        want = torch.nn.functional.cross_entropy(hf(short).logits[:, :-1].flatten(0, 1), short[:, 1:].flatten(),
-                                                 reduction="none").view(2, 31)
+        want = torch.nn.functional.cross_entropy(
+            hf(short).logits[:, :-1].flatten(0, 1), short[:, 1:].flatten(), reduction="none"
+        ).view(2, 31)
     assert torch.allclose(smollm2_hf.loss_with_hooks(short, []), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("hf_hooks,tl_hooks", [
-    (("model.layers.6", None), ("blocks.6.hook_resid_post", None)),
-    (("model.layers.6:input", "model.layers.6.mlp"), ("blocks.6.hook_resid_pre", "blocks.6.hook_mlp_out")),
-], ids=["sae", "transcoder"])
+@pytest.mark.parametrize(
+    "hf_hooks,tl_hooks",
+    [
+        (("model.layers.6", None), ("blocks.6.hook_resid_post", None)),
+        (("model.layers.6:input", "model.layers.6.mlp"), ("blocks.6.hook_resid_pre", "blocks.6.hook_mlp_out")),
+    ],
+    ids=["sae", "transcoder"],
+)
 def test_ce_loss_score_is_the_same_through_both_backends(smollm2, smollm2_hf, rows, hf_hooks, tl_hooks):
     from saesweep.evaluation.held_out import ce_metrics
     from saesweep.sae import build_sae
@@ -145,20 +151,30 @@ def test_hook_layer_reads_both_spellings(tmp_path):
 
 def test_from_pretrained_kwargs_reach_the_loader_of_both_backends():
     assert loader_kwargs(ModelConfig(from_pretrained_kwargs={"dtype": "bfloat16", "revision": "main"})) == (
-        torch.bfloat16, {"revision": "main"})
+        torch.bfloat16,
+        {"revision": "main"},
+    )
     assert loader_kwargs(ModelConfig(dtype="float16", from_pretrained_kwargs={"torch_dtype": "torch.float32"})) == (
-        torch.float32, {})
+        torch.float32,
+        {},
+    )
     with pytest.raises(UserError, match="config key 'model.from_pretrained_kwargs.dtype': 'float8'; valid: float32"):
         loader_kwargs(ModelConfig(from_pretrained_kwargs={"dtype": "float8"}))
 
     cpu = torch.device("cpu")
-    hf = load_model(ModelConfig(backend="hf", from_pretrained_kwargs={"dtype": "bfloat16", "attn_implementation": "eager"}),
-                    cpu, None)
+    hf = load_model(
+        ModelConfig(backend="hf", from_pretrained_kwargs={"dtype": "bfloat16", "attn_implementation": "eager"}),
+        cpu,
+        None,
+    )
     assert hf.cfg.dtype == torch.bfloat16 and next(hf.hf.parameters()).dtype == torch.bfloat16
     assert hf.hf.config._attn_implementation == "eager"
     for backend in ("hf", "transformer_lens"):  # the loader itself refuses an unknown keyword
-        with pytest.raises(UserError, match=r"config key 'model.from_pretrained_kwargs': the loader refused them: "
-                                            r".*unexpected keyword argument 'no_such_kwarg'"):
+        with pytest.raises(
+            UserError,
+            match=r"config key 'model.from_pretrained_kwargs': the loader refused them: "
+            r".*unexpected keyword argument 'no_such_kwarg'",
+        ):
             load_model(ModelConfig(backend=backend, from_pretrained_kwargs={"no_such_kwarg": 1}), cpu, None)
 
 
@@ -176,9 +192,11 @@ def test_backend_and_its_weights_enter_the_cache_key(smollm2, smollm2_hf, rows):
     assert key == cache_key(activation_spec(cfg, smollm2_hf, rows, hooks))  # stable
     # a weight up to the hook's layer matters, one after it or the unembedding cannot
     params = dict(smollm2_hf.hf.named_parameters())
-    for name, expect_change in (("model.layers.6.mlp.down_proj.weight", True),
-                                ("model.layers.7.mlp.down_proj.weight", False),
-                                ("model.embed_tokens.weight", True)):
+    for name, expect_change in (
+        ("model.layers.6.mlp.down_proj.weight", True),
+        ("model.layers.7.mlp.down_proj.weight", False),
+        ("model.embed_tokens.weight", True),
+    ):
         with torch.no_grad():
             params[name][0, 0] += 1.0
             try:
@@ -194,8 +212,16 @@ def runs(tmp_path_factory):
     out = {}
     for backend, hook in (("hf", "model.layers.6"), ("transformer_lens", "blocks.6.hook_resid_post")):
         run_dir = tmp_path_factory.mktemp(f"run-{backend}")
-        proc = run_cli("saesweep.train", *TINY_RUN, "architecture=topk", "sae.k=16", f"model.backend={backend}",
-                       f"model.hook_point={hook}", f"hydra.run.dir={run_dir}", cwd=run_dir)
+        proc = run_cli(
+            "saesweep.train",
+            *TINY_RUN,
+            "architecture=topk",
+            "sae.k=16",
+            f"model.backend={backend}",
+            f"model.hook_point={hook}",
+            f"hydra.run.dir={run_dir}",
+            cwd=run_dir,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[backend] = run_dir
     return out
@@ -208,7 +234,10 @@ def test_a_cli_run_on_the_hf_backend_trains_the_sae_transformer_lens_does(runs):
     cfg = json.loads((runs["hf"] / "sae" / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "model.layers.6" and cfg["d_in"] == 576
     assert cfg["metadata"]["model_class_name"] == "AutoModelForCausalLM"
-    assert json.loads((runs["transformer_lens"] / "sae" / "cfg.json").read_text())["metadata"]["model_class_name"] == "HookedTransformer"
+    assert (
+        json.loads((runs["transformer_lens"] / "sae" / "cfg.json").read_text())["metadata"]["model_class_name"]
+        == "HookedTransformer"
+    )
     assert hf["tokens_trained"] == tl["tokens_trained"] == 8192
     for key in ("explained_variance", "ce_loss_score", "ce_clean", "ce_sae", "ce_ablation", "l0", "dead_fraction"):
         assert hf[key] == pytest.approx(tl[key], rel=1e-3, abs=1e-3), key
@@ -220,8 +249,16 @@ def test_evaluate_runs_an_hf_trained_sae_on_the_hf_backend_without_being_told(ru
     """cfg.json's model_class_name picks the backend its hook name belongs to: the default
     model group (TransformerLens) would not know the hook `model.layers.6`."""
     out = tmp_path / "eval"
-    proc = run_cli("saesweep.evaluate", str(runs["hf"] / "sae"), "eval.rows=24", "eval.ce_rows=4", "eval.batch_rows=8",
-                   f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.evaluate",
+        str(runs["hf"] / "sae"),
+        "eval.rows=24",
+        "eval.ce_rows=4",
+        "eval.batch_rows=8",
+        f"out_dir={out}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "evaluating with model.backend=hf" in proc.stdout + proc.stderr
     got, trained = (json.loads((d / "eval.json").read_text()) for d in (out, runs["hf"]))

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, run_cli, wait_until_training
 
 
@@ -18,8 +17,14 @@ def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
     args = [sys.executable, "-m", "saesweep.train", *run, "sae.k=8", f"hydra.run.dir={tmp_path}"]
     # A shell without job control starts background jobs with SIGINT ignored, and the child
     # would inherit that (a CI run under `&`); a person's terminal delivers it.
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         wait_until_training(proc, tmp_path / "metrics.jsonl")
         proc.send_signal(signal.SIGINT)
@@ -43,8 +48,15 @@ def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     """lr 1e30 blows the weights up after one step: every later loss is inf."""
-    proc = run_cli("saesweep.train", *TINY_RUN, "optimizer.lr=1e30", "training.grad_clip_norm=null",
-                   "training.max_nonfinite_steps=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.train",
+        *TINY_RUN,
+        "optimizer.lr=1e30",
+        "training.grad_clip_norm=null",
+        "training.max_nonfinite_steps=3",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training diverged: 3 steps in a row" in errors[0], proc.stderr[-3000:]
@@ -86,9 +98,9 @@ def test_a_skipped_step_is_made_up_and_the_run_finishes(tmp_path, monkeypatch):
     (the buffer pulls it past its limit) and still trains total_tokens // batch_size steps."""
     from hydra import compose, initialize_config_dir
 
-    from saesweep.training import loop, member
-    from saesweep.config.schema import validate
     from saesweep.config import CONF_DIR
+    from saesweep.config.schema import validate
+    from saesweep.training import loop, member
 
     calls = 0
     start = member.Member.start
@@ -104,6 +116,7 @@ def test_a_skipped_step_is_made_up_and_the_run_finishes(tmp_path, monkeypatch):
             if calls == 3:
                 out.losses["mse"] = out.losses["mse"] * float("inf")
             return out
+
         self.forward = poisoned
 
     monkeypatch.setattr(member.Member, "start", start_poisoned)

@@ -4,10 +4,10 @@ shipped in the wheel."""
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "saesweep"

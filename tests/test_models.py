@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, run_cli
 
 
@@ -41,13 +40,21 @@ def test_weights_stored_as_the_forward_reads_them_skip_its_copies_and_change_no_
             p.data = p.data.contiguous()  # TransformerLens's own layout
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     # each weight's shape, reversed, and an attention weight's [(head d_head), d_model]
-    weight_shapes = {s for p in smollm2.parameters() if p.dim() >= 2
-                     for s in (tuple(p.shape), tuple(p.shape)[::-1], (p.shape[0] * p.shape[-1], p.shape[1]))}
+    weight_shapes = {
+        s
+        for p in smollm2.parameters()
+        if p.dim() >= 2
+        for s in (tuple(p.shape), tuple(p.shape)[::-1], (p.shape[0] * p.shape[-1], p.shape[1]))
+    }
 
     def weight_copies(model) -> tuple[torch.Tensor, int]:
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             logits = model(ids)
-        copies = [e for e in prof.events() if e.name == "aten::copy_" and e.input_shapes and tuple(e.input_shapes[0]) in weight_shapes]
+        copies = [
+            e
+            for e in prof.events()
+            if e.name == "aten::copy_" and e.input_shapes and tuple(e.input_shapes[0]) in weight_shapes
+        ]
         return logits, len(copies)
 
     want, plain_copies = weight_copies(plain)
@@ -73,8 +80,16 @@ def tiny_hf_model_and_data(tmp_path_factory, smollm2):
     root = tmp_path_factory.mktemp("tiny-hub")
     tok = smollm2.tokenizer
     # n_ctx as in the real gpt2 config.json: TransformerLens reads it
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, n_ctx=64, vocab_size=len(tok),
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=64,
+        n_ctx=64,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     GPT2LMHeadModel(cfg).save_pretrained(root / "tiny-gpt2")
     tok.save_pretrained(root / "tiny-gpt2")

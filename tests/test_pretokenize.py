@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import CONF_DIR, TINY_RUN, run_cli, weights
+from test_data import CharTokenizer
+
 from saesweep import pretokenize as pt
 from saesweep.config.schema import DatasetConfig
 from saesweep.data.rows import METADATA_FILE, load_token_rows, tokenizer_fingerprint
 from saesweep.errors import UserError
-from test_data import CharTokenizer
 
 
 @pytest.fixture
@@ -82,25 +82,30 @@ def compose_pretokenize(overrides: list[str]):
 
 @pytest.mark.parametrize("dataset", sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")))
 def test_config_composes_with_the_training_groups(dataset):
-    typed = pt.validate_pretokenize(compose_pretokenize([f"dataset={dataset}", "pretokenize.output_path=out",
-                                                         "dataset.begin_sequence_token=eos"]))
+    typed = pt.validate_pretokenize(
+        compose_pretokenize([f"dataset={dataset}", "pretokenize.output_path=out", "dataset.begin_sequence_token=eos"])
+    )
     assert typed.dataset.begin_sequence_token == "eos" and typed.pretokenize.output_path == "out"
     with pytest.raises(UserError, match=r"^config key 'pretokenize.output_path': missing"):
         pt.validate_pretokenize(compose_pretokenize([f"dataset={dataset}"]))
     with pytest.raises(UserError, match=r"^config key 'dataset.sequence_separator_token'"):
-        pt.validate_pretokenize(compose_pretokenize(["pretokenize.output_path=out",
-                                                     "dataset.sequence_separator_token=x"]))
+        pt.validate_pretokenize(
+            compose_pretokenize(["pretokenize.output_path=out", "dataset.sequence_separator_token=x"])
+        )
 
 
 def test_pretokenized_shakespeare_trains_to_the_same_sae_as_the_text(tmp_path):
     """The CLI end to end: pretokenize, then the same tiny run from the text and from the rows."""
     out = tmp_path / "shakespeare-128"
-    proc = run_cli("saesweep.pretokenize", f"pretokenize.output_path={out}", f"hydra.run.dir={tmp_path / 'pt'}",
-                   cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.pretokenize", f"pretokenize.output_path={out}", f"hydra.run.dir={tmp_path / 'pt'}", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {}
-    for name, dataset in (("text", []), ("rows", ["dataset.source=hf", f"dataset.path={out}",
-                                                    "dataset.is_tokenized=true"])):
+    for name, dataset in (
+        ("text", []),
+        ("rows", ["dataset.source=hf", f"dataset.path={out}", "dataset.is_tokenized=true"]),
+    ):
         runs[name] = tmp_path / name
         proc = run_cli("saesweep.train", *TINY_RUN, *dataset, f"hydra.run.dir={runs[name]}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,19 +16,47 @@ from omegaconf import OmegaConf
 
 from saesweep.errors import UserError
 from saesweep.report import main
-from saesweep.sweep.report import SweepReportCallback, differing_overrides, load_sweep, pareto_front, report_rows, write_report
+from saesweep.sweep.report import (
+    SweepReportCallback,
+    differing_overrides,
+    load_sweep,
+    pareto_front,
+    report_rows,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-EVAL_0 = {"l0": 16.0, "explained_variance": 0.71, "mse": 0.0123, "dead_fraction": 0.05, "ce_loss_score": 0.82,
-          "ce_clean": 3.1, "tokens_trained": 1000000, "tokens_per_second": 12345.6}
-EVAL_1 = {"l0": 32.5, "explained_variance": 0.8, "mse": 0.009, "dead_fraction": 0.0, "ce_loss_score": 0.9,
-          "tokens_trained": 1000000, "tokens_per_second": 11000.0}  # no ce_clean: extra keys are ignored
+EVAL_0 = {
+    "l0": 16.0,
+    "explained_variance": 0.71,
+    "mse": 0.0123,
+    "dead_fraction": 0.05,
+    "ce_loss_score": 0.82,
+    "ce_clean": 3.1,
+    "tokens_trained": 1000000,
+    "tokens_per_second": 12345.6,
+}
+EVAL_1 = {
+    "l0": 32.5,
+    "explained_variance": 0.8,
+    "mse": 0.009,
+    "dead_fraction": 0.0,
+    "ce_loss_score": 0.9,
+    "tokens_trained": 1000000,
+    "tokens_per_second": 11000.0,
+}  # no ce_clean: extra keys are ignored
 
 
-def make_member(sweep: Path, name: str, overrides: list[str] | None = None, architecture: str | None = None,
-                eval_json: dict | str | None = None, log: str | None = None) -> Path:
+def make_member(
+    sweep: Path,
+    name: str,
+    overrides: list[str] | None = None,
+    architecture: str | None = None,
+    eval_json: dict | str | None = None,
+    log: str | None = None,
+) -> Path:
     d = sweep / name
     d.mkdir(parents=True)
     if overrides is not None:
@@ -48,13 +76,32 @@ def sweep(tmp_path) -> Path:
     s = tmp_path / "multirun" / "2026-11-23" / "14-00-00"
     info = "[2026-11-23 14:00:01,000][saesweep.training.loop][INFO] - training topk\n"
     make_member(s, "0", ["architecture=topk", "sae.k=16", "training.total_tokens=1000000"], "topk", EVAL_0, info)
-    make_member(s, "1", ["architecture=batchtopk", "sae.k=32", "training.total_tokens=1000000", "optimizer.lr=1e-3"],
-                "batchtopk", EVAL_1, info)
-    make_member(s, "2", ["architecture=topk", "sae.k=64", "training.total_tokens=1000000"], "topk", log=info + (
-        "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\nRuntimeError: CUDA out of memory\n"))
+    make_member(
+        s,
+        "1",
+        ["architecture=batchtopk", "sae.k=32", "training.total_tokens=1000000", "optimizer.lr=1e-3"],
+        "batchtopk",
+        EVAL_1,
+        info,
+    )
+    make_member(
+        s,
+        "2",
+        ["architecture=topk", "sae.k=64", "training.total_tokens=1000000"],
+        "topk",
+        log=info
+        + (
+            'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\nRuntimeError: CUDA out of memory\n'
+        ),
+    )
     # "error" inside an INFO message is not a failure.
-    make_member(s, "3", ["architecture=batchtopk", "sae.k=128", "training.total_tokens=1000000"], "batchtopk",
-                log=info + "[2026-11-23 14:00:02,000][saesweep][INFO] - mean squared error is tracked\n")
+    make_member(
+        s,
+        "3",
+        ["architecture=batchtopk", "sae.k=128", "training.total_tokens=1000000"],
+        "batchtopk",
+        log=info + "[2026-11-23 14:00:02,000][saesweep][INFO] - mean squared error is tracked\n",
+    )
     (s / "multirun.yaml").write_text("hydra: {}\n")
     return s
 
@@ -62,7 +109,11 @@ def sweep(tmp_path) -> Path:
 def test_load_sweep_status_and_fields(sweep):
     members = load_sweep(sweep)
     assert [(m.name, m.status, m.architecture) for m in members] == [
-        ("0", "done", "topk"), ("1", "done", "batchtopk"), ("2", "failed", "topk"), ("3", "unfinished", "batchtopk")]
+        ("0", "done", "topk"),
+        ("1", "done", "batchtopk"),
+        ("2", "failed", "topk"),
+        ("3", "unfinished", "batchtopk"),
+    ]
     assert members[0].metrics == {k: float(v) for k, v in EVAL_0.items() if k != "ce_clean"}
     assert members[2].reason == "train.log: RuntimeError: CUDA out of memory"
     assert members[3].reason == "" and members[3].metrics == {}
@@ -90,7 +141,9 @@ def test_members_sorted_numerically_and_odd_entries_tolerated(tmp_path):
     by_name = {m.name: m for m in members}
     assert by_name["1"].status == "failed" and by_name["1"].reason.startswith("eval.json unreadable: Expecting")
     assert by_name["1"].overrides is None and by_name["1"].architecture is None
-    assert by_name["3"].status == "failed" and by_name["3"].reason == "eval.json unreadable: holds a list, not an object"
+    assert (
+        by_name["3"].status == "failed" and by_name["3"].reason == "eval.json unreadable: holds a list, not an object"
+    )
     assert by_name["4"].status == "failed" and by_name["4"].reason == "status.json: UserError: bad"
     # The member without .hydra has unknown overrides, not "every key missing".
     assert differing_overrides([m.overrides for m in members]) == ["sae.k"]
@@ -98,25 +151,31 @@ def test_members_sorted_numerically_and_odd_entries_tolerated(tmp_path):
     assert (s / "report.csv").read_text().count("\n") == 7
 
 
-@pytest.mark.parametrize("log,status", [
-    ("[2026-11-23 14:00:00,000][saesweep][ERROR] - disk full\n", "failed"),
-    ("error: 'sae.k' must be a positive integer\n", "failed"),
-    ("[2026-11-23 14:00:00,000][saesweep][INFO] - reconstruction error 0.1\n", "unfinished"),
-    ("", "unfinished"),
-])
+@pytest.mark.parametrize(
+    "log,status",
+    [
+        ("[2026-11-23 14:00:00,000][saesweep][ERROR] - disk full\n", "failed"),
+        ("error: 'sae.k' must be a positive integer\n", "failed"),
+        ("[2026-11-23 14:00:00,000][saesweep][INFO] - reconstruction error 0.1\n", "unfinished"),
+        ("", "unfinished"),
+    ],
+)
 def test_status_from_log(tmp_path, log, status):
     make_member(tmp_path, "0", ["sae.k=1"], "topk", log=log)
     (member,) = load_sweep(tmp_path)
     assert member.status == status and bool(member.reason) == (status == "failed")
 
 
-@pytest.mark.parametrize("points,front", [
-    ([(10, 0.5), (20, 0.7), (15, 0.4), (30, 0.7), (5, 0.1)], [4, 0, 1]),
-    ([], []),
-    ([(1, 1)], [0]),
-    ([(1, 1), (1, 1), (2, 0.5)], [0, 1]),  # equal points both stay; (2, 0.5) is dominated
-    ([(1, 0.5), (1, 0.7)], [1]),  # same x, higher y wins
-])
+@pytest.mark.parametrize(
+    "points,front",
+    [
+        ([(10, 0.5), (20, 0.7), (15, 0.4), (30, 0.7), (5, 0.1)], [4, 0, 1]),
+        ([], []),
+        ([(1, 1)], [0]),
+        ([(1, 1), (1, 1), (2, 0.5)], [0, 1]),  # equal points both stay; (2, 0.5) is dominated
+        ([(1, 0.5), (1, 0.7)], [1]),  # same x, higher y wins
+    ],
+)
 def test_pareto_front(points, front):
     assert pareto_front(points) == front
 
@@ -135,9 +194,11 @@ def test_csv_and_md(sweep, tmp_path):
     md = (out / "report.md").read_text().splitlines()
     assert md[0] == f"# Sweep report: {sweep}"
     assert md[2] == "4 members: 2 done, 1 failed, 1 unfinished"
-    assert md[4] == ("| member | status | architecture | sae.k | optimizer.lr | l0 | "
-                     "explained_variance | mse | dead_fraction | ce_loss_score | tokens_trained | tokens_per_second "
-                     "| reason |")
+    assert md[4] == (
+        "| member | status | architecture | sae.k | optimizer.lr | l0 | "
+        "explained_variance | mse | dead_fraction | ce_loss_score | tokens_trained | tokens_per_second "
+        "| reason |"
+    )
     assert md[6] == "| 0 | done | topk | 16 |  | 16.0 | 0.7100 | 0.0123 | 0.050 | 0.8200 | 1,000,000 | 12,346 |  |"
     assert md[8] == "| 2 | failed | topk | 64 |  |  |  |  |  |  |  |  | train.log: RuntimeError: CUDA out of memory |"
     assert len([line for line in md if line.startswith("| ")]) == 5
@@ -180,8 +241,9 @@ def test_load_sweep_errors(tmp_path):
 
 
 def test_cli_missing_dir_is_one_line_error():
-    proc = subprocess.run([sys.executable, "-m", "saesweep.report", "/nonexistent"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "saesweep.report", "/nonexistent"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "/nonexistent" in lines[0], proc.stderr
@@ -206,7 +268,8 @@ def test_callback_failure_is_a_warning(tmp_path, caplog):
 
 def test_callback_in_a_real_multirun(tmp_path):
     """Hydra's basic sweeper skips on_multirun_end when a member fails; on_job_end covers it."""
-    (tmp_path / "app.py").write_text(textwrap.dedent("""
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent("""
         import hydra
 
         @hydra.main(version_base="1.3", config_path=None, config_name=None)
@@ -217,11 +280,22 @@ def test_callback_in_a_real_multirun(tmp_path):
              / "eval.json").write_text('{"l0": %d, "explained_variance": 0.5}' % (10 * cfg.x))
 
         main()
-    """))
+    """)
+    )
     proc = subprocess.run(
-        [sys.executable, "app.py", "--multirun", "+x=1,2,3", "hydra.sweep.dir=sw",
-         "+hydra.callbacks.sweep_report._target_=saesweep.sweep.report.SweepReportCallback"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "app.py",
+            "--multirun",
+            "+x=1,2,3",
+            "hydra.sweep.dir=sw",
+            "+hydra.callbacks.sweep_report._target_=saesweep.sweep.report.SweepReportCallback",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "x=2 is bad" in proc.stderr  # the sweep itself still fails
     assert (tmp_path / "sw" / "1" / "status.json").exists()  # member 1 ran x=2
     assert (tmp_path / "sw" / "report.md").read_text().splitlines()[2] == "3 members: 2 done, 1 failed, 0 unfinished"

@@ -7,8 +7,8 @@ import signal
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
+
 from saesweep.training.checkpoint import StopSignals, config_differences
 
 RUN = [*TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]

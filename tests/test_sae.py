@@ -130,7 +130,9 @@ def test_batch_topk_indices_exact_with_ties_at_the_cutoff():
     pre[:, :3] = 1.0  # 12 clear winners, then 188 ties at 0 for the remaining 8 of 20 places
     rows, cols = batch_topk_indices(pre, k=5)
     assert len(rows) == 20 and torch.all(rows[1:] >= rows[:-1])
-    assert set(((rows * 50 + cols)[pre[rows, cols] == 1.0]).tolist()) == {r * 50 + c for r in range(4) for c in range(3)}
+    assert set(((rows * 50 + cols)[pre[rows, cols] == 1.0]).tolist()) == {
+        r * 50 + c for r in range(4) for c in range(3)
+    }
 
 
 def test_batch_topk_indices_take_exactly_n_keep_when_everything_ties():
@@ -208,11 +210,14 @@ def test_encoder_starts_as_decoder_transpose_with_decoder_init_norm():
     assert torch.equal(sae.W_enc, sae.W_dec.T)
 
 
-@pytest.mark.parametrize("cfg", [
-    StandardSAEConfig(d_sae=12, normalize_activations="expected_average_only_in"),
-    TopKSAEConfig(d_sae=12, k=3, normalize_activations="expected_average_only_in"),
-    BatchTopKSAEConfig(d_sae=12, k=3, normalize_activations="expected_average_only_in"),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        StandardSAEConfig(d_sae=12, normalize_activations="expected_average_only_in"),
+        TopKSAEConfig(d_sae=12, k=3, normalize_activations="expected_average_only_in"),
+        BatchTopKSAEConfig(d_sae=12, k=3, normalize_activations="expected_average_only_in"),
+    ],
+)
 def test_exported_weights_fold_input_scaling(cfg):
     """The exported tensors, applied to raw activations, give what the SAE gives."""
     torch.manual_seed(1)
@@ -275,8 +280,12 @@ def test_b_dec_init_mean_and_geometric_median():
 
 def test_init_norm_search_finds_the_scale_with_the_least_mse():
     """One latent, x > 0, b = 0: recon = relu(s x) s = s^2 x, so the MSE is least at s = 1."""
-    sae = build_sae(StandardSAEConfig(d_sae=1, b_dec_init="zeros", normalize_activations="none",
-                                      decoder_init_norm=0.1, init_norm_search=True), d_in=1)
+    sae = build_sae(
+        StandardSAEConfig(
+            d_sae=1, b_dec_init="zeros", normalize_activations="none", decoder_init_norm=0.1, init_norm_search=True
+        ),
+        d_in=1,
+    )
     with torch.no_grad():  # the init's sign is random; a negative latent never fires on x > 0
         sae.W_dec.abs_(), sae.W_enc.abs_()
     x = torch.tensor([[0.5], [1.0], [2.0]])
@@ -289,8 +298,10 @@ def test_init_norm_search_finds_the_scale_with_the_least_mse():
 def test_init_norm_search_never_loses_to_the_default_scale_and_leaves_running_state():
     torch.manual_seed(0)
     x = torch.randn(256, 8) * 3 + 1
-    for cfg in (StandardSAEConfig(d_sae=32, decoder_init_norm=0.1),
-                BatchTopKSAEConfig(d_sae=32, k=4, decoder_init_norm=1.0)):
+    for cfg in (
+        StandardSAEConfig(d_sae=32, decoder_init_norm=0.1),
+        BatchTopKSAEConfig(d_sae=32, k=4, decoder_init_norm=1.0),
+    ):
         plain = build_sae(cfg, d_in=8)
         searched = build_sae(dataclasses.replace(cfg, init_norm_search=True), d_in=8)
         searched.load_state_dict(plain.state_dict())

@@ -10,16 +10,16 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_RUN, run_cli
 from torch.func import functional_call
 
-from conftest import TINY_RUN, run_cli
 from saesweep.config.schema import OptimizerConfig, SchedulerConfig
 from saesweep.errors import UserError
-from saesweep.sae_format.write import save_sae
-from saesweep.training.optim import build_optimizer, build_scheduler, lr_factor
 from saesweep.sae import build_sae
 from saesweep.sae.gated import GatedSAE, GatedSAEConfig
 from saesweep.sae.jumprelu import JumpReLUSAE, JumpReLUSAEConfig, heaviside_step, jumprelu
+from saesweep.sae_format.write import save_sae
+from saesweep.training.optim import build_optimizer, build_scheduler, lr_factor
 
 # d_in = 3, d_sae = 4, two tokens: small enough to follow by hand.
 X = [[1.0, -2.0, 0.5], [0.0, 1.0, 3.0]]
@@ -34,6 +34,7 @@ THRESHOLD = [1.2, 1.0, 0.2, 3.0]
 
 
 # --- plain-Python references ---------------------------------------------------
+
 
 def centred(t: int) -> list[float]:
     return [X[t][i] - B_DEC[i] for i in range(3)]
@@ -61,11 +62,18 @@ def tensor(rows) -> torch.Tensor:
 
 # --- gated -----------------------------------------------------------------------
 
+
 def tiny_gated(**kw) -> GatedSAE:
     sae = build_sae(GatedSAEConfig(d_sae=4, b_dec_init="zeros", **kw), d_in=3)
     with torch.no_grad():
-        for name, value in [("W_enc", W_ENC), ("W_dec", W_DEC), ("b_dec", B_DEC), ("b_gate", B_GATE),
-                            ("b_mag", B_MAG), ("r_mag", R_MAG)]:
+        for name, value in [
+            ("W_enc", W_ENC),
+            ("W_dec", W_DEC),
+            ("b_dec", B_DEC),
+            ("b_gate", B_GATE),
+            ("b_mag", B_MAG),
+            ("r_mag", R_MAG),
+        ]:
             getattr(sae, name).copy_(tensor(value))
     return sae
 
@@ -210,6 +218,7 @@ def test_a_scalar_threshold_gets_the_summed_gradient():
 
 # --- jumprelu: the SAE's loss terms ------------------------------------------------
 
+
 def tiny_jumprelu(**kw) -> JumpReLUSAE:
     sae = build_sae(JumpReLUSAEConfig(d_sae=4, b_dec_init="zeros", **kw), d_in=3)
     with torch.no_grad():
@@ -263,8 +272,10 @@ def test_pre_act_loss_covers_only_latents_dead_for_the_window():
     sae.tokens_since_fired.copy_(torch.tensor([0, 10, 5, 4]))
     dead = [False, True, True, False]
     got = sae(tensor(X), tensor(X), step=0).losses["pre_act"].item()
-    want = sum(max(THRESHOLD[j] - jumprelu_pre(t)[j], 0.0) * dec_norm(j)
-               for t in range(2) for j in range(4) if dead[j]) / 2
+    want = (
+        sum(max(THRESHOLD[j] - jumprelu_pre(t)[j], 0.0) * dec_norm(j) for t in range(2) for j in range(4) if dead[j])
+        / 2
+    )
     assert want > 0 and got == pytest.approx(0.2 * want, rel=1e-5)
 
 
@@ -294,8 +305,10 @@ def test_log_threshold_gradient_of_the_step_loss_is_the_kernel_formula():
 
 def test_jumprelu_gradients_away_from_thresholds_match_finite_differences():
     torch.manual_seed(1)
-    sae = build_sae(JumpReLUSAEConfig(d_sae=6, init_threshold=0.3, pre_act_loss_coefficient=0.5,
-                                      pre_act_dead_after_tokens=1), d_in=4).double()
+    sae = build_sae(
+        JumpReLUSAEConfig(d_sae=6, init_threshold=0.3, pre_act_loss_coefficient=0.5, pre_act_dead_after_tokens=1),
+        d_in=4,
+    ).double()
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, name).normal_(std=0.5)
@@ -314,6 +327,7 @@ def test_jumprelu_gradients_away_from_thresholds_match_finite_differences():
 
 
 # --- optimizer groups ----------------------------------------------------------------
+
 
 def test_param_groups_cover_every_parameter_once():
     sae = build_sae(JumpReLUSAEConfig(d_sae=8, threshold_lr_multiplier=0.1), d_in=4)
@@ -346,8 +360,9 @@ def test_threshold_lr_is_its_multiplier_times_the_scheduled_lr():
 
 def test_one_adam_step_moves_log_thresholds_by_the_multiplied_lr():
     torch.manual_seed(0)
-    sae = build_sae(JumpReLUSAEConfig(d_sae=8, threshold_lr_multiplier=0.25, bandwidth=10.0,
-                                      sparsity_loss_mode="step"), d_in=4)
+    sae = build_sae(
+        JumpReLUSAEConfig(d_sae=8, threshold_lr_multiplier=0.25, bandwidth=10.0, sparsity_loss_mode="step"), d_in=4
+    )
     optimizer = build_optimizer(sae.param_groups(), OptimizerConfig(lr=1e-2))
     x = torch.randn(16, 4)
     before = sae.log_threshold.detach().clone()
@@ -375,8 +390,14 @@ def test_the_cpu_optimizer_is_fused_and_steps_like_the_per_parameter_one(name):
     assert fused.defaults["fused"]
     twin = copy.deepcopy(sae)
     plain = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    reference = plain([{"params": g.params, "lr": cfg.lr * g.lr_multiplier} for g in twin.param_groups()],
-                      lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.1, foreach=False)
+    reference = plain(
+        [{"params": g.params, "lr": cfg.lr * g.lr_multiplier} for g in twin.param_groups()],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=0.1,
+        foreach=False,
+    )
     x = torch.randn(16, 4)
     for _ in range(3):
         for model, optimizer in ((sae, fused), (twin, reference)):
@@ -389,10 +410,11 @@ def test_the_cpu_optimizer_is_fused_and_steps_like_the_per_parameter_one(name):
 
 # --- export to SAELens ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ["gated", "jumprelu"])
 def test_sae_lens_load_from_disk_encodes_and_decodes_like_our_module(arch, tmp_path):
-    from safetensors.torch import load_file
     from sae_lens import SAE as LensSAE
+    from safetensors.torch import load_file
 
     torch.manual_seed(0)
     cfg_class = {"gated": GatedSAEConfig, "jumprelu": JumpReLUSAEConfig}[arch]
@@ -438,20 +460,24 @@ def test_sae_lens_load_from_disk_encodes_and_decodes_like_our_module(arch, tmp_p
 
 # --- config validation ---------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg,key", [
-    (JumpReLUSAEConfig(bandwidth=0.0), "bandwidth"),
-    (JumpReLUSAEConfig(bandwidth=-1.0), "bandwidth"),
-    (JumpReLUSAEConfig(init_threshold=0.0), "init_threshold"),
-    (JumpReLUSAEConfig(l0_coefficient=-0.1), "l0_coefficient"),
-    (JumpReLUSAEConfig(l0_warm_up_steps=-1), "l0_warm_up_steps"),
-    (JumpReLUSAEConfig(sparsity_loss_mode="quadratic"), "sparsity_loss_mode"),
-    (JumpReLUSAEConfig(tanh_scale=0.0), "tanh_scale"),
-    (JumpReLUSAEConfig(pre_act_loss_coefficient=-1e-6), "pre_act_loss_coefficient"),
-    (JumpReLUSAEConfig(pre_act_dead_after_tokens=0), "pre_act_dead_after_tokens"),
-    (JumpReLUSAEConfig(threshold_lr_multiplier=-0.1), "threshold_lr_multiplier"),
-    (GatedSAEConfig(l1_coefficient=-1.0), "l1_coefficient"),
-    (GatedSAEConfig(l1_warm_up_steps=-2), "l1_warm_up_steps"),
-])
+
+@pytest.mark.parametrize(
+    "cfg,key",
+    [
+        (JumpReLUSAEConfig(bandwidth=0.0), "bandwidth"),
+        (JumpReLUSAEConfig(bandwidth=-1.0), "bandwidth"),
+        (JumpReLUSAEConfig(init_threshold=0.0), "init_threshold"),
+        (JumpReLUSAEConfig(l0_coefficient=-0.1), "l0_coefficient"),
+        (JumpReLUSAEConfig(l0_warm_up_steps=-1), "l0_warm_up_steps"),
+        (JumpReLUSAEConfig(sparsity_loss_mode="quadratic"), "sparsity_loss_mode"),
+        (JumpReLUSAEConfig(tanh_scale=0.0), "tanh_scale"),
+        (JumpReLUSAEConfig(pre_act_loss_coefficient=-1e-6), "pre_act_loss_coefficient"),
+        (JumpReLUSAEConfig(pre_act_dead_after_tokens=0), "pre_act_dead_after_tokens"),
+        (JumpReLUSAEConfig(threshold_lr_multiplier=-0.1), "threshold_lr_multiplier"),
+        (GatedSAEConfig(l1_coefficient=-1.0), "l1_coefficient"),
+        (GatedSAEConfig(l1_warm_up_steps=-2), "l1_warm_up_steps"),
+    ],
+)
 def test_bad_values_are_refused_by_key(cfg, key):
     with pytest.raises(UserError) as err:
         cfg.check()
@@ -469,11 +495,14 @@ def test_the_defaults_are_valid():
     GatedSAEConfig().check()
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["architecture=jumprelu", "sae.bandwidth=0"], "sae.bandwidth"),
-    (["architecture=jumprelu", "sae.sparsity_loss_mode=l1"], "sae.sparsity_loss_mode"),
-    (["architecture=gated", "sae.l1_coefficient=-1"], "sae.l1_coefficient"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["architecture=jumprelu", "sae.bandwidth=0"], "sae.bandwidth"),
+        (["architecture=jumprelu", "sae.sparsity_loss_mode=l1"], "sae.sparsity_loss_mode"),
+        (["architecture=gated", "sae.l1_coefficient=-1"], "sae.l1_coefficient"),
+    ],
+)
 def test_cli_prints_one_error_line_naming_the_key(tmp_path, overrides, key):
     proc = run_cli("saesweep.train", *overrides, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -484,13 +513,13 @@ def test_cli_prints_one_error_line_naming_the_key(tmp_path, overrides, key):
 
 # --- end to end ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module", params=["gated", "jumprelu"])
 def trained_run(request, tmp_path_factory):
     arch = request.param
     run_dir = tmp_path_factory.mktemp(f"run-{arch}")
     extra = ["sae.l1_coefficient=0.5"] if arch == "gated" else []
-    proc = run_cli("saesweep.train", f"architecture={arch}", *TINY_RUN, *extra, f"hydra.run.dir={run_dir}",
-                   cwd=run_dir)
+    proc = run_cli("saesweep.train", f"architecture={arch}", *TINY_RUN, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return arch, run_dir
 

@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
-
 from conftest import train_a_few_steps
+
 from saesweep.errors import UserError
 from saesweep.sae import build_sae
-from saesweep.sae_format.write import save_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
 from saesweep.sae.matryoshka import MatryoshkaBatchTopKSAEConfig
 from saesweep.sae.topk import TopKSAEConfig, scheduled_k
+from saesweep.sae_format.write import save_sae
 
 # d_in = 3, d_sae = 6. Decoder rows e1, e2, e3, e1, e2, e3; latents 3-5 read the
 # input at half strength (latent 5 with a sign flip), so their pre-activations are
@@ -191,17 +191,20 @@ def test_forward_uses_the_scheduled_k_and_inference_the_final_k(cfg_cls):
     assert (sae.encode(x) != 0).sum(-1).float().mean().item() == pytest.approx(2.0, abs=0.2)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (dict(aux_k=-1), "sae.aux_k"),
-    (dict(aux_k_coefficient=-0.1), "sae.aux_k_coefficient"),
-    (dict(dead_steps_threshold=0), "sae.dead_steps_threshold"),
-    (dict(initial_k=2), "sae.initial_k"),
-    (dict(initial_k=100), "sae.initial_k"),
-    (dict(initial_k=8, k_warmup_steps=0), "sae.k_warmup_steps"),
-    (dict(k_cold_booting_steps=-1), "sae.k_cold_booting_steps"),
-    (dict(k_schedule_type="cosine"), "sae.k_schedule_type"),
-    (dict(k_exponential_factor=0.0), "sae.k_exponential_factor"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(aux_k=-1), "sae.aux_k"),
+        (dict(aux_k_coefficient=-0.1), "sae.aux_k_coefficient"),
+        (dict(dead_steps_threshold=0), "sae.dead_steps_threshold"),
+        (dict(initial_k=2), "sae.initial_k"),
+        (dict(initial_k=100), "sae.initial_k"),
+        (dict(initial_k=8, k_warmup_steps=0), "sae.k_warmup_steps"),
+        (dict(k_cold_booting_steps=-1), "sae.k_cold_booting_steps"),
+        (dict(k_schedule_type="cosine"), "sae.k_schedule_type"),
+        (dict(k_exponential_factor=0.0), "sae.k_exponential_factor"),
+    ],
+)
 def test_invalid_keys_name_themselves(overrides, key):
     with pytest.raises(UserError, match=f"config key '{key}'"):
         TopKSAEConfig(d_sae=64, k=4, **overrides).check()
@@ -216,8 +219,9 @@ def test_initial_k_wider_than_the_sae_is_refused_when_the_width_comes_from_expan
 
 
 def test_matryoshka_prefix_losses_against_hand_computation():
-    cfg = MatryoshkaBatchTopKSAEConfig(d_sae=6, k=2, matryoshka_widths=[2, 4], normalize_activations="none",
-                                       apply_b_dec_to_input=False)
+    cfg = MatryoshkaBatchTopKSAEConfig(
+        d_sae=6, k=2, matryoshka_widths=[2, 4], normalize_activations="none", apply_b_dec_to_input=False
+    )
     sae = build_sae(cfg, d_in=3)
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor(W_ENC))
@@ -242,8 +246,7 @@ def test_matryoshka_prefix_losses_against_hand_computation():
 def test_matryoshka_sparse_path_matches_dense_reference_with_gradients():
     torch.manual_seed(3)
     widths = [8, 24]
-    cfg = MatryoshkaBatchTopKSAEConfig(d_sae=64, k=4, matryoshka_widths=widths, aux_k=0,
-                                       normalize_activations="none")
+    cfg = MatryoshkaBatchTopKSAEConfig(d_sae=64, k=4, matryoshka_widths=widths, aux_k=0, normalize_activations="none")
     sae = build_sae(cfg, d_in=16).double()
     with torch.no_grad():
         sae.b_dec.normal_()
@@ -289,8 +292,9 @@ def test_matryoshka_export_loads_in_sae_lens_with_identical_encode_decode(tmp_pa
     from sae_lens import SAE as LensSAE
 
     torch.manual_seed(0)
-    cfg = MatryoshkaBatchTopKSAEConfig(d_sae=48, k=6, matryoshka_widths=[6, 18],
-                                       normalize_activations="expected_average_only_in")
+    cfg = MatryoshkaBatchTopKSAEConfig(
+        d_sae=48, k=6, matryoshka_widths=[6, 18], normalize_activations="expected_average_only_in"
+    )
     sae = build_sae(cfg, d_in=16)
     x = 30 * torch.randn(512, 16) + 5  # far from unit scale, so the folded scaling matters
     train_a_few_steps(sae, x)
@@ -315,9 +319,17 @@ def test_cli_topk_with_auxk_and_k_schedule(tmp_path):
     from conftest import TINY_RUN, run_cli
 
     proc = run_cli(
-        "saesweep.train", "architecture=topk", *TINY_RUN, "sae.k=16", "sae.aux_k=32",
-        "sae.dead_steps_threshold=1", "sae.initial_k=64", "sae.k_warmup_steps=4",
-        "sae.k_schedule_type=exponential", f"hydra.run.dir={tmp_path}", cwd=tmp_path,
+        "saesweep.train",
+        "architecture=topk",
+        *TINY_RUN,
+        "sae.k=16",
+        "sae.aux_k=32",
+        "sae.dead_steps_threshold=1",
+        "sae.initial_k=64",
+        "sae.k_warmup_steps=4",
+        "sae.k_schedule_type=exponential",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -335,8 +347,14 @@ def test_cli_matryoshka_batchtopk(tmp_path):
     from conftest import TINY_RUN, run_cli
     from sae_lens import SAE as LensSAE
 
-    proc = run_cli("saesweep.train", "architecture=matryoshka_batchtopk", *TINY_RUN, "sae.k=16",
-                   f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.train",
+        "architecture=matryoshka_batchtopk",
+        *TINY_RUN,
+        "sae.k=16",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # TINY_RUN's width is 2 x 576 = 1152: levels 128, 512 and the whole SAE

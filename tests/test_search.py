@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 
 import yaml
-
 from conftest import TINY_RUN, run_cli
 
 
 def test_l1_search_runs_trials_and_reports_the_pareto_front(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli("saesweep.train", "--multirun", "+experiment=l1_search", f"hydra.sweep.dir={sweep_dir}",
-                   "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-                   "hydra.sweeper.sampler.population_size=2", *TINY_RUN, cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.train",
+        "--multirun",
+        "+experiment=l1_search",
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.sampler.population_size=2",
+        *TINY_RUN,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     values = []

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN, run_cli, wait_until_training
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-
-from conftest import TINY_RUN, run_cli, wait_until_training
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PARTITION = os.environ.get("SAESWEEP_SLURM_PARTITION", "debug")
@@ -46,24 +45,34 @@ def test_slurm_preset_renders_the_batch_script(tmp_path):
     """The preset's fields reach sbatch the way the launcher passes them (no cluster needed)."""
     import submitit
     from hydra import compose, initialize_config_dir
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from submitit.slurm.slurm import _make_sbatch_string
 
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True
+        )
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     params.pop("_target_")
     # as hydra_submitit_launcher's BaseSubmititLauncher.launch builds its executor
-    executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    script = _make_sbatch_string(command="python -m x", folder=executor.folder, map_count=3,
-                                 **executor._executor.parameters)
-    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=4", "#SBATCH --mem=32GB",
-                 "#SBATCH --time=120", "#SBATCH --signal=USR2@120", "#SBATCH --array=0-2%3",
-                 "export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK"):
+    script = _make_sbatch_string(
+        command="python -m x", folder=executor.folder, map_count=3, **executor._executor.parameters
+    )
+    for line in (
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --mem=32GB",
+        "#SBATCH --time=120",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --array=0-2%3",
+        "export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK",
+    ):
         assert line in script, (line, script)
     assert "--partition" not in script  # null: the cluster's default partition
 
@@ -76,12 +85,15 @@ def cluster():
             pytest.fail(f"{tool} not on PATH: run 'bash tests/slurm/cluster.sh start' as root")
     state = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%T"], capture_output=True, text=True)
     if state.returncode != 0 or not set(state.stdout.split()) & {"idle", "mixed", "allocated", "completing"}:
-        pytest.fail(f"partition {PARTITION!r} not usable ({state.stdout.strip() or state.stderr.strip()}): "
-                    "run 'bash tests/slurm/cluster.sh start' as root")
+        pytest.fail(
+            f"partition {PARTITION!r} not usable ({state.stdout.strip() or state.stderr.strip()}): "
+            "run 'bash tests/slurm/cluster.sh start' as root"
+        )
     # submitit's only source of job states; the real sacct fails without slurmdbd, and then a
     # job that dies without a result file would leave the sweep waiting forever.
-    probe = subprocess.run(["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", "1"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", "1"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         pytest.fail(f"sacct fails ({probe.stderr.strip()}); cluster.sh installs a stand-in in /usr/local/bin")
     return PARTITION
@@ -96,8 +108,17 @@ def submitit_logs(sweep_dir: Path) -> str:
 def test_architecture_by_k_sweep_on_slurm(cluster, tmp_path):
     """The design's sweep, `architecture=topk,batchtopk sae.k=...`: six jobs, six rows, six points."""
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli("saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
-                   "architecture=topk,batchtopk", "sae.k=4,8,16", *TINY_RUN, cwd=tmp_path, timeout=SWEEP_TIMEOUT_S)
+    proc = run_cli(
+        "saesweep.train",
+        "--multirun",
+        *LAUNCHER,
+        f"hydra.sweep.dir={sweep_dir}",
+        "architecture=topk,batchtopk",
+        "sae.k=4,8,16",
+        *TINY_RUN,
+        cwd=tmp_path,
+        timeout=SWEEP_TIMEOUT_S,
+    )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:], submitit_logs(sweep_dir)[-4000:])
     members = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     assert [p.name for p in members] == [str(i) for i in range(6)]
@@ -117,7 +138,11 @@ def test_architecture_by_k_sweep_on_slurm(cluster, tmp_path):
     # They ran as SLURM array tasks, not locally.
     assert len(list(sweep_dir.glob(".submitit/*_*/*_log.out"))) == 6, sorted(sweep_dir.glob(".submitit/*"))
     # The sweep report, written by the Hydra callback when the multirun ended.
-    rows = [line for line in (sweep_dir / "report.md").read_text().splitlines() if line.startswith("| ") and "| done |" in line]
+    rows = [
+        line
+        for line in (sweep_dir / "report.md").read_text().splitlines()
+        if line.startswith("| ") and "| done |" in line
+    ]
     assert len(rows) == 6, rows
     assert (sweep_dir / "pareto.png").stat().st_size > 0
 
@@ -126,8 +151,16 @@ def test_architecture_by_k_sweep_on_slurm(cluster, tmp_path):
 @pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
 def test_a_failing_member_fails_the_sweep_and_is_named(cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli("saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
-                   "sae.k=4,0", *TINY_RUN, cwd=tmp_path, timeout=SWEEP_TIMEOUT_S)
+    proc = run_cli(
+        "saesweep.train",
+        "--multirun",
+        *LAUNCHER,
+        f"hydra.sweep.dir={sweep_dir}",
+        "sae.k=4,0",
+        *TINY_RUN,
+        cwd=tmp_path,
+        timeout=SWEEP_TIMEOUT_S,
+    )
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     # Hydra names the failing member by its overrides, then re-raises the member's own
@@ -163,8 +196,16 @@ def test_preempted_member_is_requeued_and_resumes(cluster, tmp_path):
     """USR2 (what SLURM sends on preemption): checkpoint, requeue, continue, finish."""
     sweep_dir = tmp_path / "sweep"
     run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=32768"]
-    cmd = [sys.executable, "-m", "saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
-           "sae.k=8", *run]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saesweep.train",
+        "--multirun",
+        *LAUNCHER,
+        f"hydra.sweep.dir={sweep_dir}",
+        "sae.k=8",
+        *run,
+    ]
     proc, out, err, job_id = preempt_once(cmd, tmp_path, sweep_dir)
     assert proc.returncode == 0, (out[-2000:], err[-4000:], submitit_logs(sweep_dir)[-4000:])
     logs = submitit_logs(sweep_dir)
@@ -176,15 +217,20 @@ def test_preempted_member_is_requeued_and_resumes(cluster, tmp_path):
     assert "Restarts=1" in job, job
 
     # The same config run uninterrupted, with the job's one thread, ends with the same weights.
-    plain = run_cli("saesweep.train", f"hydra.run.dir={tmp_path / 'plain'}", "sae.k=8", *run, cwd=tmp_path,
-                    env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    plain = run_cli(
+        "saesweep.train",
+        f"hydra.run.dir={tmp_path / 'plain'}",
+        "sae.k=8",
+        *run,
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )
     assert plain.returncode == 0, plain.stderr[-3000:]
     resumed = load_file(str(sweep_dir / "0" / "sae" / "sae_weights.safetensors"))
     uninterrupted = load_file(str(tmp_path / "plain" / "sae" / "sae_weights.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
-
 
 
 # --------------------------------------------------------------------------- data parallel
@@ -203,11 +249,15 @@ DDP_LAUNCHER = [
 def test_slurm_ddp_preset_asks_one_task_per_gpu_and_uses_a_hydra_launcher_plugin(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.utils import get_class
+
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=8",
-                                          f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=8", f"hydra.sweep.dir={tmp_path}"],
+            return_hydra_config=True,
+        )
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 8 and launcher["nodes"] == 1
     # Hydra instantiates launchers only from the hydra_plugins package. (Compared by name:
@@ -223,9 +273,20 @@ def test_preempted_ddp_member_is_requeued_and_resumes_to_the_uninterrupted_weigh
     """One member as a job of two tasks (two gloo ranks); USR2 reaches both, both stop at the
     same step, rank 0 checkpoints every rank's stream and requeues, the job resumes."""
     sweep_dir = tmp_path / "sweep"
-    run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=32768", "sae.k=8"]
-    cmd = [sys.executable, "-m", "saesweep.train", "--multirun", *DDP_LAUNCHER, f"hydra.sweep.dir={sweep_dir}",
-           "training.distributed=ddp", *run]
+    run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + [
+        "training.total_tokens=32768",
+        "sae.k=8",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saesweep.train",
+        "--multirun",
+        *DDP_LAUNCHER,
+        f"hydra.sweep.dir={sweep_dir}",
+        "training.distributed=ddp",
+        *run,
+    ]
     proc, out, err, job_id = preempt_once(cmd, tmp_path, sweep_dir)
     assert proc.returncode == 0, (out[-2000:], err[-4000:], submitit_logs(sweep_dir)[-4000:])
     logs = submitit_logs(sweep_dir)
@@ -239,9 +300,18 @@ def test_preempted_ddp_member_is_requeued_and_resumes_to_the_uninterrupted_weigh
     assert "Restarts=1" in job, job
 
     # Two ranks under torchrun, never stopped (one thread each, as the job's tasks), end alike.
-    plain = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "saesweep.train",
-                    "training.distributed=ddp", f"hydra.run.dir={tmp_path / 'plain'}", *run, cwd=tmp_path,
-                    env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    plain = run_cli(
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "saesweep.train",
+        "training.distributed=ddp",
+        f"hydra.run.dir={tmp_path / 'plain'}",
+        *run,
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )
     assert plain.returncode == 0, plain.stderr[-3000:]
     resumed = load_file(str(member / "sae" / "sae_weights.safetensors"))
     uninterrupted = load_file(str(tmp_path / "plain" / "sae" / "sae_weights.safetensors"))

@@ -6,24 +6,28 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, run_cli, train_a_few_steps
-from saesweep.sae_format.write import save_sae
+
 from saesweep.sae import build_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
 from saesweep.sae.gated import GatedSAEConfig
 from saesweep.sae.standard import StandardSAEConfig
 from saesweep.sae.topk import TopKSAEConfig
+from saesweep.sae_format.write import save_sae
 
 NORM = "expected_average_only_in"
 
 
-@pytest.mark.parametrize("cfg,d_out,lens_arch", [
-    (StandardSAEConfig(d_sae=48, normalize_activations=NORM), 24, "transcoder"),
-    (BatchTopKSAEConfig(d_sae=48, k=6, normalize_activations=NORM), 24, "jumprelu_transcoder"),
-    (TopKSAEConfig(d_sae=48, k=6, normalize_activations=NORM), 16, "topk"),
-    (GatedSAEConfig(d_sae=48, normalize_activations=NORM), 16, "gated"),
-], ids=["standard", "batchtopk", "topk-same-width", "gated-same-width"])
+@pytest.mark.parametrize(
+    "cfg,d_out,lens_arch",
+    [
+        (StandardSAEConfig(d_sae=48, normalize_activations=NORM), 24, "transcoder"),
+        (BatchTopKSAEConfig(d_sae=48, k=6, normalize_activations=NORM), 24, "jumprelu_transcoder"),
+        (TopKSAEConfig(d_sae=48, k=6, normalize_activations=NORM), 16, "topk"),
+        (GatedSAEConfig(d_sae=48, normalize_activations=NORM), 16, "gated"),
+    ],
+    ids=["standard", "batchtopk", "topk-same-width", "gated-same-width"],
+)
 def test_transcoder_export_loads_in_sae_lens_and_matches(cfg, d_out, lens_arch, tmp_path):
     from sae_lens import SAE as LensSAE
 
@@ -45,8 +49,14 @@ def test_transcoder_export_loads_in_sae_lens_and_matches(cfg, d_out, lens_arch, 
 
 
 def test_transcoder_trains_end_to_end_from_mlp_in_to_mlp_out(tmp_path):
-    proc = run_cli("saesweep.train", *TINY_RUN, "model.hook_point=blocks.6.ln2.hook_normalized",
-                   "model.hook_point_out=blocks.6.hook_mlp_out", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    proc = run_cli(
+        "saesweep.train",
+        *TINY_RUN,
+        "model.hook_point=blocks.6.ln2.hook_normalized",
+        "model.hook_point_out=blocks.6.hook_mlp_out",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "eval.json").read_text())
     assert 0 < result["explained_variance"] < 1 and 0 < result["ce_loss_score"] <= 1.01

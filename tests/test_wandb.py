@@ -35,8 +35,13 @@ def read_wandb_records(path: Path) -> list:
 
 def test_wandb_offline_run_holds_metrics_and_eval(tmp_path):
     proc = run_cli(
-        "saesweep.train", *TINY_RUN, "sae.k=16", "logger=wandb", f"hydra.run.dir={tmp_path}",
-        cwd=tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        "saesweep.train",
+        *TINY_RUN,
+        "sae.k=16",
+        "logger=wandb",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
@@ -56,7 +61,9 @@ def test_wandb_offline_run_holds_metrics_and_eval(tmp_path):
 
     summary = {
         key(item): json.loads(item.value_json)
-        for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.update
+        for r in records
+        if r.WhichOneof("record_type") == "summary"
+        for item in r.summary.update
     }
     result = json.loads((tmp_path / "eval.json").read_text())
     assert summary["eval/explained_variance"] == result["explained_variance"]

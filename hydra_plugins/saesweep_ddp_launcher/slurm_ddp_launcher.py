@@ -18,8 +18,9 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 
 
 class SlurmDDPLauncher(SlurmLauncher):
-    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
-                 singleton_state: Dict[Any, Any]) -> Any:
+    def __call__(
+        self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str, singleton_state: Dict[Any, Any]
+    ) -> Any:
         import submitit
 
         # Imported here: a plugin module is imported whenever any Hydra app starts.

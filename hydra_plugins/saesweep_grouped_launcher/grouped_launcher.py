@@ -48,8 +48,9 @@ class GroupedLauncherConf:
     may_differ: list = field(default_factory=lambda: ["sae", "optimizer", "scheduler", "objectives", "logger.job_name"])
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="saesweep_grouped", node=GroupedLauncherConf,
-                             provider="saesweep")
+ConfigStore.instance().store(
+    group="hydra/launcher", name="saesweep_grouped", node=GroupedLauncherConf, provider="saesweep"
+)
 
 
 class GroupedLauncher(Launcher):
@@ -123,8 +124,12 @@ class GroupedLauncher(Launcher):
         task_cfg = copy.deepcopy(config)
         with read_write(task_cfg), open_dict(task_cfg):
             del task_cfg["hydra"]
-        ret = JobReturn(cfg=task_cfg, hydra_cfg=copy.deepcopy(HydraConfig.instance().cfg),
-                        overrides=OmegaConf.to_container(config.hydra.overrides.task), working_dir=os.getcwd())
+        ret = JobReturn(
+            cfg=task_cfg,
+            hydra_cfg=copy.deepcopy(HydraConfig.instance().cfg),
+            overrides=OmegaConf.to_container(config.hydra.overrides.task),
+            working_dir=os.getcwd(),
+        )
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         if config.hydra.output_subdir is not None:
             hydra_output = Path(config.hydra.runtime.output_dir) / str(config.hydra.output_subdir)
@@ -176,6 +181,7 @@ class _OnlyMember(logging.Filter):
 
 def check_group(configs: list[DictConfig], may_differ: Sequence[str], error: type[Exception]) -> None:
     """Raise `error` naming the first key, outside may_differ, where a member differs from member 0."""
+
     def flat(config: DictConfig) -> dict[str, Any]:
         HydraConfig.instance().set_config(config)  # for ${hydra:...} interpolations
         task = copy.deepcopy(config)

@@ -38,9 +38,9 @@ import torch
 from saesweep.activations.source import ActivationSource, Columns, LiveFeed
 from saesweep.atomic import atomic_write, atomic_write_text
 from saesweep.config.schema import TrainConfig, TrainingConfig
-from saesweep.training.distributed import SINGLE, Ranks
 from saesweep.errors import UserError
 from saesweep.lm.model import cache_root
+from saesweep.training.distributed import SINGLE, Ranks
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,10 @@ class ActivationCache:
         if missing:
             raise UserError(f"activation cache {self.path} holds no {', '.join(missing)}")
         if self.tokens < world:
-            raise UserError(f"activation cache {self.path} holds {self.tokens} tokens, fewer than the {world} "
-                            "data-parallel ranks; raise activations.cache_tokens")
+            raise UserError(
+                f"activation cache {self.path} holds {self.tokens} tokens, fewer than the {world} "
+                "data-parallel ranks; raise activations.cache_tokens"
+            )
         return CacheReader(self, hooks, seed, position, rank, world)
 
 
@@ -265,7 +267,9 @@ def load_manifest(path: Path) -> ActivationCache | None:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"activation cache manifest {manifest_path} is unreadable ({e}); delete {path} to rebuild it") from None
+        raise UserError(
+            f"activation cache manifest {manifest_path} is unreadable ({e}); delete {path} to rebuild it"
+        ) from None
     return ActivationCache(path, manifest)
 
 
@@ -308,7 +312,9 @@ def finished_shards(path: Path, hooks: list[str]) -> list[dict[str, Any]]:
             break
         if info["rows"][0] != next_row:
             break
-        done.append({"file": shard.name, "rows": info["rows"], "tokens": len(tensors[hooks[0]]), "sha256": info["sha256"]})
+        done.append(
+            {"file": shard.name, "rows": info["rows"], "tokens": len(tensors[hooks[0]]), "sha256": info["sha256"]}
+        )
         next_row = info["rows"][1]
     for stale in path.glob("shard-*.safetensors"):
         if stale.name not in {d["file"] for d in done}:
@@ -338,8 +344,13 @@ def build_cache(
     done = finished_shards(path, hooks)
     start = done[-1]["rows"][1] if done else 0
     if done:
-        log.info("resuming the activation cache build %s from shard %d (%d of %d rows already done)",
-                 key, len(done), start, len(token_rows))
+        log.info(
+            "resuming the activation cache build %s from shard %d (%d of %d rows already done)",
+            key,
+            len(done),
+            start,
+            len(token_rows),
+        )
     crash_after = int(os.environ.get("SAESWEEP_CACHE_CRASH_AFTER_SHARDS", 0))  # fault injection for tests
     written = 0
     started = time.perf_counter()
@@ -393,7 +404,9 @@ def ensure_cache(cfg: TrainConfig, model: Any, rows: Any, build: bool = True) ->
     path = activations_root(cfg) / key
     found = load_manifest(path)  # no lock: a manifest is only ever renamed in, complete
     if found is not None:
-        log.info("cache hit: activation cache %s (%d tokens, %d shards)", path, found.tokens, len(found.manifest["shards"]))
+        log.info(
+            "cache hit: activation cache %s (%d tokens, %d shards)", path, found.tokens, len(found.manifest["shards"])
+        )
         return found
     if not build:
         return None
@@ -412,12 +425,30 @@ def ensure_cache(cfg: TrainConfig, model: Any, rows: Any, build: bool = True) ->
         if found is not None:
             log.info("cache hit: activation cache %s was built by another process", path)
             return found
-        log.info("building activation cache %s: %d rows x %d tokens, hooks %s", path, len(token_rows),
-                 token_rows.shape[1], ", ".join(hooks))
-        built = build_cache(path, key, spec, model, token_rows, cfg.activations.exclude_bos,
-                            cfg.activations.batch_rows, cfg.activations.shard_mb)
-    log.info("cache built: activation cache %s (%d tokens, %d shards, %.1f s)", path, built.tokens,
-             len(built.manifest["shards"]), built.manifest["build_seconds"])
+        log.info(
+            "building activation cache %s: %d rows x %d tokens, hooks %s",
+            path,
+            len(token_rows),
+            token_rows.shape[1],
+            ", ".join(hooks),
+        )
+        built = build_cache(
+            path,
+            key,
+            spec,
+            model,
+            token_rows,
+            cfg.activations.exclude_bos,
+            cfg.activations.batch_rows,
+            cfg.activations.shard_mb,
+        )
+    log.info(
+        "cache built: activation cache %s (%d tokens, %d shards, %.1f s)",
+        path,
+        built.tokens,
+        len(built.manifest["shards"]),
+        built.manifest["build_seconds"],
+    )
     return built
 
 
@@ -445,8 +476,9 @@ class CacheReader:
     than another in a pass. `position` counts the rank's own tokens.
     """
 
-    def __init__(self, cache: ActivationCache, hooks: list[str], seed: int, position: int = 0,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self, cache: ActivationCache, hooks: list[str], seed: int, position: int = 0, rank: int = 0, world: int = 1
+    ):
         self.cache = cache
         self.hooks = hooks
         self.seed = seed
@@ -482,7 +514,9 @@ class CacheReader:
                 epoch += 1
                 continue
             if epoch > 0 and offset == 0:
-                log.info("activation cache %s: pass %d over its %d tokens", self.cache.key, epoch + 1, self.cache.tokens)
+                log.info(
+                    "activation cache %s: pass %d over its %d tokens", self.cache.key, epoch + 1, self.cache.tokens
+                )
             for index, part, n in share:
                 if offset >= n:
                     offset -= n
@@ -513,8 +547,14 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def open_training_feed(cfg: TrainConfig, model: Any, source: ActivationSource, rows: Any,
-                       checkpoint: dict[str, Any] | None, ranks: Ranks = SINGLE) -> LiveFeed | CacheReader:
+def open_training_feed(
+    cfg: TrainConfig,
+    model: Any,
+    source: ActivationSource,
+    rows: Any,
+    checkpoint: dict[str, Any] | None,
+    ranks: Ranks = SINGLE,
+) -> LiveFeed | CacheReader:
     """Where training activations come from: a live LM pass or the shared cache.
 
     auto: a resumed run keeps the source it started with; otherwise a complete cache
@@ -535,7 +575,10 @@ def open_training_feed(cfg: TrainConfig, model: Any, source: ActivationSource, r
     if choice == "auto":
         cache = ensure_cache(cfg, model, rows, build=in_multirun())
         choice = ranks.broadcast_object("cache" if cache is not None else "live")  # a cache may appear meanwhile
-        log.info("activations.source=auto: %s", "reading the cache" if choice == "cache" else "live LM pass (no cache yet, single run)")
+        log.info(
+            "activations.source=auto: %s",
+            "reading the cache" if choice == "cache" else "live LM pass (no cache yet, single run)",
+        )
     if choice == "live":
         start = checkpoint["rows_consumed"] if checkpoint and "rows_consumed" in checkpoint else 0
         return LiveFeed(source, rows, cfg.activations.batch_rows, start, ranks.rank, ranks.world)
@@ -544,6 +587,10 @@ def open_training_feed(cfg: TrainConfig, model: Any, source: ActivationSource, r
     if saved:
         position = saved["position"]
         if saved["key"] != cache.key:
-            log.warning("resuming from activation cache %s, but this config's cache is %s; the data order "
-                        "will differ from the interrupted run's", saved["key"], cache.key)
+            log.warning(
+                "resuming from activation cache %s, but this config's cache is %s; the data order "
+                "will differ from the interrupted run's",
+                saved["key"],
+                cache.key,
+            )
     return cache.reader(source.hooks, cfg.training.seed, position, ranks.rank, ranks.world)

@@ -95,8 +95,15 @@ class LiveFeed:
 
     name = "live"
 
-    def __init__(self, source: ActivationSource, rows: Any, batch_rows: int, rows_consumed: int = 0,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        source: ActivationSource,
+        rows: Any,
+        batch_rows: int,
+        rows_consumed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.source = source
         self.batch_rows = batch_rows
         self.rows_consumed = rows_consumed

@@ -15,7 +15,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from saesweep.errors import UserError
 
-
 # model.backend: who runs the LM (hook names differ: TransformerLens hook points or module paths).
 MODEL_BACKENDS = ("transformer_lens", "hf")
 
@@ -75,8 +74,10 @@ def check_dataset(d: DatasetConfig) -> None:
         value = getattr(d, key)
         is_id = isinstance(value, int) and not isinstance(value, bool) and value >= 0
         if not (value is None or is_id or value in SPECIAL_TOKEN_NAMES):
-            raise UserError(f"config key 'dataset.{key}': {value!r}; valid: "
-                            f"{', '.join(SPECIAL_TOKEN_NAMES)}, null, or a token id >= 0")
+            raise UserError(
+                f"config key 'dataset.{key}': {value!r}; valid: "
+                f"{', '.join(SPECIAL_TOKEN_NAMES)}, null, or a token id >= 0"
+            )
 
 
 @dataclass
@@ -200,8 +201,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
     arch = sae_node.get("architecture")
     if arch not in ARCHITECTURES:
         raise UserError(
-            f"config key 'sae.architecture': unknown architecture {arch!r}; "
-            f"valid: {', '.join(sorted(ARCHITECTURES))}"
+            f"config key 'sae.architecture': unknown architecture {arch!r}; valid: {', '.join(sorted(ARCHITECTURES))}"
         )
     typed: TrainConfig = _merge(TrainConfig, raw, "")
     typed.sae = _merge(ARCHITECTURES[arch].config_class, sae_node, "sae")
@@ -217,10 +217,16 @@ def _check_values(cfg: TrainConfig) -> None:
     t = cfg.training
     need(t.total_tokens > 0, "training.total_tokens", "must be > 0")
     need(t.batch_size > 0, "training.batch_size", "must be > 0")
-    need(t.total_tokens >= t.batch_size, "training.total_tokens",
-         f"{t.total_tokens} is less than one batch (training.batch_size={t.batch_size})")
-    need(cfg.buffer.size_tokens >= 2 * t.batch_size, "buffer.size_tokens",
-         f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})")
+    need(
+        t.total_tokens >= t.batch_size,
+        "training.total_tokens",
+        f"{t.total_tokens} is less than one batch (training.batch_size={t.batch_size})",
+    )
+    need(
+        cfg.buffer.size_tokens >= 2 * t.batch_size,
+        "buffer.size_tokens",
+        f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})",
+    )
     need(t.resume in ("auto", "never", "force"), "training.resume", "valid: auto, never, force")
     need(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", "must be >= 1")
     need(t.autocast in AUTOCAST_DTYPES, "training.autocast", f"valid: {', '.join(AUTOCAST_DTYPES)}")
@@ -228,11 +234,17 @@ def _check_values(cfg: TrainConfig) -> None:
     need(t.checkpoint_every_tokens >= 0, "training.checkpoint_every_tokens", "must be >= 0 (0 = only on signals)")
     need(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
     need(cfg.logger.name in ("none", "wandb"), "logger.name", "valid: none, wandb")
-    need(cfg.logger.mode in (None, "online", "offline", "disabled"), "logger.mode",
-         "valid: online, offline, disabled, null")
+    need(
+        cfg.logger.mode in (None, "online", "offline", "disabled"),
+        "logger.mode",
+        "valid: online, offline, disabled, null",
+    )
     need(cfg.optimizer.name in ("adam", "adamw"), "optimizer.name", "valid: adam, adamw")
-    need(cfg.scheduler.name in ("constant", "cosine", "warmup_decay"), "scheduler.name",
-         "valid: constant, cosine, warmup_decay")
+    need(
+        cfg.scheduler.name in ("constant", "cosine", "warmup_decay"),
+        "scheduler.name",
+        "valid: constant, cosine, warmup_decay",
+    )
     check_model(cfg.model)
     check_dataset(cfg.dataset)
     a = cfg.activations
@@ -240,11 +252,17 @@ def _check_values(cfg: TrainConfig) -> None:
     need(a.batch_rows > 0, "activations.batch_rows", "must be > 0")
     need(a.cache_tokens is None or a.cache_tokens > 0, "activations.cache_tokens", "must be > 0 or null")
     need(a.shard_mb > 0, "activations.shard_mb", "must be > 0")
-    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-         "training.device", "valid: auto, cpu, cuda, cuda:N")
+    need(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        "training.device",
+        "valid: auto, cpu, cuda, cuda:N",
+    )
     bad = [name for name in cfg.objectives if name not in OBJECTIVES]
-    need(bool(cfg.objectives) and not bad, "objectives",
-         f"unknown {bad}; valid: {', '.join(OBJECTIVES)}" if bad else "needs at least one name")
+    need(
+        bool(cfg.objectives) and not bad,
+        "objectives",
+        f"unknown {bad}; valid: {', '.join(OBJECTIVES)}" if bad else "needs at least one name",
+    )
     cfg.sae.check()
 
 
@@ -282,10 +300,16 @@ def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
         if not ok:
             raise UserError(f"config key '{key}': {msg}")
 
-    need(bool(typed.sae_path), "sae_path",
-         "missing; give the SAE directory: python -m saesweep.evaluate sae_path=PATH (or PATH as the first argument)")
-    need(typed.device == "auto" or typed.device == "cpu" or typed.device.startswith("cuda"),
-         "device", "valid: auto, cpu, cuda, cuda:N")
+    need(
+        bool(typed.sae_path),
+        "sae_path",
+        "missing; give the SAE directory: python -m saesweep.evaluate sae_path=PATH (or PATH as the first argument)",
+    )
+    need(
+        typed.device == "auto" or typed.device == "cpu" or typed.device.startswith("cuda"),
+        "device",
+        "valid: auto, cpu, cuda, cuda:N",
+    )
     need(typed.eval.rows > 0, "eval.rows", "must be > 0")
     need(typed.eval.ce_rows >= 0, "eval.ce_rows", "must be >= 0 (0 skips the CE loss score)")
     need(typed.eval.batch_rows > 0, "eval.batch_rows", "must be > 0")

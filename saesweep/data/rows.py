@@ -37,8 +37,15 @@ EMBEDDED_DATASETS = {
 }
 
 # Local files: `datasets` builder by file extension.
-BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
-            ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
 # What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` leave in their folder.
 SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 # Written next to a pretokenized dataset by saesweep.pretokenize (and by SAELens's runner).
@@ -83,8 +90,11 @@ def load_hf_dataset(cfg: DatasetConfig) -> Any:
 
     if cfg.source == "embedded":
         return datasets.load_dataset(
-            "text", data_files=embedded_files(cfg.path), sample_by="document",
-            split="train", streaming=cfg.streaming,
+            "text",
+            data_files=embedded_files(cfg.path),
+            sample_by="document",
+            split="train",
+            streaming=cfg.streaming,
         )
     local = local_path(cfg)
     if local is not None and is_saved_dataset(local):
@@ -120,12 +130,15 @@ def _load_saved(path: Path, cfg: DatasetConfig) -> Any:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise UserError(f"config key 'dataset.path': cannot load the saved dataset {path}: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(
+            f"config key 'dataset.path': cannot load the saved dataset {path}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if cfg.split not in ds:
-            raise UserError(f"config key 'dataset.split': {cfg.split!r} is not a split of {path}; "
-                            f"valid: {', '.join(ds)}")
+            raise UserError(
+                f"config key 'dataset.split': {cfg.split!r} is not a split of {path}; valid: {', '.join(ds)}"
+            )
         ds = ds[cfg.split]
     return ds.to_iterable_dataset() if cfg.streaming else ds
 
@@ -172,18 +185,23 @@ def check_metadata(cfg: DatasetConfig, tokenizer: Any) -> None:
         return
     name, meta = found
     if not cfg.is_tokenized:
-        raise UserError(f"config key 'dataset.is_tokenized': {cfg.path} is pretokenized ({name}); "
-                        "set dataset.is_tokenized=true")
+        raise UserError(
+            f"config key 'dataset.is_tokenized': {cfg.path} is pretokenized ({name}); set dataset.is_tokenized=true"
+        )
     if meta.get("context_size") != cfg.context_size:
-        raise UserError(f"config key 'dataset.context_size': {cfg.path} holds rows of {meta.get('context_size')} "
-                        f"tokens ({name}), not {cfg.context_size}; set dataset.context_size="
-                        f"{meta.get('context_size')} or pretokenize again")
+        raise UserError(
+            f"config key 'dataset.context_size': {cfg.path} holds rows of {meta.get('context_size')} "
+            f"tokens ({name}), not {cfg.context_size}; set dataset.context_size="
+            f"{meta.get('context_size')} or pretokenize again"
+        )
     tok = meta.get("tokenizer")
     if isinstance(tok, dict) and tok.get("vocab_sha256"):
         if tok["vocab_sha256"] != tokenizer_fingerprint(tokenizer):
-            raise UserError(f"config key 'dataset.path': {cfg.path} was tokenized with {tok.get('name')!r} "
-                            f"(vocab {tok.get('vocab_size')}), a different tokenizer from the model's "
-                            f"(vocab {vocab_size(tokenizer)}); pretokenize it again for this model")
+            raise UserError(
+                f"config key 'dataset.path': {cfg.path} was tokenized with {tok.get('name')!r} "
+                f"(vocab {tok.get('vocab_size')}), a different tokenizer from the model's "
+                f"(vocab {vocab_size(tokenizer)}); pretokenize it again for this model"
+            )
     elif meta.get("tokenizer_name"):  # SAELens records only a name, which may be spelled differently
         ours = getattr(tokenizer, "name_or_path", "")
         if meta["tokenizer_name"] != ours:
@@ -208,22 +226,26 @@ def resolve_special_token(value: Any, tokenizer: Any, key: str) -> int | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value < vocab_size(tokenizer):
-            raise UserError(f"config key '{key}': token id {value} is not in the tokenizer's vocab "
-                            f"(0..{vocab_size(tokenizer) - 1})")
+            raise UserError(
+                f"config key '{key}': token id {value} is not in the tokenizer's vocab (0..{vocab_size(tokenizer) - 1})"
+            )
         return value
     if value not in SPECIAL_TOKEN_NAMES:
         raise UserError(f"config key '{key}': {value!r}; valid: {', '.join(SPECIAL_TOKEN_NAMES)}, null, or a token id")
     token_id = getattr(tokenizer, f"{value}_token_id", None)
     if token_id is None:
         has = [n for n in SPECIAL_TOKEN_NAMES if getattr(tokenizer, f"{n}_token_id", None) is not None]
-        raise UserError(f"config key '{key}': the tokenizer has no {value.upper()} token; "
-                        f"valid: {', '.join(has + ['null'])}, or a token id")
+        raise UserError(
+            f"config key '{key}': the tokenizer has no {value.upper()} token; "
+            f"valid: {', '.join(has + ['null'])}, or a token id"
+        )
     return int(token_id)
 
 
 def window_tokens(cfg: DatasetConfig, tokenizer: Any) -> Windowing:
     """prepend_bos=true stands for begin_batch_token=bos and sequence_separator_token=bos;
     a token key that is set (not null) overrides it. With prepend_bos=false, null is no token."""
+
     def pick(key: str) -> int | None:
         value = getattr(cfg, key)
         if value is None and cfg.prepend_bos and key != "begin_sequence_token":
@@ -268,8 +290,7 @@ def _documents(ds: Any, cfg: DatasetConfig, tokenizer: Any) -> Iterator[list[int
             ids_here = "input_ids" in example and not cfg.is_tokenized
             hint = " (set dataset.is_tokenized=true for token ids)" if ids_here else ""
             raise UserError(
-                f"config key 'dataset.column': no column {column!r} in {cfg.path}; "
-                f"columns: {', '.join(example)}{hint}"
+                f"config key 'dataset.column': no column {column!r} in {cfg.path}; columns: {', '.join(example)}{hint}"
             )
         if not cfg.is_tokenized:
             yield tokenizer(example[column], add_special_tokens=False)["input_ids"]
@@ -379,8 +400,9 @@ class TokenRows:
             log.warning("dataset %s exhausted after %d rows; starting epoch %d", self._cfg.path, count, epoch + 1)
 
 
-def load_token_rows(cfg: DatasetConfig, tokenizer: Any, eval_rows: int, seed: int,
-                    total_tokens: int | None = None) -> TokenRows:
+def load_token_rows(
+    cfg: DatasetConfig, tokenizer: Any, eval_rows: int, seed: int, total_tokens: int | None = None
+) -> TokenRows:
     """Held-out and training rows; with `total_tokens` (training.total_tokens), warn once
     when a finite dataset's training rows must be read more than once."""
     check_metadata(cfg, tokenizer)
@@ -402,6 +424,11 @@ def load_token_rows(cfg: DatasetConfig, tokenizer: Any, eval_rows: int, seed: in
     log.info("dataset %s: %d rows of %d tokens, last %d held out", cfg.path, len(table), cfg.context_size, n_eval)
     train = table[:-n_eval]
     if total_tokens is not None and total_tokens > train.numel():
-        log.warning("dataset %s: %s training tokens; training.total_tokens=%s needs %.1f epochs",
-                    cfg.path, human(train.numel()), human(total_tokens), total_tokens / train.numel())
+        log.warning(
+            "dataset %s: %s training tokens; training.total_tokens=%s needs %.1f epochs",
+            cfg.path,
+            human(train.numel()),
+            human(total_tokens),
+            total_tokens / train.numel(),
+        )
     return TokenRows(table[-n_eval:], train, None, cfg, tokenizer, seed)

@@ -59,8 +59,13 @@ def shared_key(model_cfg: Any, hooks: list[str], exclude_bos: bool, rows: torch.
     """What the SAE-independent parts of an evaluation depend on: the model as configured
     (within one process, one config loads the same weights), hooks, BOS handling, rows."""
     rows_sha = hashlib.sha256(rows.contiguous().cpu().numpy().tobytes()).hexdigest()
-    parts = {"model": asdict(model_cfg), "hooks": hooks, "exclude_bos": exclude_bos, "rows": rows_sha,
-             "batch_rows": batch_rows}
+    parts = {
+        "model": asdict(model_cfg),
+        "hooks": hooks,
+        "exclude_bos": exclude_bos,
+        "rows": rows_sha,
+        "batch_rows": batch_rows,
+    }
     return json.dumps(parts, sort_keys=True, default=str)
 
 
@@ -75,13 +80,15 @@ def _reuse(kind: str, key: Optional[str], compute: Callable[[], T]) -> T:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_rows: int,
-                           shared: Optional[str] = None) -> EvalResult:
+def reconstruction_metrics(
+    sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_rows: int, shared: Optional[str] = None
+) -> EvalResult:
     device = sae.W_enc.device
     stats = ReconstructionStats(sae.d_out, sae.d_sae, device)
     fire_counts = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    chunks: Iterable = _reuse("activations", shared and f"{shared}|{len(rows)}",
-                              lambda: list(source.batches(rows, batch_rows)))
+    chunks: Iterable = _reuse(
+        "activations", shared and f"{shared}|{len(rows)}", lambda: list(source.batches(rows, batch_rows))
+    )
     for chunk in chunks:
         x = chunk[0].to(device, torch.float32).flatten(1)
         y = chunk[-1].to(device, torch.float32).flatten(1)
@@ -94,8 +101,9 @@ def reconstruction_metrics(sae: SAE, source: ActivationSource, rows: torch.Tenso
 
 
 @torch.no_grad()
-def ce_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_rows: int,
-               shared: Optional[str] = None) -> dict[str, float]:
+def ce_metrics(
+    sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_rows: int, shared: Optional[str] = None
+) -> dict[str, float]:
     model = source.model
     hook_in, hook_out = source.hooks[0], source.hooks[-1]
     transcoder = hook_out != hook_in
@@ -111,6 +119,7 @@ def ce_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_row
         """Per batch, what does not depend on the SAE: clean and zero-ablated loss sums."""
         out = []
         for tokens in batches:
+
             def ablate(act: torch.Tensor, tokens: torch.Tensor = tokens) -> torch.Tensor:
                 return torch.where(untouched(tokens, act), act, torch.zeros_like(act))
 
@@ -135,8 +144,11 @@ def ce_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_row
         hooks = ([(hook_in, grab)] if transcoder else []) + [(hook_out, splice)]
         spliced_total += float(model.loss_with_hooks(tokens, hooks).double().sum())
     count = sum(n for _, _, n in refs)
-    ce = {"clean": sum(c for c, _, _ in refs) / count, "sae": spliced_total / count,
-          "ablation": sum(a for _, a, _ in refs) / count}
+    ce = {
+        "clean": sum(c for c, _, _ in refs) / count,
+        "sae": spliced_total / count,
+        "ablation": sum(a for _, a, _ in refs) / count,
+    }
     return {
         "ce_clean": ce["clean"],
         "ce_sae": ce["sae"],
@@ -146,8 +158,15 @@ def ce_metrics(sae: SAE, source: ActivationSource, rows: torch.Tensor, batch_row
     }
 
 
-def evaluate(sae: SAE, source: ActivationSource, rows: torch.Tensor, n_rows: int, n_ce_rows: int, batch_rows: int,
-             shared: Optional[str] = None) -> EvalResult:
+def evaluate(
+    sae: SAE,
+    source: ActivationSource,
+    rows: torch.Tensor,
+    n_rows: int,
+    n_ce_rows: int,
+    batch_rows: int,
+    shared: Optional[str] = None,
+) -> EvalResult:
     """Metrics for eval.json on the first n_rows held-out rows (CE on the first n_ce_rows).
 
     `shared` (see `shared_key`): keep and reuse the SAE-independent parts."""

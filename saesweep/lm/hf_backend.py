@@ -84,7 +84,7 @@ class HFLanguageModel:
     def hook_layer(self, name: str) -> int | None:
         prefix = f"{self.layers_path}."
         if self.layers_path and name.startswith(prefix):
-            index = name[len(prefix):].split(".")[0].split(":")[0]
+            index = name[len(prefix) :].split(".")[0].split(":")[0]
             if index.isdigit():
                 return int(index)
         return None
@@ -102,6 +102,7 @@ class HFLanguageModel:
                 captured[name] = act
                 if len(captured) == len(wanted):
                     raise _StopForward
+
             return read
 
         with torch.inference_mode(), self._hooked([(h, reader(h)) for h in wanted]):

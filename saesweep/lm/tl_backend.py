@@ -74,8 +74,15 @@ def load(where: str | Path, device: torch.device, dtype: torch.dtype, kwargs: di
 # that [out, in] layout (same shape, same values), so the copies are no-ops and the
 # products see the very same operands. name -> the permutation that gives [out, ...in].
 READ_LAYOUT = {
-    "W_in": (1, 0), "W_gate": (1, 0), "W_out": (1, 0), "W_U": (1, 0),
-    "W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1), "_W_K": (0, 2, 1), "_W_V": (0, 2, 1),
+    "W_in": (1, 0),
+    "W_gate": (1, 0),
+    "W_out": (1, 0),
+    "W_U": (1, 0),
+    "W_Q": (0, 2, 1),
+    "W_K": (0, 2, 1),
+    "W_V": (0, 2, 1),
+    "_W_K": (0, 2, 1),
+    "_W_V": (0, 2, 1),
     "W_O": (2, 0, 1),
 }
 

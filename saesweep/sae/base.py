@@ -42,9 +42,7 @@ class SAEConfig:
         if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
             raise UserError("config key 'sae.b_dec_init': valid: mean, geometric_median, zeros")
         if self.normalize_activations not in ("none", "expected_average_only_in"):
-            raise UserError(
-                "config key 'sae.normalize_activations': valid: none, expected_average_only_in"
-            )
+            raise UserError("config key 'sae.normalize_activations': valid: none, expected_average_only_in")
 
     def width(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else int(self.expansion_factor * d_in)

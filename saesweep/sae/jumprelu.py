@@ -61,18 +61,33 @@ class JumpReLUSAEConfig(SAEConfig):
 
         need(self.l0_coefficient >= 0, "l0_coefficient", f"must be >= 0, got {self.l0_coefficient}")
         need(self.l0_warm_up_steps >= 0, "l0_warm_up_steps", f"must be >= 0, got {self.l0_warm_up_steps}")
-        need(self.sparsity_loss_mode in SPARSITY_LOSS_MODES, "sparsity_loss_mode",
-             f"unknown mode {self.sparsity_loss_mode!r}; valid: {', '.join(SPARSITY_LOSS_MODES)}")
+        need(
+            self.sparsity_loss_mode in SPARSITY_LOSS_MODES,
+            "sparsity_loss_mode",
+            f"unknown mode {self.sparsity_loss_mode!r}; valid: {', '.join(SPARSITY_LOSS_MODES)}",
+        )
         need(self.tanh_scale > 0, "tanh_scale", f"must be > 0, got {self.tanh_scale}")
         need(self.bandwidth > 0, "bandwidth", f"must be > 0, got {self.bandwidth}")
-        need(self.init_threshold > 0, "init_threshold",
-             f"must be > 0 (the threshold is learned as its log), got {self.init_threshold}")
-        need(self.pre_act_loss_coefficient >= 0, "pre_act_loss_coefficient",
-             f"must be >= 0 (0 turns it off), got {self.pre_act_loss_coefficient}")
-        need(self.pre_act_dead_after_tokens > 0, "pre_act_dead_after_tokens",
-             f"must be > 0, got {self.pre_act_dead_after_tokens}")
-        need(self.threshold_lr_multiplier >= 0, "threshold_lr_multiplier",
-             f"must be >= 0, got {self.threshold_lr_multiplier}")
+        need(
+            self.init_threshold > 0,
+            "init_threshold",
+            f"must be > 0 (the threshold is learned as its log), got {self.init_threshold}",
+        )
+        need(
+            self.pre_act_loss_coefficient >= 0,
+            "pre_act_loss_coefficient",
+            f"must be >= 0 (0 turns it off), got {self.pre_act_loss_coefficient}",
+        )
+        need(
+            self.pre_act_dead_after_tokens > 0,
+            "pre_act_dead_after_tokens",
+            f"must be > 0, got {self.pre_act_dead_after_tokens}",
+        )
+        need(
+            self.threshold_lr_multiplier >= 0,
+            "threshold_lr_multiplier",
+            f"must be >= 0, got {self.threshold_lr_multiplier}",
+        )
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -89,8 +104,9 @@ class JumpReLUFunction(torch.autograd.Function):
     """z H(z - θ) forward; the rectangle-kernel estimator for θ backward."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
-                ste_to_input: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return z * (z > threshold).to(z.dtype)
@@ -110,8 +126,9 @@ class StepFunction(torch.autograd.Function):
     """H(z - θ) forward; -(1/ε) K((z - θ)/ε) as its θ-derivative backward."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
-                ste_to_input: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return (z > threshold).to(z.dtype)
@@ -125,9 +142,7 @@ class StepFunction(torch.autograd.Function):
         return grad_z, _reduce_to(-pseudo, threshold), None, None
 
 
-def jumprelu(
-    z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False
-) -> torch.Tensor:
+def jumprelu(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool = False) -> torch.Tensor:
     return JumpReLUFunction.apply(z, threshold, bandwidth, ste_to_input)
 
 

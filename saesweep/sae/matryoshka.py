@@ -53,16 +53,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         super().__init__(cfg, d_in, d_out)
         widths = list(cfg.matryoshka_widths)
         if widths and widths[-1] > self.d_sae:
-            raise UserError(
-                f"config key 'sae.matryoshka_widths': {widths[-1]} exceeds the SAE width {self.d_sae}"
-            )
+            raise UserError(f"config key 'sae.matryoshka_widths': {widths[-1]} exceeds the SAE width {self.d_sae}")
         if not widths or widths[-1] != self.d_sae:
             widths.append(self.d_sae)
         self.widths: tuple[int, ...] = tuple(widths)
 
-    def reconstruct(
-        self, active: ActiveLatents, target: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def reconstruct(self, active: ActiveLatents, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Decode level by level, each adding its latents to the previous prefix."""
         prefix_losses = {}
         recon = self.b_dec.expand(active.n_rows, -1)

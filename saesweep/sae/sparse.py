@@ -212,16 +212,15 @@ def topk_among(pre: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[tor
     return rows, candidates[idx.flatten()]
 
 
-def decode_active(
-    active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None
-) -> torch.Tensor:
+def decode_active(active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of value x decoder row over each row's active latents (+ b_dec if given)."""
     if KERNELS.dense("decoder", W_dec.device):
         out = active.to_dense() @ W_dec  # a matrix product: autocast runs it in bf16
     else:
         # The gather is cheap in fp32, and embedding_bag wants one dtype (autocast gives bf16 values).
-        out = F.embedding_bag(active.cols, W_dec, active.offsets(), mode="sum",
-                              per_sample_weights=active.values.to(W_dec.dtype))
+        out = F.embedding_bag(
+            active.cols, W_dec, active.offsets(), mode="sum", per_sample_weights=active.values.to(W_dec.dtype)
+        )
     return out if b_dec is None else out + b_dec
 
 

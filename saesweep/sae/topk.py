@@ -70,14 +70,11 @@ class TopKSAEConfig(SAEConfig):
         if not self.aux_k_coefficient >= 0:
             raise UserError(f"config key 'sae.aux_k_coefficient': must be >= 0, got {self.aux_k_coefficient}")
         if self.dead_steps_threshold <= 0:
-            raise UserError(
-                f"config key 'sae.dead_steps_threshold': must be > 0, got {self.dead_steps_threshold}"
-            )
+            raise UserError(f"config key 'sae.dead_steps_threshold': must be > 0, got {self.dead_steps_threshold}")
         if self.initial_k is not None:
             if self.initial_k < self.k:
                 raise UserError(
-                    f"config key 'sae.initial_k': must be >= sae.k={self.k} (k decays to sae.k), "
-                    f"got {self.initial_k}"
+                    f"config key 'sae.initial_k': must be >= sae.k={self.k} (k decays to sae.k), got {self.initial_k}"
                 )
             if self.d_sae is not None and self.initial_k > self.d_sae:
                 raise UserError(f"config key 'sae.initial_k': {self.initial_k} exceeds sae.d_sae={self.d_sae}")
@@ -89,17 +86,13 @@ class TopKSAEConfig(SAEConfig):
         if self.k_warmup_steps < 0:
             raise UserError(f"config key 'sae.k_warmup_steps': must be >= 0, got {self.k_warmup_steps}")
         if self.k_cold_booting_steps < 0:
-            raise UserError(
-                f"config key 'sae.k_cold_booting_steps': must be >= 0, got {self.k_cold_booting_steps}"
-            )
+            raise UserError(f"config key 'sae.k_cold_booting_steps': must be >= 0, got {self.k_cold_booting_steps}")
         if self.k_schedule_type not in ("linear", "exponential"):
             raise UserError(
                 f"config key 'sae.k_schedule_type': valid: linear, exponential; got {self.k_schedule_type!r}"
             )
         if not self.k_exponential_factor > 0:
-            raise UserError(
-                f"config key 'sae.k_exponential_factor': must be > 0, got {self.k_exponential_factor}"
-            )
+            raise UserError(f"config key 'sae.k_exponential_factor': must be > 0, got {self.k_exponential_factor}")
 
 
 def scheduled_k(
@@ -169,8 +162,9 @@ class TopKFamilySAE(SAE):
 
     def current_k(self, step: int) -> int:
         c = self.cfg
-        return scheduled_k(step, c.k, c.initial_k, c.k_warmup_steps, c.k_cold_booting_steps,
-                           c.k_schedule_type, c.k_exponential_factor)
+        return scheduled_k(
+            step, c.k, c.initial_k, c.k_warmup_steps, c.k_cold_booting_steps, c.k_schedule_type, c.k_exponential_factor
+        )
 
     def dead_latents(self) -> torch.Tensor:
         """[d_sae] bool: latents silent for at least `dead_steps_threshold` steps.
@@ -207,15 +201,17 @@ class TopKFamilySAE(SAE):
             fired=fired,
         )
 
-    def reconstruct(
-        self, active: ActiveLatents, target: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def reconstruct(self, active: ActiveLatents, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Reconstruction (scaled space) and its loss terms from the selected latents."""
         recon = decode_active(active, self.W_dec, self.b_dec)
         return recon, {"mse": mse_loss(recon, target)}
 
     def auxk_loss(
-        self, pre: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,
+        self,
+        pre: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        dead: torch.Tensor,
         centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """AuxK: each token's top aux_k dead latents reconstruct `residual` (see module doc)."""

@@ -116,8 +116,11 @@ class LoadedSAE(nn.Module):
 def metadata_of(cfg: dict[str, Any]) -> dict[str, Any]:
     """SAELens >= 6 keeps hook and model names under `metadata`; older files at top level."""
     meta = cfg.get("metadata")
-    legacy = {k: cfg[k] for k in ("model_name", "hook_name", "hook_head_index", "context_size",
-                                  "prepend_bos", "dataset_path") if k in cfg}
+    legacy = {
+        k: cfg[k]
+        for k in ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos", "dataset_path")
+        if k in cfg
+    }
     if "hook_point" in cfg and "hook_name" not in legacy:  # SAELens < 6 spelling
         legacy["hook_name"] = cfg["hook_point"]
     return {**legacy, **(meta if isinstance(meta, dict) else {})}
@@ -137,7 +140,9 @@ def read_cfg(directory: Path) -> dict[str, Any]:
     except OSError as e:
         raise SAEDirError(f"{path}: cannot be read ({e.strerror})") from None
     if not isinstance(cfg, dict):
-        raise SAEDirError(f"{path}: holds a JSON {type(cfg).__name__}; expected an object with d_in, d_sae, architecture")
+        raise SAEDirError(
+            f"{path}: holds a JSON {type(cfg).__name__}; expected an object with d_in, d_sae, architecture"
+        )
 
     if "architecture" not in cfg:
         version = cfg.get("sae_lens_version") or metadata_of(cfg).get("sae_lens_version")
@@ -169,8 +174,11 @@ def read_cfg(directory: Path) -> dict[str, Any]:
             f"valid: {', '.join(SUPPORTED_NORMALIZATION)}"
         )
     if norm == "expected_average_only_in":
-        log.warning("%s: normalize_activations is expected_average_only_in but no scaling factor is "
-                    "stored; evaluating on raw activations, as SAELens does", path)
+        log.warning(
+            "%s: normalize_activations is expected_average_only_in but no scaling factor is "
+            "stored; evaluating on raw activations, as SAELens does",
+            path,
+        )
     meta = metadata_of(cfg)
     if meta.get("hook_head_index") is not None:
         raise SAEDirError(f"{path}: hook_head_index {meta['hook_head_index']} (one attention head) is not supported")
@@ -206,9 +214,14 @@ def read_tensors(directory: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor
     else:
         d_out = d_in
     shapes = {
-        "W_enc": (d_in, d_sae), "b_enc": (d_sae,), "threshold": (d_sae,),
-        "b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,),
-        "W_dec": (d_sae, d_out), "b_dec": (d_out,),
+        "W_enc": (d_in, d_sae),
+        "b_enc": (d_sae,),
+        "threshold": (d_sae,),
+        "b_gate": (d_sae,),
+        "r_mag": (d_sae,),
+        "b_mag": (d_sae,),
+        "W_dec": (d_sae, d_out),
+        "b_dec": (d_out,),
     }
     tensors = {}
     for name in (*ENCODER_TENSORS[arch], "W_dec", "b_dec"):
@@ -248,8 +261,9 @@ def load_sae_dir(path: str | Path, device: torch.device | str = "cpu") -> Loaded
     if not directory.exists():
         raise SAEDirError(f"SAE directory {directory}: does not exist")
     if not directory.is_dir():
-        raise SAEDirError(f"{directory}: not a directory; expected a SAELens SAE directory "
-                          f"({CFG_FILENAME} + {WEIGHTS_FILENAME})")
+        raise SAEDirError(
+            f"{directory}: not a directory; expected a SAELens SAE directory ({CFG_FILENAME} + {WEIGHTS_FILENAME})"
+        )
     cfg = read_cfg(directory)
     tensors = read_tensors(directory, cfg)
     sae = LoadedSAE(cfg["architecture"], cfg, tensors, directory)

@@ -228,7 +228,9 @@ def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
 
 def summary(members: list[MemberResult]) -> str:
     counts = {s: sum(m.status == s for m in members) for s in ("done", "failed", "unfinished")}
-    return f"{len(members)} members: {counts['done']} done, {counts['failed']} failed, {counts['unfinished']} unfinished"
+    return (
+        f"{len(members)} members: {counts['done']} done, {counts['failed']} failed, {counts['unfinished']} unfinished"
+    )
 
 
 def _md_text(sweep_dir: Path, members: list[MemberResult], columns: list[str], rows: list[dict[str, Any]]) -> str:
@@ -268,13 +270,15 @@ def _annotate(ax: Any, names: list[str], points: list[tuple[float, float]]) -> N
     px_per_pt = ax.figure.dpi / 72
     taken = [tuple(p) for p in ax.transData.transform(points)] if points else []
     for name, point, (x, y) in zip(names, points, list(taken)):
+
         def spot(offset: tuple[int, int]) -> tuple[float, float]:
             return x + offset[0] * px_per_pt, y + offset[1] * px_per_pt
 
         offset = next((o for o in LABEL_OFFSETS if all(math.dist(spot(o), t) > 12 for t in taken)), LABEL_OFFSETS[0])
         taken.append(spot(offset))
-        ax.annotate(name, point, xytext=offset, textcoords="offset points", ha="center", va="center",
-                    fontsize=9, zorder=5)
+        ax.annotate(
+            name, point, xytext=offset, textcoords="offset points", ha="center", va="center", fontsize=9, zorder=5
+        )
 
 
 def plot_pareto(members: list[MemberResult], path: Path, title: str) -> None:
@@ -320,8 +324,16 @@ def plot_pareto(members: list[MemberResult], path: Path, title: str) -> None:
         if not plotted:
             ax.set_xticks([])
             ax.set_yticks([])  # ticks around 0 would suggest data
-            ax.text(0.5, 0.5, f"no finished run has {label}" if done else "no finished runs", ha="center",
-                    va="center", transform=ax.transAxes, fontsize=14, color="gray")
+            ax.text(
+                0.5,
+                0.5,
+                f"no finished run has {label}" if done else "no finished runs",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=14,
+                color="gray",
+            )
     # One legend for both panels: the architectures and the front mean the same in each.
     handles = [Line2D([], [], ls="none", marker="o", color=colors[a], label=a) for a in architectures]
     handles.append(Line2D([], [], color="black", marker="o", mfc="none", ms=10, label="Pareto front"))

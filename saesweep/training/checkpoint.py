@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 

@@ -47,9 +47,9 @@ COLLECTIVE_TIMEOUT = timedelta(hours=2)
 # every replica holds what one process would after the same global batch. The SAE
 # updates them from its own share of the batch (in forward or after_step).
 RUNNING_STATE = {
-    "steps_since_fired": "min",            # TopK family: 0 where a latent fired on any rank, else +1
+    "steps_since_fired": "min",  # TopK family: 0 where a latent fired on any rank, else +1
     "tokens_since_fired": "reset_or_sum",  # JumpReLU: 0 where it fired on any rank, else + the global batch
-    "threshold_ema": "mean",               # BatchTopK: running mean of each batch's smallest survivor
+    "threshold_ema": "mean",  # BatchTopK: running mean of each batch's smallest survivor
     "threshold_updates": "max",
 }
 # Buffers set before the first step (input scaling, from rank 0's first fill) or after
@@ -137,8 +137,11 @@ class Ranks:
         if not self.active:
             yield
             return
-        before = {name: buf.clone() for name, buf in module.named_buffers()
-                  if RUNNING_STATE.get(_leaf(name)) == "reset_or_sum"}
+        before = {
+            name: buf.clone()
+            for name, buf in module.named_buffers()
+            if RUNNING_STATE.get(_leaf(name)) == "reset_or_sum"
+        }
         yield
         for name, buf in module.named_buffers():
             rule = RUNNING_STATE.get(_leaf(name))
@@ -174,9 +177,11 @@ class Ranks:
         rank 0's after every step, so they only reflect rank 0's share of the data."""
         unknown = sorted(n for n, _ in module.named_buffers() if _leaf(n) not in RUNNING_STATE.keys() | SET_ONCE)
         if self.active and unknown and self.is_main:
-            log.warning("training.distributed=ddp: SAE buffer(s) %s have no rule for combining ranks in "
-                        "saesweep.training.distributed.RUNNING_STATE; every rank takes rank 0's after each step",
-                        ", ".join(unknown))
+            log.warning(
+                "training.distributed=ddp: SAE buffer(s) %s have no rule for combining ranks in "
+                "saesweep.training.distributed.RUNNING_STATE; every rank takes rank 0's after each step",
+                ", ".join(unknown),
+            )
 
     def broadcast_object(self, obj: Any) -> Any:
         if not self.active:
@@ -206,11 +211,15 @@ class Ranks:
         try:
             dist.barrier()
         except Exception as e:  # gloo: the connection to rank 0 closed
-            raise SystemExit(f"rank {self.rank}: {why}; rank 0 has ended ({type(e).__name__}), so does this rank") from None
+            raise SystemExit(
+                f"rank {self.rank}: {why}; rank 0 has ended ({type(e).__name__}), so does this rank"
+            ) from None
 
     def _comm_device(self) -> torch.device:
         # NCCL communicates from the GPU; gloo from the CPU.
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
 
 
 SINGLE = Ranks()
@@ -272,8 +281,10 @@ def rank_overrides(args: list[str]) -> list[str]:
     if launch is None:
         return []
     if launch.world > 1 and ("--multirun" in args or "-m" in args):
-        raise UserError(f"--multirun under {launch.by} ({launch.world} processes) is not supported: run one job "
-                        "per launch, or sweep with hydra/launcher=slurm_ddp training.distributed=ddp")
+        raise UserError(
+            f"--multirun under {launch.by} ({launch.world} processes) is not supported: run one job "
+            "per launch, or sweep with hydra/launcher=slurm_ddp training.distributed=ddp"
+        )
     return QUIET_RANK_OVERRIDES if launch.rank != 0 else []
 
 
@@ -318,8 +329,14 @@ def process_group(training: TrainingConfig) -> Iterator[Ranks]:
     if cuda:
         torch.cuda.set_device(ranks.device(device))  # NCCL talks from the current device
     backend = "nccl" if cuda else "gloo"
-    log.info("joining %d ranks as rank %d (%s, master %s:%s)", launch.world, launch.rank, backend,
-             os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+    log.info(
+        "joining %d ranks as rank %d (%s, master %s:%s)",
+        launch.world,
+        launch.rank,
+        backend,
+        os.environ.get("MASTER_ADDR"),
+        os.environ.get("MASTER_PORT"),
+    )
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world, timeout=COLLECTIVE_TIMEOUT)
     try:
         yield ranks

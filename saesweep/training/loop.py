@@ -30,17 +30,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saesweep.activations.source import ActivationSource
-from saesweep.training.allocator import keep_freed_memory
 from saesweep.activations.buffer import ActivationBuffer
 from saesweep.activations.cache import open_training_feed
-from saesweep.training.checkpoint import CHECKPOINT_NAME, StopSignals, save_checkpoints
+from saesweep.activations.source import ActivationSource
 from saesweep.config.schema import TrainConfig
 from saesweep.data.rows import load_token_rows
-from saesweep.training.distributed import SINGLE, Ranks, resolve_device
 from saesweep.errors import UserError
 from saesweep.evaluation.held_out import shared_key
 from saesweep.lm.model import load_model_checked
+from saesweep.training.allocator import keep_freed_memory
+from saesweep.training.checkpoint import CHECKPOINT_NAME, StopSignals, save_checkpoints
+from saesweep.training.distributed import SINGLE, Ranks, resolve_device
 from saesweep.training.member import Member, autocast, stream_position
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ def train(cfg: TrainConfig, run_dir: Path, ranks: Ranks = SINGLE) -> dict[str, A
     return outcome
 
 
-def train_group(cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str | None = None,
-                ranks: Ranks = SINGLE) -> list[Outcome]:
+def train_group(
+    cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str | None = None, ranks: Ranks = SINGLE
+) -> list[Outcome]:
     """Train one SAE per config on one shared activation stream, each into its own run dir.
 
     The configs must agree on everything but sae, optimizer, scheduler, objectives and
@@ -76,8 +77,10 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str 
     With several `ranks` (training.distributed=ddp) this process is one of them: one member only.
     """
     if ranks.active and len(cfgs) > 1:
-        raise UserError("config key 'training.distributed': ddp trains one run per job; a group of "
-                        f"{len(cfgs)} (hydra/launcher=grouped) is not supported")
+        raise UserError(
+            "config key 'training.distributed': ddp trains one run per job; a group of "
+            f"{len(cfgs)} (hydra/launcher=grouped) is not supported"
+        )
     run_dirs = [Path(d) for d in run_dirs]
     resume_hint = resume_hint or f"hydra.run.dir={run_dirs[0]}"
     outcomes: list[Outcome | None] = [None] * len(cfgs)
@@ -101,8 +104,9 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str 
     device = resolve_device(cfg.training.device, "training.device", ranks)
     keep_freed_memory()  # before the model and the step's big temporaries are allocated
     model = load_model_checked(cfg, device)
-    rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed,
-                           total_tokens=cfg.training.total_tokens)
+    rows = load_token_rows(
+        cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed, total_tokens=cfg.training.total_tokens
+    )
     source = ActivationSource(model, cfg.model.hook_point, cfg.model.hook_point_out, cfg.activations.exclude_bos)
     for members in subgroups.values():
         for member, outcome in zip(members, train_together(members, model, source, rows, device, resume_hint)):
@@ -117,8 +121,9 @@ def finished_result(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def train_together(members: list[Member], model: Any, source: ActivationSource, rows: Any,
-                   device: torch.device, resume_hint: str) -> list[Outcome]:
+def train_together(
+    members: list[Member], model: Any, source: ActivationSource, rows: Any, device: torch.device, resume_hint: str
+) -> list[Outcome]:
     """The loop: members at the same point of the same activation stream, one batch each step.
 
     Under DDP each rank runs it on its own share of the stream and of every batch."""
@@ -172,13 +177,28 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
         write = _die_mid_write if batches == crash_at and crash_where == "checkpoint" else torch.save
         save_checkpoints({m.run_dir / CHECKPOINT_NAME: m.state(shared) for m in to_save}, write)
 
-    log.info("training %d SAE(s) (%s) d_in=%d for %d steps of %d tokens on %s%s", len(members),
-             ", ".join(f"{m.cfg.sae.architecture} d_sae={m.sae.d_sae}" for m in members),
-             source.d_in, total_steps, batch_size, device,
-             f" x {ranks.world} ranks of {local_batch}" if ranks.active else "")
+    log.info(
+        "training %d SAE(s) (%s) d_in=%d for %d steps of %d tokens on %s%s",
+        len(members),
+        ", ".join(f"{m.cfg.sae.architecture} d_sae={m.sae.d_sae}" for m in members),
+        source.d_in,
+        total_steps,
+        batch_size,
+        device,
+        f" x {ranks.world} ranks of {local_batch}" if ranks.active else "",
+    )
     # The bar is closed however the loop ends, so an error message starts on its own line.
-    with StopSignals() as stop, tqdm(total=total_steps, initial=min(m.step for m in members), desc="train",
-                                     unit="step", dynamic_ncols=True, disable=not ranks.is_main) as progress:
+    with (
+        StopSignals() as stop,
+        tqdm(
+            total=total_steps,
+            initial=min(m.step for m in members),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not ranks.is_main,
+        ) as progress,
+    ):
         while training := [m for m in members if m.error is None and m.step < total_steps]:
             with amp():
                 batch = buffer.next_batch()
@@ -190,8 +210,11 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
             # L0 is known from the first logging step on (it costs a host sync to read). The
             # bar redraws at most every 0.1 s (in update), not at every step's postfix.
             known = not all(math.isnan(m.last_l0) for m in members)
-            progress.set_postfix(tok_s=f"{batches * batch_size / elapsed():.0f}", refresh=False,
-                                 **({"L0": "/".join(f"{m.last_l0:.1f}" for m in members)} if known else {}))
+            progress.set_postfix(
+                tok_s=f"{batches * batch_size / elapsed():.0f}",
+                refresh=False,
+                **({"L0": "/".join(f"{m.last_l0:.1f}" for m in members)} if known else {}),
+            )
             progress.update(min(m.step for m in training) - progress.n)
 
             crossed = every > 0 and (batches * batch_size) // every > ((batches - 1) * batch_size) // every
@@ -210,9 +233,13 @@ def train_together(members: list[Member], model: Any, source: ActivationSource, 
                     # job (USR2/TERM) has seconds left and only needs the checkpoint.
                     for member in healthy:
                         member.export_partial(buffer.sample()[0])
-                log.warning("stopping on signal %d at step %d; checkpoint saved%s. To resume, rerun the "
-                            "same command with %s", stop.received, batches,
-                            " and the SAE so far in sae/" if stop.received == signal.SIGINT else "", resume_hint)
+                log.warning(
+                    "stopping on signal %d at step %d; checkpoint saved%s. To resume, rerun the same command with %s",
+                    stop.received,
+                    batches,
+                    " and the SAE so far in sae/" if stop.received == signal.SIGINT else "",
+                    resume_hint,
+                )
                 stop.resend()
                 ranks.follow_main(f"stopped on signal {stopping}")  # DDP: go on only if rank 0 does
 

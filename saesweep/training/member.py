@@ -35,9 +35,21 @@ log = logging.getLogger(__name__)
 
 # Keys that may change between an interrupted run and its resumption (the number of
 # processes may not: Member checks it).
-RESUME_MAY_CHANGE = {"training.resume", "training.checkpoint_every_tokens", "training.log_every",
-                     "training.device", "training.compile", "training.distributed", "training.max_nonfinite_steps",
-                     "eval", "cache_dir", "logger", "objectives", "activations.cache_dir", "activations.shard_mb"}
+RESUME_MAY_CHANGE = {
+    "training.resume",
+    "training.checkpoint_every_tokens",
+    "training.log_every",
+    "training.device",
+    "training.compile",
+    "training.distributed",
+    "training.max_nonfinite_steps",
+    "eval",
+    "cache_dir",
+    "logger",
+    "objectives",
+    "activations.cache_dir",
+    "activations.shard_mb",
+}
 
 
 def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -69,8 +81,9 @@ class Member:
     def __init__(self, index: int, cfg: TrainConfig, run_dir: Path, named: bool, ranks: Ranks = SINGLE):
         self.index, self.cfg, self.run_dir, self.named, self.ranks = index, cfg, run_dir, named, ranks
         self.log = MemberLog(log, run_dir, named)
-        self.checkpoint = (load_checkpoint(run_dir / CHECKPOINT_NAME, clean=ranks.is_main)
-                           if cfg.training.resume != "never" else None)
+        self.checkpoint = (
+            load_checkpoint(run_dir / CHECKPOINT_NAME, clean=ranks.is_main) if cfg.training.resume != "never" else None
+        )
         if self.checkpoint is not None and cfg.training.resume != "force":
             changed = config_differences(self.checkpoint["config"], resumable_config(cfg))
             if changed:
@@ -92,8 +105,13 @@ class Member:
         self.result: dict[str, Any] = {}
         self.last_l0 = float("nan")
 
-    def start(self, source: ActivationSource, device: torch.device, total_steps: int,
-              first: tuple[torch.Tensor, ...] | None = None) -> None:
+    def start(
+        self,
+        source: ActivationSource,
+        device: torch.device,
+        total_steps: int,
+        first: tuple[torch.Tensor, ...] | None = None,
+    ) -> None:
         """Build the SAE and its optimizer: fitted to the first fill, or as checkpointed."""
         cfg, checkpoint = self.cfg, self.checkpoint
         # Seeded here, per member, so each SAE starts as it would in a separate run.
@@ -170,8 +188,13 @@ class Member:
         # Under DDP a step is skipped on every rank or on none.
         if not self.ranks.all_true(torch.isfinite(loss.detach() + grad_norm)):
             self.nonfinite += 1
-            self.log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
-                             self.step, float(loss.detach()), float(grad_norm), self.nonfinite)
+            self.log.warning(
+                "step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                self.step,
+                float(loss.detach()),
+                float(grad_norm),
+                self.nonfinite,
+            )
             if self.nonfinite >= cfg.training.max_nonfinite_steps:
                 raise UserError(
                     f"training diverged: {self.nonfinite} steps in a row had a non-finite loss or gradient "
@@ -191,21 +214,25 @@ class Member:
         total_steps = cfg.training.total_tokens // cfg.training.batch_size
         if self.step % cfg.training.log_every == 0 or self.step == total_steps:
             tokens = self.step * cfg.training.batch_size
-            measured = self.ranks.mean({  # DDP: over the ranks' shares of the batch
-                "loss": float(loss.detach()),
-                **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
-                "l0": float(out.l0),
-                "explained_variance": explained_variance(target, out.recon.detach()),
-            })
+            measured = self.ranks.mean(
+                {  # DDP: over the ranks' shares of the batch
+                    "loss": float(loss.detach()),
+                    **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
+                    "l0": float(out.l0),
+                    "explained_variance": explained_variance(target, out.recon.detach()),
+                }
+            )
             self.last_l0 = measured["l0"]
-            self.metrics.log({
-                "step": self.step,
-                "tokens": tokens,
-                "lr": self.scheduler.get_last_lr()[0],
-                **measured,
-                "dead_features": int((self.tokens_since_fired >= cfg.training.dead_after_tokens).sum()),
-                "tokens_per_second": tokens / elapsed(),
-            })
+            self.metrics.log(
+                {
+                    "step": self.step,
+                    "tokens": tokens,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    **measured,
+                    "dead_features": int((self.tokens_since_fired >= cfg.training.dead_after_tokens).sum()),
+                    "tokens_per_second": tokens / elapsed(),
+                }
+            )
 
     def state(self, shared: dict[str, Any]) -> dict[str, Any]:
         """This member's checkpoint: the shared stream state plus its own; a single run's format."""
@@ -223,18 +250,29 @@ class Member:
     def export_partial(self, sample: torch.Tensor) -> None:
         with self.own_rng():
             self.sae.calibrate(sample)
-        save_sae(self.sae, self.run_dir / "sae", {**sae_metadata(self.cfg), "partial": True,
-                                                  "tokens_trained": self.step * self.cfg.training.batch_size})
+        save_sae(
+            self.sae,
+            self.run_dir / "sae",
+            {**sae_metadata(self.cfg), "partial": True, "tokens_trained": self.step * self.cfg.training.batch_size},
+        )
 
-    def finish(self, source: ActivationSource, rows: Any, sample: torch.Tensor, train_seconds: float,
-               feed_name: str, shared: str | None = None) -> None:
+    def finish(
+        self,
+        source: ActivationSource,
+        rows: Any,
+        sample: torch.Tensor,
+        train_seconds: float,
+        feed_name: str,
+        shared: str | None = None,
+    ) -> None:
         """Calibrate, evaluate on held-out rows, export; eval.json last, as it marks the run finished."""
         cfg = self.cfg
         try:
             with self.own_rng():
                 self.sae.calibrate(sample)
-                result = evaluate(self.sae, source, rows.eval_rows, cfg.eval.rows, cfg.eval.ce_rows,
-                                  cfg.eval.batch_rows, shared)
+                result = evaluate(
+                    self.sae, source, rows.eval_rows, cfg.eval.rows, cfg.eval.ce_rows, cfg.eval.batch_rows, shared
+                )
             tokens_trained = self.step * cfg.training.batch_size
             result.update(
                 tokens_trained=tokens_trained,

@@ -146,7 +146,8 @@ def worker_sparsify(tokens: int, k: int, work: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from saesweep.data.rows import load_token_rows
-    from saesweep.lm.model import embedded_model_dir, hook_layer
+    from saesweep.lm.model import embedded_model_dir
+    from saesweep.lm.shape import hook_layer
 
     t_load = time.perf_counter()
     cfg = compose(["model=smollm2-135m-hf", f"sae.k={k}", *COMMON])

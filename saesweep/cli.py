@@ -42,6 +42,57 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
 
 
+# What sbatch says, and the launcher keys (conf/hydra/launcher/slurm.yaml) that ask for it.
+SBATCH_CAUSES = (  # every match counts; no bare "gpu": a partition may be named so
+    (("partition",), ("partition",)),
+    (("account",), ("account",)),
+    (("qos",), ("qos",)),
+    (("gres", "generic resource", "gpus"), ("gpus_per_node", "gres")),
+    (("memory", "mem "), ("mem_gb", "mem_per_gpu")),
+    (("processors", "cpu", "node configuration", "nodes"), ("cpus_per_task", "tasks_per_node", "nodes")),
+    (("time limit",), ("timeout_min",)),
+)
+
+
+def slurm_refusal(stderr: str) -> str:
+    """One line for a submission sbatch refused: its reason, the hydra.launcher keys that
+    ask for that resource, and what the cluster offers (sinfo), where sinfo answers."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    reasons = [line.split("error:", 1)[1].strip() for line in lines if "error:" in line] or lines[-1:] or ["?"]
+    reason = reasons[0]
+    lower = reason.lower()
+    keys = [k for words, ks in SBATCH_CAUSES if any(w in lower for w in words) for k in ks]
+    keys = keys or ["gpus_per_node", "cpus_per_task", "mem_gb", "partition", "timeout_min"]
+    offers = cluster_offers()
+    return (
+        f"SLURM refused the sweep's jobs: {reason}; change "
+        + ", ".join(f"hydra.launcher.{k}" for k in keys)
+        + " (conf/hydra/launcher/slurm.yaml)"
+        + (f"; the cluster offers {offers}" if offers else "")
+    )
+
+
+def cluster_offers() -> str:
+    """What `sinfo` says each partition offers per node, in a few words ('' if it cannot tell)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", "%P|%D|%c|%m|%G"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    parts = []
+    for line in out.splitlines():
+        fields = line.split("|")
+        if len(fields) != 5:
+            continue
+        partition, nodes, cpus, mem, gres = fields
+        gpus = "no GPUs" if gres in ("(null)", "") else f"gres {gres}"
+        parts.append(f"partition {partition.rstrip('*')}: {nodes} node(s) of {cpus} CPUs, {mem} MB, {gpus}")
+    return "; ".join(parts)
+
+
 def run(main: Callable[[], Any]) -> None:
     """Call a @hydra.main function, reporting user errors in one line."""
     global DEBUG
@@ -66,6 +117,12 @@ def run(main: Callable[[], Any]) -> None:
             "hydra.run.dir / hydra.sweep.dir or free space)",
             file=sys.stderr,
         )
+        sys.exit(2)
+    except Exception as e:
+        # The cluster refused a SLURM sweep at submission (sbatch's own words inside).
+        if debug or type(e).__name__ not in ("FailedJobError", "FailedSubmissionError"):
+            raise
+        print(f"error: {slurm_refusal(str(e))}", file=sys.stderr)
         sys.exit(2)
 
 

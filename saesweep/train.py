@@ -17,6 +17,7 @@ from saesweep.cli import run, user_errors
 from saesweep.config import CONF_DIR
 from saesweep.config.schema import objective_values, validate
 from saesweep.errors import UserError
+from saesweep.training.run_record import RunRecord
 
 log = logging.getLogger("saesweep")
 
@@ -24,6 +25,7 @@ log = logging.getLogger("saesweep")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | list[float] | None:
     hydra_cfg = HydraConfig.get()
+    record = RunRecord.from_hydra(cfg, hydra_cfg)  # before name_wandb_run fills in logger names
     name_wandb_run(cfg, hydra_cfg)
     try:
         with user_errors():
@@ -35,7 +37,7 @@ def main(cfg: DictConfig) -> float | list[float] | None:
             # training.distributed=ddp: this process is one rank; the others run this too.
             with process_group(typed.training) as ranks:
                 run_dir = shared_run_dir(ranks, Path(hydra_cfg.runtime.output_dir))
-                result = train(typed, run_dir, ranks)
+                result = train(typed, run_dir, ranks, record)
     except KeyboardInterrupt:
         print(f"interrupted; rerun with hydra.run.dir={hydra_cfg.runtime.output_dir} to resume", file=sys.stderr)
         sys.exit(130)
@@ -50,6 +52,7 @@ def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any
     """`main` for the members of a grouped sweep (hydra/launcher=grouped), trained together
     on one LM pass: per member the objective values, or the exception that failed it."""
     typed: list[Any] = []
+    records = [RunRecord.from_hydra(cfg, hydra_cfg) for cfg, hydra_cfg in zip(cfgs, hydra_cfgs)]
     for cfg, hydra_cfg in zip(cfgs, hydra_cfgs):
         name_wandb_run(cfg, hydra_cfg)
         try:
@@ -67,6 +70,7 @@ def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any
             [typed[i] for i in valid],
             [Path(hydra_cfgs[i].runtime.output_dir) for i in valid],
             resume_hint=f"hydra.sweep.dir={sweep_dir}",
+            records=[records[i] for i in valid],
         )
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same sweep with hydra.sweep.dir={sweep_dir} to resume", file=sys.stderr)

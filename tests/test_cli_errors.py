@@ -182,11 +182,7 @@ def test_a_failed_rerun_leaves_the_interrupted_run_intact(tmp_path):
         env={"SAESWEEP_CRASH_AT_STEP": "5"},
     )
     assert proc.returncode == -9 and (run_dir / "checkpoint.pt").exists(), proc.stderr[-3000:]
-    before = {
-        p: p.read_bytes()
-        for p in run_dir.rglob("*")
-        if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
-    }
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}  # .hydra/ and the log too
     for bad in (["sae.k=0"], ["model.hook_point=blocks.6.hook_resid_pots"], ["sae.kk=3"]):
         proc = run_cli(
             "saesweep.train",
@@ -233,3 +229,22 @@ def test_missing_embedded_package_says_how_to_install_it(monkeypatch, tmp_path, 
             models.embedded_model_dir(ModelConfig().name, str(tmp_path))
         else:
             data.embedded_files("shakespeare")
+
+
+def test_sbatch_refusals_name_the_launcher_keys(monkeypatch):
+    from saesweep import cli
+
+    monkeypatch.setattr(cli, "cluster_offers", lambda: "")
+    cases = {
+        "sbatch: error: Invalid generic resource (gres) specification": "hydra.launcher.gpus_per_node",
+        "sbatch: error: invalid partition specified: gpu": "hydra.launcher.partition",
+        "sbatch: error: Memory specification can not be satisfied": "hydra.launcher.mem_gb",
+        "sbatch: error: Batch job submission failed: Requested node configuration is not available": (
+            "hydra.launcher.cpus_per_task"
+        ),
+        "sbatch: error: Invalid account or account/partition combination specified": "hydra.launcher.account",
+    }
+    for stderr, key in cases.items():
+        line = cli.slurm_refusal(stderr)
+        assert key in line and stderr.split("error: ")[-1] in line, line
+        assert "\n" not in line

@@ -16,7 +16,8 @@ from conftest import TINY_RUN, run_cli, train_a_few_steps
 from saesweep.activations.source import ActivationSource
 from saesweep.config.schema import DatasetConfig, ModelConfig
 from saesweep.errors import UserError
-from saesweep.lm.model import check_hook, hook_layer, load_model, loader_kwargs
+from saesweep.lm.model import check_hook, load_model, loader_kwargs
+from saesweep.lm.shape import hook_layer
 
 # HF module path -> the TransformerLens hook that holds the same activation
 SAME = {

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
 
-from saesweep.training.checkpoint import StopSignals, config_differences
+from saesweep.training.checkpoint import StopSignals
+from saesweep.training.run_record import config_differences
 
 RUN = [*TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]
 

@@ -318,3 +318,26 @@ def test_preempted_ddp_member_is_requeued_and_resumes_to_the_uninterrupted_weigh
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+def test_the_preset_on_a_gpu_less_node_is_one_line_naming_the_gpu_key(cluster, tmp_path):
+    """The preset asks for a GPU; this node has none: sbatch refuses, and the user reads one
+    error line naming hydra.launcher.gpus_per_node and what the cluster offers."""
+    proc = run_cli(
+        "saesweep.train",
+        "--multirun",
+        "hydra/launcher=slurm",
+        f"hydra.launcher.partition={PARTITION}",
+        "sae.k=8,16",
+        *TINY_RUN,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert len(errors) == 1 and "hydra.launcher.gpus_per_node" in errors[0], proc.stderr[-3000:]
+    assert "the cluster offers partition" in errors[0] and "no GPUs" in errors[0]

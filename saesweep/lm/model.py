@@ -29,6 +29,7 @@ import torch
 from saesweep.atomic import staged_dir
 from saesweep.config.schema import ModelConfig, TrainConfig
 from saesweep.errors import UserError
+from saesweep.lm.shape import ModelShape, check_model_against_shape, read_shape
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
     return DTYPES[name]
 
 
+def embedded_target_dir(name: str, cache_dir: str | None) -> Path:
+    """Where an embedded model's converted HF directory lives (whether or not it exists yet)."""
+    return cache_root(cache_dir) / "models" / name.lower().replace("/", "--")
+
+
 def embedded_model_dir(name: str, cache_dir: str | None) -> Path:
     """A plain HF checkpoint directory for an embedded model, converting it on first use."""
     if name not in EMBEDDED_MODELS:
@@ -98,7 +104,7 @@ def embedded_model_dir(name: str, cache_dir: str | None) -> Path:
             f"valid: {', '.join(EMBEDDED_MODELS)} (or use model.source=pretrained)"
         )
     requirement, module, gguf_name = EMBEDDED_MODELS[name]
-    target = cache_root(cache_dir) / "models" / name.lower().replace("/", "--")
+    target = embedded_target_dir(name, cache_dir)
     if (target / "config.json").exists():
         return target
     spec = importlib.util.find_spec(module)
@@ -166,13 +172,12 @@ def load_model(cfg: ModelConfig, device: torch.device, cache_dir: str | None) ->
     return model
 
 
-def hook_layer(hook_name: str) -> int | None:
-    """The layer a hook (or parameter) name lives in: `blocks.N...` or `....layers.N...`."""
-    parts = hook_name.split(":")[0].split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("blocks", "layers") and parts[i + 1].isdigit() and (part == "layers" or i == 0):
-            return int(parts[i + 1])
-    return None
+def model_shape(cfg: ModelConfig, cache_dir: str | None) -> ModelShape | None:
+    """The model's shape from its config.json, if that is on disk: the embedded model once
+    converted, or a local directory; None for a hub name or a first run."""
+    folder = embedded_target_dir(cfg.name, cache_dir) if cfg.source == "embedded" else Path(cfg.name).expanduser()
+    path = folder / "config.json"
+    return read_shape(path) if path.is_file() else None
 
 
 def check_hook(model: LanguageModel, hook_name: str, key: str) -> None:
@@ -185,7 +190,11 @@ def check_hook(model: LanguageModel, hook_name: str, key: str) -> None:
 
 
 def load_model_checked(cfg: TrainConfig, device: torch.device) -> LanguageModel:
-    """The run's model, with its hooks and context size checked against it (one line each)."""
+    """The run's model, with its hooks and context size checked against it (one line each):
+    what the model's config.json tells, before the weights load; the rest after."""
+    shape = model_shape(cfg.model, cfg.cache_dir)
+    if shape is not None:
+        check_model_against_shape(cfg, shape)
     model = load_model(cfg.model, device, cfg.cache_dir)
     check_hook(model, cfg.model.hook_point, "model.hook_point")
     if cfg.model.hook_point_out is not None:

@@ -16,7 +16,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from saesweep.errors import UserError
-from saesweep.lm.model import HookFn, hook_layer, tokenizer_kwargs
+from saesweep.lm.model import HookFn, tokenizer_kwargs
+from saesweep.lm.shape import hook_layer
 
 
 class HookedLM(HookedTransformer):

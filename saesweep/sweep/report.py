@@ -125,8 +125,25 @@ def _failure_reason(member_dir: Path) -> str | None:
     return None
 
 
+# What a run leaves in its dir: a refused rerun writes nothing next to them.
+RUN_FILES = ("eval.json", "checkpoint.pt", "metrics.jsonl")
+
+
+def _overrides(member_dir: Path) -> list[str] | None:
+    """The member's overrides: its .hydra/ record, or status.json for a job refused before it started."""
+    recorded = _read_yaml(member_dir / ".hydra" / "overrides.yaml")
+    if isinstance(recorded, list):
+        return recorded
+    try:
+        status = json.loads((member_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    overrides = status.get("overrides") if isinstance(status, dict) else None
+    return overrides if isinstance(overrides, list) else None
+
+
 def load_member(member_dir: Path) -> MemberResult:
-    overrides_list = _read_yaml(member_dir / ".hydra" / "overrides.yaml")
+    overrides_list = _overrides(member_dir)
     member = MemberResult(
         name=member_dir.name,
         path=member_dir,
@@ -388,11 +405,20 @@ class SweepReportCallback(Callback):
 
         if launched_rank() != 0:  # a data-parallel member's other ranks: rank 0 reports
             return
-        if getattr(getattr(job_return, "status", None), "name", None) == "FAILED":
+        member_dir = Path(config.hydra.runtime.output_dir)
+        # A member refused by a dir that holds a run (finished, interrupted) leaves that dir
+        # as it was: the refusal is the sweep's output, not the run's.
+        holds_a_run = any((member_dir / name).exists() for name in RUN_FILES)
+        if getattr(getattr(job_return, "status", None), "name", None) == "FAILED" and not holds_a_run:
             try:
                 error = job_return._return_value  # the exception; .return_value would re-raise it
-                status = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-                atomic_write_text(Path(config.hydra.runtime.output_dir) / "status.json", json.dumps(status) + "\n")
+                status = {
+                    "status": "failed",
+                    "error": f"{type(error).__name__}: {error}",
+                    # no .hydra/ record for a job refused before it started: keep its overrides here
+                    "overrides": [str(o) for o in config.hydra.overrides.task],
+                }
+                atomic_write_text(member_dir / "status.json", json.dumps(status) + "\n")
             except Exception as e:
                 log.warning("status.json not written: %s: %s", type(e).__name__, e)
         self._report(config)

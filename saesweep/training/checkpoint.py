@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from saesweep.atomic import atomic_write_many, stale_temps
+from saesweep.atomic import atomic_write_many
 from saesweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,9 @@ def save_checkpoints(states: dict[Path, dict[str, Any]], write: Callable[[Any, P
     atomic_write_many({Path(path): partial(write or torch.save, state) for path, state in states.items()})
 
 
-def load_checkpoint(path: Path, clean: bool = True) -> dict[str, Any] | None:
-    """The checkpoint at `path`, if any. `clean`: remove the temp files of writes a crash
-    interrupted (the checkpoint they would have replaced is intact); false for readers
-    that must not write, as data-parallel ranks other than 0."""
-    for stale in stale_temps(path) if clean else []:
-        stale.unlink(missing_ok=True)
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at `path`, if any. Reading only: the temp files of writes a crash
+    interrupted are removed by the run that accepts the dir (Member.start)."""
     if not path.exists():
         return None
     try:
@@ -55,20 +52,6 @@ def load_checkpoint(path: Path, clean: bool = True) -> dict[str, Any] | None:
             f"checkpoint {path} is unreadable ({type(e).__name__}); move it away to start afresh, "
             "or set training.resume=never"
         ) from None
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = sorted(set(saved) | set(current))
-    out: list[str] = []
-    for key in keys:
-        a, b = saved.get(key), current.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(config_differences(a, b, name + "."))
-        elif a != b:
-            out.append(f"{name} ({a!r} -> {b!r})")
-    return out
 
 
 class StopSignals:

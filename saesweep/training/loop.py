@@ -37,11 +37,13 @@ from saesweep.config.schema import TrainConfig
 from saesweep.data.rows import load_token_rows
 from saesweep.errors import UserError
 from saesweep.evaluation.held_out import shared_key
-from saesweep.lm.model import load_model_checked
+from saesweep.lm.model import load_model_checked, model_shape
+from saesweep.lm.shape import check_sae_against_shape
 from saesweep.training.allocator import keep_freed_memory
 from saesweep.training.checkpoint import CHECKPOINT_NAME, StopSignals, save_checkpoints
 from saesweep.training.distributed import SINGLE, Ranks, resolve_device
 from saesweep.training.member import Member, autocast, stream_position
+from saesweep.training.run_record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +57,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig, run_dir: Path, ranks: Ranks = SINGLE) -> dict[str, Any]:
-    """Train one SAE into run_dir (a group of one); its eval result ({} on ranks other than 0)."""
-    outcome = train_group([cfg], [Path(run_dir)], ranks=ranks)[0]
+def train(cfg: TrainConfig, run_dir: Path, ranks: Ranks = SINGLE, record: RunRecord | None = None) -> dict[str, Any]:
+    """Train one SAE into run_dir (a group of one); its eval result ({} on ranks other than 0).
+    `record`: the run's config as `.hydra/` records it (see saesweep.training.run_record)."""
+    outcome = train_group([cfg], [Path(run_dir)], ranks=ranks, records=[record])[0]
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
 
 
 def train_group(
-    cfgs: list[TrainConfig], run_dirs: list[Path], resume_hint: str | None = None, ranks: Ranks = SINGLE
+    cfgs: list[TrainConfig],
+    run_dirs: list[Path],
+    resume_hint: str | None = None,
+    ranks: Ranks = SINGLE,
+    records: list[RunRecord | None] | None = None,
 ) -> list[Outcome]:
     """Train one SAE per config on one shared activation stream, each into its own run dir.
 
@@ -75,6 +82,8 @@ def train_group(
     the sweep, a crash between two checkpoint renames) are trained one subgroup after
     another, so each resumes exactly. `resume_hint` says how to rerun, for the stop message.
     With several `ranks` (training.distributed=ddp) this process is one of them: one member only.
+    `records`: each member's config as its run dir's `.hydra/` records it; a run dir holding
+    a record of other settings refuses the member before anything loads or is written.
     """
     if ranks.active and len(cfgs) > 1:
         raise UserError(
@@ -85,13 +94,16 @@ def train_group(
     resume_hint = resume_hint or f"hydra.run.dir={run_dirs[0]}"
     outcomes: list[Outcome | None] = [None] * len(cfgs)
     subgroups: dict[int | None, list[Member]] = {}  # by checkpoint position; None: not started
-    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+    shape = model_shape(cfgs[0].model, cfgs[0].cache_dir)  # the members share the model
+    for i, (cfg, run_dir, record) in enumerate(zip(cfgs, run_dirs, records or [None] * len(cfgs))):
         try:
-            finished = finished_result(cfg, run_dir)
+            if shape is not None:
+                check_sae_against_shape(cfg, shape)  # before anything loads
+            finished = finished_result(cfg, run_dir, record)
             if finished is not None:
                 outcomes[i] = finished
                 continue
-            member = Member(i, cfg, run_dir, named=len(cfgs) > 1, ranks=ranks)
+            member = Member(i, cfg, run_dir, named=len(cfgs) > 1, ranks=ranks, record=record)
         except UserError as e:
             outcomes[i] = e
             continue
@@ -114,8 +126,12 @@ def train_group(
     return outcomes  # type: ignore[return-value]
 
 
-def finished_result(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+def finished_result(cfg: TrainConfig, run_dir: Path, record: RunRecord | None) -> dict[str, Any] | None:
+    """The eval result of a run dir that has finished (eval.json), unless this config starts
+    afresh; a finished run of other settings is refused (a UserError naming the keys)."""
     if cfg.training.resume != "never" and (run_dir / "eval.json").exists():
+        if record is not None:
+            record.check(run_dir, finished=True, resume=cfg.training.resume)
         log.info("%s has finished already (eval.json); nothing to do", run_dir)
         return json.loads((run_dir / "eval.json").read_text())
     return None

@@ -18,49 +18,25 @@ from typing import Any, Callable, Iterator
 import torch
 
 from saesweep.activations.source import ActivationSource
-from saesweep.atomic import atomic_write_text
+from saesweep.atomic import atomic_write_text, stale_temps
 from saesweep.config.schema import TrainConfig
 from saesweep.errors import UserError
 from saesweep.evaluation.held_out import evaluate
 from saesweep.evaluation.metrics import explained_variance
 from saesweep.sae import build_sae
 from saesweep.sae_format.write import save_sae
-from saesweep.training.checkpoint import CHECKPOINT_NAME, config_differences, load_checkpoint
+from saesweep.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from saesweep.training.distributed import SINGLE, Ranks
 from saesweep.training.metrics_log import MetricsLog, NullMetricsLog
 from saesweep.training.optim import build_optimizer, build_scheduler
+from saesweep.training.run_record import RESUME_MAY_CHANGE, RunRecord, config_differences, without_keys
 
 log = logging.getLogger(__name__)
 
 
-# Keys that may change between an interrupted run and its resumption (the number of
-# processes may not: Member checks it).
-RESUME_MAY_CHANGE = {
-    "training.resume",
-    "training.checkpoint_every_tokens",
-    "training.log_every",
-    "training.device",
-    "training.compile",
-    "training.distributed",
-    "training.max_nonfinite_steps",
-    "eval",
-    "cache_dir",
-    "logger",
-    "objectives",
-    "activations.cache_dir",
-    "activations.shard_mb",
-}
-
-
 def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
-    flat = asdict(cfg)
-    for key in RESUME_MAY_CHANGE:
-        section, _, name = key.partition(".")
-        if name:
-            flat[section].pop(name, None)
-        else:
-            flat.pop(section, None)
-    return flat
+    """What a checkpoint records of its config: everything a resumption may not change."""
+    return without_keys(asdict(cfg), RESUME_MAY_CHANGE)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
@@ -78,12 +54,22 @@ class Member:
     """One SAE of a group, with all that is its own: optimizer, scheduler, counters,
     torch RNG (so its init and any random op match a separate run), log and run dir."""
 
-    def __init__(self, index: int, cfg: TrainConfig, run_dir: Path, named: bool, ranks: Ranks = SINGLE):
+    def __init__(
+        self,
+        index: int,
+        cfg: TrainConfig,
+        run_dir: Path,
+        named: bool,
+        ranks: Ranks = SINGLE,
+        record: RunRecord | None = None,
+    ):
+        """Accept the run dir for this config, or raise a UserError that says why not;
+        nothing in the run dir is written until `start`."""
         self.index, self.cfg, self.run_dir, self.named, self.ranks = index, cfg, run_dir, named, ranks
         self.log = MemberLog(log, run_dir, named)
-        self.checkpoint = (
-            load_checkpoint(run_dir / CHECKPOINT_NAME, clean=ranks.is_main) if cfg.training.resume != "never" else None
-        )
+        self.record = record
+        self.recorded = record.check(run_dir, finished=False, resume=cfg.training.resume) if record else None
+        self.checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if cfg.training.resume != "never" else None
         if self.checkpoint is not None and cfg.training.resume != "force":
             changed = config_differences(self.checkpoint["config"], resumable_config(cfg))
             if changed:
@@ -126,6 +112,8 @@ class Member:
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
         self.nonfinite = 0  # consecutive skipped steps
         main = self.ranks.is_main  # the one rank that writes the run dir
+        if main:
+            self.claim_run_dir()
         if checkpoint is None:
             self.step = 0
             if main:
@@ -147,6 +135,18 @@ class Member:
         self.ranks.check_state(self.sae)
         self.metrics = MetricsLog(self.run_dir, cfg.logger, cfg) if main else NullMetricsLog()
         self.sae.train()
+
+    def claim_run_dir(self) -> None:
+        """The run dir is this run's from here on (it was accepted in __init__): its record
+        of the config, no leftovers of interrupted checkpoint writes, and on a fresh start
+        over an old run (training.resume=never) no eval.json saying it has finished."""
+        resuming = self.checkpoint is not None
+        for stale in stale_temps(self.run_dir / CHECKPOINT_NAME):
+            stale.unlink(missing_ok=True)
+        if not resuming:
+            (self.run_dir / "eval.json").unlink(missing_ok=True)
+        if self.record is not None:
+            self.record.write(self.run_dir, self.recorded, resuming)
 
     @contextmanager
     def own_rng(self) -> Iterator[None]:

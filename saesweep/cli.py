@@ -99,6 +99,8 @@ def run(main: Callable[[], Any]) -> None:
     debug = DEBUG = "--debug" in sys.argv[1:] or os.environ.get("HYDRA_FULL_ERROR") == "1"
     sys.argv = [a for a in sys.argv if a != "--debug"]
     # Hydra prints its own errors and exits unless this is set; we want the exception.
+    # Restored afterwards, so a later call in the same process is not taken for --debug.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
@@ -124,6 +126,11 @@ def run(main: Callable[[], Any]) -> None:
             raise
         print(f"error: {slurm_refusal(str(e))}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 def one_line(e: Exception) -> str:

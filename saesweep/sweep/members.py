@@ -24,6 +24,16 @@ import yaml
 from saesweep.errors import UserError
 
 METRICS = ("l0", "explained_variance", "mse", "dead_fraction", "ce_loss_score", "tokens_trained", "tokens_per_second")
+# How the reports show each metric (report.csv keeps full precision).
+METRIC_FORMAT = {
+    "l0": ".1f",
+    "explained_variance": ".4f",
+    "mse": ".4g",
+    "dead_fraction": ".3f",
+    "ce_loss_score": ".4f",
+    "tokens_trained": ",.0f",
+    "tokens_per_second": ",.0f",
+}
 # Hydra's log format is "[time][logger][LEVEL] - message"; `error:` is our UserError line.
 # A bare "error" anywhere would also match messages such as "mean squared error".
 FAILURE_LINE = re.compile(r"Traceback \(most recent call last\)|\]\[(ERROR|CRITICAL)\] - |^error:", re.MULTILINE)
@@ -55,7 +65,7 @@ def parse_overrides(lines: list[str]) -> dict[str, str]:
     return result
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
@@ -63,7 +73,7 @@ def _read_yaml(path: Path) -> Any:
 
 
 def _architecture(member_dir: Path) -> str | None:
-    cfg = _read_yaml(member_dir / ".hydra" / "config.yaml")
+    cfg = read_yaml(member_dir / ".hydra" / "config.yaml")
     sae = cfg.get("sae") if isinstance(cfg, dict) else None
     arch = sae.get("architecture") if isinstance(sae, dict) else None
     if arch is None:
@@ -99,7 +109,7 @@ def _failure_reason(member_dir: Path) -> str | None:
 
 
 def load_member(member_dir: Path) -> MemberResult:
-    overrides_list = _read_yaml(member_dir / ".hydra" / "overrides.yaml")
+    overrides_list = read_yaml(member_dir / ".hydra" / "overrides.yaml")
     member = MemberResult(
         name=member_dir.name,
         path=member_dir,
@@ -163,3 +173,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
     front = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
     return sorted(front, key=lambda i: (points[i][0], -points[i][1], i))
+
+
+def summary(members: list[MemberResult]) -> str:
+    counts = {s: sum(m.status == s for m in members) for s in ("done", "failed", "unfinished")}
+    return (
+        f"{len(members)} members: {counts['done']} done, {counts['failed']} failed, {counts['unfinished']} unfinished"
+    )
+
+
+def is_run_dir(path: Path) -> bool:
+    """A single run's dir: something a run writes, and no member subdirectories."""
+    path = Path(path)
+    if not path.is_dir() or any(p.is_dir() and p.name.isdigit() for p in path.iterdir()):
+        return False
+    return any((path / name).exists() for name in ("metrics.jsonl", "eval.json", ".hydra"))

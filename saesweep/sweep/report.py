@@ -23,25 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from saesweep.atomic import atomic_write, atomic_write_text
 from saesweep.sweep.members import (
+    METRIC_FORMAT,
     METRICS,
     MemberResult,
     differing_overrides,
     load_sweep,
     pareto_front,
+    summary,
 )
+from saesweep.sweep.report_html import write_run_html, write_sweep_html
 
 log = logging.getLogger(__name__)
 
-# How report.md shows each metric; report.csv keeps full precision.
-MD_FORMAT = {
-    "l0": ".1f",
-    "explained_variance": ".4f",
-    "mse": ".4g",
-    "dead_fraction": ".3f",
-    "ce_loss_score": ".4f",
-    "tokens_trained": ",.0f",
-    "tokens_per_second": ",.0f",
-}
 PANELS = (("explained_variance", "explained variance"), ("ce_loss_score", "CE loss score"))
 L0_LABEL = "L0 (mean active latents per token)"
 # Where a member-number label may sit around its point (points), first choice first.
@@ -82,18 +75,11 @@ def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def summary(members: list[MemberResult]) -> str:
-    counts = {s: sum(m.status == s for m in members) for s in ("done", "failed", "unfinished")}
-    return (
-        f"{len(members)} members: {counts['done']} done, {counts['failed']} failed, {counts['unfinished']} unfinished"
-    )
-
-
 def _md_text(sweep_dir: Path, members: list[MemberResult], columns: list[str], rows: list[dict[str, Any]]) -> str:
     def cell(column: str, v: Any) -> str:
         if v is None:
             return ""
-        text = format(v, MD_FORMAT[column]) if column in MD_FORMAT else str(v)
+        text = format(v, METRIC_FORMAT[column]) if column in METRIC_FORMAT else str(v)
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = [
@@ -200,7 +186,7 @@ def plot_pareto(members: list[MemberResult], path: Path, title: str) -> None:
 
 
 def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
-    """Write report.csv, report.md and pareto.png for the sweep; returns report.md's path."""
+    """Write report.csv, report.md, pareto.png and report.html for the sweep; returns report.md's path."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir
     members = load_sweep(sweep_dir)
@@ -210,6 +196,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     md_path = out_dir / "report.md"
     atomic_write_text(md_path, _md_text(sweep_dir, members, columns, rows))
     plot_pareto(members, out_dir / "pareto.png", _title(sweep_dir))
+    write_sweep_html(sweep_dir, members, out_dir)
     return md_path
 
 
@@ -219,11 +206,14 @@ def _is_multirun(config: DictConfig) -> bool:
 
 
 class SweepReportCallback(Callback):
-    """Writes the sweep report when a multirun ends; a report failure never fails the sweep.
+    """Writes the sweep report when a multirun ends, and run.html when a single run ends;
+    a report failure never fails the run or the sweep.
 
     Hydra's basic sweeper raises as soon as any member has failed and then never
     calls on_multirun_end, so the report is also refreshed after every member, and a
-    failed member gets a status.json with its exception.
+    failed member gets a status.json with its exception. A single run's page is written
+    however the run ended (a diverged run's curves say why): one read of metrics.jsonl
+    and the SAE's sparsity, after training and evaluation are over.
     """
 
     def _report(self, config: DictConfig) -> None:
@@ -237,12 +227,21 @@ class SweepReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._report(config)
 
+    def _run_page(self, config: DictConfig) -> None:
+        try:
+            path = write_run_html(Path(config.hydra.runtime.output_dir))
+            log.info("run page: %s", path)
+        except Exception as e:
+            log.warning("run.html not written: %s: %s", type(e).__name__, e)
+            log.debug("run.html traceback", exc_info=True)
+
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if not _is_multirun(config):
-            return
         from saesweep.training.distributed import launched_rank
 
-        if launched_rank() != 0:  # a data-parallel member's other ranks: rank 0 reports
+        if launched_rank() != 0:  # a data-parallel run's other ranks: rank 0 reports
+            return
+        if not _is_multirun(config):
+            self._run_page(config)
             return
         if getattr(getattr(job_return, "status", None), "name", None) == "FAILED":
             try:

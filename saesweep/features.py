@@ -13,6 +13,7 @@ A run dir without `.hydra/config.yaml` or `sae/` (or not a directory) is a one-l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -107,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             batch_rows=args.batch_rows,
             seed=args.seed,
         )
-        path = build(args.run_dir, cfg, options, device)
+        # Libraries print progress to stdout (TransformerLens: "Moving model to device"); the
+        # command's stdout is the page's path alone, for scripts.
+        with contextlib.redirect_stdout(sys.stderr):
+            path = build(args.run_dir, cfg, options, device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ PALETTE = (
     "#bcbd22",
     "#17becf",
 )
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "hexagon", "cross")
 L0_TITLE = "L0 (mean active latents per token)"
 PARETO_PANELS = (("explained_variance", "explained variance"), ("ce_loss_score", "CE loss score"))
 DENSITY_BINS = 50
@@ -86,7 +87,7 @@ def pareto_figures(series: list[Series]) -> list[dict[str, Any]]:
     for key, label in PARETO_PANELS:
         plotted = [s for s in series if _finite(s.metrics.get("l0")) and _finite(s.metrics.get(key))]
         traces = []
-        for arch in sorted({s.architecture for s in plotted}):
+        for n, arch in enumerate(sorted({s.architecture for s in plotted})):
             members = [s for s in plotted if s.architecture == arch]
             traces.append(
                 {
@@ -99,7 +100,13 @@ def pareto_figures(series: list[Series]) -> list[dict[str, Any]]:
                     "textposition": "top center",
                     "hovertext": [s.label for s in members],
                     "hovertemplate": "%{hovertext}<br>L0 %{x:.2f}, " + label + " %{y:.4f}<extra></extra>",
-                    "marker": {"size": 10, "color": [s.color for s in members], "line": {"width": 1, "color": "#333"}},
+                    # colour: the member (as in the table and the curves); symbol: the architecture
+                    "marker": {
+                        "size": 10,
+                        "symbol": SYMBOLS[n % len(SYMBOLS)],
+                        "color": [s.color for s in members],
+                        "line": {"width": 1, "color": "#333"},
+                    },
                 }
             )
         points = [(s.metrics["l0"], s.metrics[key]) for s in plotted]

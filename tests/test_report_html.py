@@ -175,7 +175,11 @@ def test_pareto_points_carry_their_overrides(sweep):
     assert points["text"] == ["0", "1", "2"]  # done members only
     assert points["x"] == [16.2, 16.0, 32.0] and points["y"] == [0.6, 0.55, 0.7]
     assert points["hovertext"][2] == "2: training.seed=0, sae.k=32"
-    assert front["name"] == "Pareto front" and list(zip(front["x"], front["y"])) == [(16.0, 0.55), (16.2, 0.6), (32.0, 0.7)]
+    assert front["name"] == "Pareto front" and list(zip(front["x"], front["y"])) == [
+        (16.0, 0.55),
+        (16.2, 0.6),
+        (32.0, 0.7),
+    ]
     assert ce["data"][0]["y"] == [0.8, 0.79, 0.9]
 
 

@@ -98,7 +98,7 @@ def pareto_figures(series: list[Series]) -> list[dict[str, Any]]:
                     "y": [s.metrics[key] for s in members],
                     "text": [s.name for s in members],
                     "textposition": "top center",
-                    "hovertext": [s.label for s in members],
+                    "hovertext": [_escape(s.label) for s in members],
                     "hovertemplate": "%{hovertext}<br>L0 %{x:.2f}, " + label + " %{y:.4f}<extra></extra>",
                     # colour: the member (as in the table and the curves); symbol: the architecture
                     "marker": {
@@ -146,7 +146,7 @@ def curve_figures(series: list[Series]) -> list[tuple[str, dict[str, Any]]]:
                 {
                     "type": "scatter",
                     "mode": "lines+markers" if len(x) <= 40 else "lines",
-                    "name": s.label,
+                    "name": _escape(s.label),
                     "x": x,
                     "y": y,
                     "line": {"color": s.color, "width": 1.5},
@@ -187,7 +187,7 @@ def density_figure(series: list[Series]) -> dict[str, Any]:
             if v > DEAD_LOG10:
                 counts[min(int((v - lo) / width), DENSITY_BINS - 1)] += 1
         dead = sum(v <= DEAD_LOG10 for v in s.log10_rate)
-        name = f"{s.label}: {dead} of {len(s.log10_rate)} dead"
+        name = f"{_escape(s.label)}: {dead} of {len(s.log10_rate)} dead"
         trace: dict[str, Any] = {
             "name": name,
             "x": centers,
@@ -228,5 +228,5 @@ def _finite(v: Any) -> bool:
 
 
 def _escape(text: str) -> str:
-    """Plotly's hover templates read %{...} and HTML tags; a label is plain text."""
+    """Plotly reads HTML tags in names and hover text, and %{...} in hover templates; a label is plain text."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("%{", "%&#123;")

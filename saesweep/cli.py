@@ -9,13 +9,14 @@ several lines about its search path), into that one line. Bugs keep their traceb
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -131,6 +132,15 @@ def run(main: Callable[[], Any]) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands that are not Hydra apps: a bad argument is one `error:`
+    line (exit 2), not argparse's usage block followed by its message."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def one_line(e: Exception) -> str:

@@ -108,7 +108,7 @@ def find_runs(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 def read_run(path: Path) -> Run:
-    from saesweep.sweep.report import parse_overrides
+    from saesweep.sweep.members import parse_overrides
 
     try:
         cfg = json.loads((path / "sae" / "cfg.json").read_text())
@@ -131,7 +131,7 @@ def safe_part(text: str) -> str:
 
 def assign_sae_ids(runs: list[Run]) -> None:
     """Readable, unique folder names: hook name, then differing overrides, then dir names."""
-    from saesweep.sweep.report import differing_overrides
+    from saesweep.sweep.members import differing_overrides
 
     keys = differing_overrides([r.overrides for r in runs]) if len(runs) > 1 else []
     for run in runs:

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "saesweep"
 
 # python -m saesweep.NAME; the library lives in the subpackages.
-COMMANDS = {"train", "evaluate", "cache", "report", "pretokenize", "upload"}
+COMMANDS = {"train", "evaluate", "cache", "report", "pretokenize", "upload", "features"}
 # Small modules the commands (cli) or the commands and the library (errors, atomic) share.
 SHARED = {"cli", "errors", "atomic"}
 

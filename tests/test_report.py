@@ -251,13 +251,14 @@ def test_cli_missing_dir_is_one_line_error():
 
 def test_cli_writes_report(sweep, tmp_path, capsys):
     assert main([str(sweep), "--out", str(tmp_path / "o")]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "o" / "report.md")
-    assert {p.name for p in (tmp_path / "o").iterdir()} == {"report.csv", "report.md", "pareto.png"}
+    assert capsys.readouterr().out.split() == [str(tmp_path / "o" / "report.md"), str(tmp_path / "o" / "report.html")]
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"report.csv", "report.md", "pareto.png", "report.html"}
 
 
 def test_callback_writes_report(sweep):
     SweepReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
     assert (sweep / "report.md").exists() and (sweep / "report.csv").exists() and (sweep / "pareto.png").exists()
+    assert (sweep / "report.html").exists()
 
 
 def test_callback_failure_is_a_warning(tmp_path, caplog):

@@ -11,7 +11,8 @@ import yaml
 from conftest import TINY_RUN, run_cli
 
 from saesweep.errors import UserError
-from saesweep.sweep.report import SweepReportCallback, load_member
+from saesweep.sweep.members import load_member
+from saesweep.sweep.report import SweepReportCallback
 from saesweep.training.run_record import RunRecord, config_differences, without_keys
 
 

@@ -238,6 +238,7 @@ class SweepReportCallback(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         from saesweep.training.distributed import launched_rank
+        from saesweep.training.run_record import claimed_here
 
         if launched_rank() != 0:  # a data-parallel run's other ranks: rank 0 reports
             return
@@ -246,9 +247,10 @@ class SweepReportCallback(Callback):
             return
         member_dir = Path(config.hydra.runtime.output_dir)
         # A member refused by a dir that holds a run (finished, interrupted) leaves that dir
-        # as it was: the refusal is the sweep's output, not the run's.
-        holds_a_run = any((member_dir / name).exists() for name in RUN_FILES)
-        if getattr(getattr(job_return, "status", None), "name", None) == "FAILED" and not holds_a_run:
+        # as it was: the refusal is the sweep's output, not the run's. A member that failed
+        # after it claimed its dir (a diverged run) records why.
+        ours = claimed_here(member_dir) or not any((member_dir / name).exists() for name in RUN_FILES)
+        if getattr(getattr(job_return, "status", None), "name", None) == "FAILED" and ours:
             try:
                 error = job_return._return_value  # the exception; .return_value would re-raise it
                 status = {

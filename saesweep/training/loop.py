@@ -97,12 +97,12 @@ def train_group(
     shape = model_shape(cfgs[0].model, cfgs[0].cache_dir)  # the members share the model
     for i, (cfg, run_dir, record) in enumerate(zip(cfgs, run_dirs, records or [None] * len(cfgs))):
         try:
-            if shape is not None:
-                check_sae_against_shape(cfg, shape)  # before anything loads
             finished = finished_result(cfg, run_dir, record)
             if finished is not None:
                 outcomes[i] = finished
                 continue
+            if shape is not None:
+                check_sae_against_shape(cfg, shape)  # before anything loads
             member = Member(i, cfg, run_dir, named=len(cfgs) > 1, ranks=ranks, record=record)
         except UserError as e:
             outcomes[i] = e

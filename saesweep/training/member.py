@@ -29,7 +29,7 @@ from saesweep.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from saesweep.training.distributed import SINGLE, Ranks
 from saesweep.training.metrics_log import MetricsLog, NullMetricsLog
 from saesweep.training.optim import build_optimizer, build_scheduler
-from saesweep.training.run_record import RESUME_MAY_CHANGE, RunRecord, config_differences, without_keys
+from saesweep.training.run_record import RESUME_MAY_CHANGE, RunRecord, config_differences, mark_claimed, without_keys
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class Member:
         of the config, no leftovers of interrupted checkpoint writes, and on a fresh start
         over an old run (training.resume=never) no eval.json saying it has finished."""
         resuming = self.checkpoint is not None
+        mark_claimed(self.run_dir)
         for stale in stale_temps(self.run_dir / CHECKPOINT_NAME):
             stale.unlink(missing_ok=True)
         if not resuming:

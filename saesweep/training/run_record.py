@@ -50,6 +50,19 @@ RESUME_MAY_CHANGE = frozenset(
 # A finished run has been evaluated: its eval.json reflects the eval settings it had.
 FINISHED_MAY_CHANGE = RESUME_MAY_CHANGE - {"eval"}
 
+# Run dirs a run in this process has claimed (accepted its config and started in it): what
+# goes wrong there afterwards is that run's to record; a dir refused before it was claimed
+# stays as it was.
+_claimed: set[Path] = set()
+
+
+def mark_claimed(run_dir: Path) -> None:
+    _claimed.add(Path(run_dir).resolve())
+
+
+def claimed_here(run_dir: Path) -> bool:
+    return Path(run_dir).resolve() in _claimed
+
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""

@@ -8,10 +8,10 @@ the run dirs, so it also works while members still run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from saesweep.cli import OneLineArgumentParser
 from saesweep.errors import UserError
 from saesweep.sweep.members import is_run_dir
 from saesweep.sweep.report import write_report
@@ -19,7 +19,7 @@ from saesweep.sweep.report_html import REPORT_NAME, write_run_html
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m saesweep.report", description="Rebuild the report of a sweep, or the page of a single run."
     )
     parser.add_argument(

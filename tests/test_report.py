@@ -319,3 +319,13 @@ def test_architecture_override_column_only_when_it_says_something(tmp_path):
     make_member(tmp_path, "2", ["architecture=wide_topk"], "topk", eval_json=EVAL_1)
     columns, rows = report_rows(load_sweep(tmp_path))
     assert [r["architecture (override)"] for r in rows] == ["topk", "batchtopk", "wide_topk"]
+
+
+def test_report_without_a_dir_or_with_an_unknown_flag_is_one_error_line(capsys):
+    from saesweep.report import main
+
+    for argv in ([], ["somewhere", "--colour"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err

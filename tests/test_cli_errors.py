@@ -248,3 +248,15 @@ def test_sbatch_refusals_name_the_launcher_keys(monkeypatch):
         line = cli.slurm_refusal(stderr)
         assert key in line and stderr.split("error: ")[-1] in line, line
         assert "\n" not in line
+
+
+@pytest.mark.parametrize("override", ["=3", "+=1", "~=x"])
+def test_an_override_without_a_key_is_one_error_line(override, monkeypatch, capsys):
+    from saesweep.cli import run
+
+    monkeypatch.setattr("sys.argv", ["train", override])
+    with pytest.raises(SystemExit) as stop:
+        run(lambda: pytest.fail("the command ran"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"error: cannot parse the override '{override}'"), err
+    assert len(err.splitlines()) == 1

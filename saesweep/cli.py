@@ -99,13 +99,13 @@ def run(main: Callable[[], Any]) -> None:
     global DEBUG
     debug = DEBUG = "--debug" in sys.argv[1:] or os.environ.get("HYDRA_FULL_ERROR") == "1"
     sys.argv = [a for a in sys.argv if a != "--debug"]
-    # Hydra prints its own errors and exits unless this is set; we want the exception.
-    # Restored afterwards, so a later call in the same process is not taken for --debug.
     # Hydra takes `=3` for a config group with no name and fails with a bare ValueError.
     for arg in sys.argv[1:]:
         if "=" in arg and not arg.split("=", 1)[0].lstrip("+~"):
             print(f"error: cannot parse the override '{arg}': no key before '='. Form: key=value", file=sys.stderr)
             sys.exit(2)
+    # Hydra prints its own errors and exits unless this is set; we want the exception.
+    # Restored afterwards, so a later call in the same process is not taken for --debug.
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

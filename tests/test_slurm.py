@@ -41,9 +41,13 @@ LAUNCHER = [
 SWEEP_TIMEOUT_S = 1200  # hard stop for a wedged sweep; a healthy one takes ~2-3 min
 
 
-def test_slurm_preset_renders_the_batch_script(tmp_path):
+def test_slurm_preset_renders_the_batch_script(tmp_path, monkeypatch):
     """The preset's fields reach sbatch the way the launcher passes them (no cluster needed)."""
     import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    # The executor refuses to exist where no `srun` is on PATH; rendering needs no cluster.
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))
     from hydra import compose, initialize_config_dir
     from submitit.slurm.slurm import _make_sbatch_string
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -40,6 +41,32 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def run_in_process(cli: Callable[[], object], argv: list[str], cwd: Path | None = None) -> tuple[int, str]:
+    """A command's `cli()` called in this process with `argv` as its arguments: its exit code
+    and what it printed (stdout and stderr together, where a traceback would show). Costs a
+    config composition, not a Python start with torch's imports."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    sys.argv = [getattr(cli, "__module__", "cli"), *argv]
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            result = cli()
+        if isinstance(result, int):
+            code = result
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return code, out.getvalue()
 
 
 def wait_until_training(proc: subprocess.Popen, metrics: Path, timeout: float = 600) -> None:

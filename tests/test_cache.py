@@ -60,6 +60,12 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def built_here(smollm2, tiny_rows, tmp_path_factory):
+    """The same cache as `built`, built in this process (for the tests that only read one)."""
+    return ensure_cache(tiny_config(tmp_path_factory.mktemp("cache-here") / "acts"), smollm2, tiny_rows)
+
+
+@pytest.fixture(scope="module")
 def tiny_rows(smollm2):
     from saesweep.data.rows import load_token_rows
 
@@ -85,9 +91,12 @@ def cache_run(built, tmp_path_factory):
 # --------------------------------------------------------------------------- keys
 
 
-def test_cli_prints_the_dir_and_key_and_the_manifest_lists_checksummed_shards(built):
+@pytest.mark.slow
+def test_cli_prints_the_dir_and_key_and_the_manifest_lists_checksummed_shards(built, built_here):
     path, stdout = built
     assert f"cache dir: {path}" in stdout and f"key: {path.name}" in stdout
+    # The CLI (another process) got the key this process computes for the same config.
+    assert path.name == built_here.key
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["key"] == path.name == cache_key(manifest["spec"])
     assert len(manifest["shards"]) == 5
@@ -96,15 +105,14 @@ def test_cli_prints_the_dir_and_key_and_the_manifest_lists_checksummed_shards(bu
     assert not list(path.glob(".*.tmp"))
 
 
-def test_key_is_stable_across_processes_and_sensitive_to_every_field(built, smollm2, tiny_rows, tmp_path):
+def test_key_is_stable_and_sensitive_to_every_field(smollm2, tiny_rows, tmp_path):
     from saesweep.activations.cache import cache_hooks, cache_token_rows
 
     cfg = tiny_config(tmp_path)
     bos = smollm2.tokenizer.bos_token_id
     rows = cache_token_rows(cfg, tiny_rows, bos)
     spec = activation_spec(cfg, smollm2, rows, cache_hooks(cfg))
-    # The CLI (another process) got the same key for the same overrides.
-    assert cache_key(spec) == built[0].name
+    assert cache_key(spec) == cache_key(activation_spec(cfg, smollm2, rows.clone(), cache_hooks(cfg)))
     assert cache_key(json.loads(json.dumps(spec))) == cache_key(spec)  # key order does not matter
 
     def key_with(**changes) -> str:
@@ -158,8 +166,8 @@ def test_key_is_stable_across_processes_and_sensitive_to_every_field(built, smol
 # --------------------------------------------------------------------------- reading
 
 
-def test_reader_is_a_seeded_permutation_per_pass_and_resumes_from_a_position(built):
-    cache = load_manifest(built[0])
+def test_reader_is_a_seeded_permutation_per_pass_and_resumes_from_a_position(built_here):
+    cache = load_manifest(built_here.path)
     hooks = cache.manifest["hooks"]
     total = cache.tokens
 
@@ -189,7 +197,7 @@ def test_reader_is_a_seeded_permutation_per_pass_and_resumes_from_a_position(bui
     assert not torch.equal(both[total : total + 512], both[:512])  # the second pass is reshuffled
 
 
-def test_auto_trains_live_without_a_cache_and_reads_a_complete_one(built, smollm2, tiny_rows, tmp_path):
+def test_auto_trains_live_without_a_cache_and_reads_a_complete_one(built_here, smollm2, tiny_rows, tmp_path):
     from saesweep.activations.source import ActivationSource, LiveFeed
 
     source = ActivationSource(smollm2, "blocks.6.hook_resid_post", None, True)
@@ -197,9 +205,9 @@ def test_auto_trains_live_without_a_cache_and_reads_a_complete_one(built, smollm
     cfg.activations.source = "auto"
     assert isinstance(open_training_feed(cfg, smollm2, source, tiny_rows, None), LiveFeed)
     assert not (tmp_path / "empty").exists()  # a single run does not build
-    cfg.activations.cache_dir = str(built[0].parent)
+    cfg.activations.cache_dir = str(built_here.path.parent)
     feed = open_training_feed(cfg, smollm2, source, tiny_rows, None)
-    assert feed.name == f"cache:{built[0].name}"
+    assert feed.name == f"cache:{built_here.key}"
     # A resumed run keeps the source it started with.
     assert isinstance(open_training_feed(cfg, smollm2, source, tiny_rows, {"rows_consumed": 3}), LiveFeed)
 
@@ -244,6 +252,7 @@ def test_one_pass_caches_several_hooks_and_they_equal_live_activations(smollm2, 
 # --------------------------------------------------------------------------- training from it
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_reaches_the_live_ev(cache_run, built, tmp_path):
     run_dir, output = cache_run
     assert "cache hit" in output and "building activation cache" not in output
@@ -256,6 +265,7 @@ def test_training_from_the_cache_reaches_the_live_ev(cache_run, built, tmp_path)
     assert abs(cached["explained_variance"] - live_result["explained_variance"]) <= 0.01, (cached, live_result)
 
 
+@pytest.mark.slow
 def test_killed_cache_run_resumes_to_the_same_weights(cache_run, built, tmp_path):
     args = [*RUN, "activations.source=cache", f"activations.cache_dir={built[0].parent}", f"hydra.run.dir={tmp_path}"]
     crashed = run_cli("saesweep.train", *args, cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": "3"})
@@ -274,6 +284,7 @@ def test_killed_cache_run_resumes_to_the_same_weights(cache_run, built, tmp_path
 # --------------------------------------------------------------------------- builders
 
 
+@pytest.mark.slow
 def test_corrupt_shard_is_a_one_line_error_naming_the_file(built, tmp_path):
     acts = tmp_path / "acts"
     shutil.copytree(built[0], acts / built[0].name)
@@ -298,6 +309,7 @@ def test_corrupt_shard_is_a_one_line_error_naming_the_file(built, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_from_its_finished_shards(built, tmp_path):
     args = [*TINY_RUN, *SHARDS, f"activations.cache_dir={tmp_path / 'acts'}"]
     crashed = run_cli("saesweep.cache", *args, cwd=tmp_path, env={"SAESWEEP_CACHE_CRASH_AFTER_SHARDS": "2"})
@@ -315,6 +327,7 @@ def test_killed_build_resumes_from_its_finished_shards(built, tmp_path):
     assert [(s["rows"], s["sha256"]) for s in got] == [(s["rows"], s["sha256"]) for s in want]
 
 
+@pytest.mark.slow
 def test_two_runs_racing_build_once_and_both_train(built, tmp_path):
     """Both runs queue on the build lock (held here), then race for it when it is released."""
     key_dir = tmp_path / "acts" / built[0].name

@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RUN, run_cli
+from conftest import REPO, TINY_RUN, run_cli, run_in_process
+
+import saesweep.train
 
 DOCS = REPO / "docs" / "errors.md"
 
@@ -114,9 +117,24 @@ def error_line(proc) -> str:
     return lines[0]
 
 
+def case_args(case: Case, cwd: Path) -> list[str]:
+    """The case's full command line (after `python -m saesweep.train`), its files written into cwd."""
+    for name, text in case.files.items():
+        (cwd / name).parent.mkdir(parents=True, exist_ok=True)
+        (cwd / name).write_text(text)
+    return [*TINY_RUN, *(a.replace("{dir}", str(cwd)) for a in case.args), f"hydra.run.dir={cwd / 'run'}"]
+
+
+def only_error_line(output: str, cwd: Path) -> str:
+    lines = [line.replace(str(cwd), "{dir}") for line in output.splitlines() if line.startswith("error:")]
+    return lines[0] if len(lines) == 1 else ""
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
-    """Each case run once: (exit code, stderr, error line or '')."""
+    """Each case run once, in this process (what `python -m saesweep.train` runs, without
+    its start-up; test_a_process_prints_what_the_catalogue_says checks that they agree):
+    (exit code, output, error line or '')."""
     import torch
 
     results = {}
@@ -124,16 +142,24 @@ def outputs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
         if case.what.startswith("training.device=cuda") and torch.cuda.is_available():
             continue
         cwd = tmp_path_factory.mktemp("case")
-        for name, text in case.files.items():
-            (cwd / name).parent.mkdir(parents=True, exist_ok=True)
-            (cwd / name).write_text(text)
-        args = [a.replace("{dir}", str(cwd)) for a in case.args]
-        proc = run_cli("saesweep.train", *TINY_RUN, *args, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
-        lines = [line.replace(str(cwd), "{dir}") for line in proc.stderr.splitlines() if line.startswith("error:")]
-        results[case.what] = (proc.returncode, proc.stderr, lines[0] if len(lines) == 1 else "")
+        code, output = run_in_process(saesweep.train.cli, case_args(case, cwd), cwd=cwd)
+        results[case.what] = (code, output, only_error_line(output, cwd))
         for name, text in case.files.items():  # nothing already there was touched
             assert (cwd / name).read_text() == text, name
     return results
+
+
+# One case refused by Hydra, one by the schema, one only once the model has loaded.
+IN_A_PROCESS = ["misspelled key", "k <= 0", "hook point not in the model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", IN_A_PROCESS)
+def test_a_process_prints_what_the_catalogue_says(outputs, what, tmp_path):
+    (case,) = [c for c in CASES if c.what == what]
+    proc = run_cli("saesweep.train", *case_args(case, tmp_path), cwd=tmp_path)
+    assert (proc.returncode, only_error_line(proc.stderr, tmp_path)) == outputs[what][::2], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
@@ -169,6 +195,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "must be > 0" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_rerun_leaves_the_interrupted_run_intact(tmp_path):
     """A mistake on a rerun into a run dir holding a checkpoint damages nothing there."""
     run_dir = tmp_path / "run"

@@ -293,6 +293,7 @@ def two_ranks(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_on_two_gloo_ranks(two_ranks, check):
     for rank, results in enumerate(two_ranks):
@@ -348,6 +349,7 @@ def two_processes(tmp_path_factory):
     return root, proc
 
 
+@pytest.mark.slow
 def test_two_ranks_train_as_one_process_would_into_one_run_dir(one_process, two_processes):
     root, proc = two_processes
     assert sorted(p.name for p in (root / "runs").iterdir()) == ["0"]  # rank 1's Hydra dir is gone
@@ -368,6 +370,7 @@ def test_two_ranks_train_as_one_process_would_into_one_run_dir(one_process, two_
     assert two["l0"] == pytest.approx(16, rel=0.15)
 
 
+@pytest.mark.slow
 def test_killed_ranks_resume_to_the_uninterrupted_run_and_other_world_sizes_are_refused(two_processes, tmp_path):
     root, _ = two_processes
     straight = root / "runs" / "0"
@@ -396,6 +399,7 @@ def test_killed_ranks_resume_to_the_uninterrupted_run_and_other_world_sizes_are_
     assert not (run_dir / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_the_ranks_is_refused_before_training(tmp_path):
     proc = torchrun(
         *TINY_RUN,

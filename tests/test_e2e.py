@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import TINY_RUN, run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end CLI runs
+
 
 @pytest.fixture(scope="module", params=["standard", "topk", "batchtopk"])
 def trained_run(request, tmp_path_factory):

@@ -245,6 +245,7 @@ def trained_and_evaluated(tmp_path_factory):
     return run_dir, work / "evaluated"
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_training_runs_eval_json(trained_and_evaluated):
     run_dir, out = trained_and_evaluated
     trained = json.loads((run_dir / "eval.json").read_text())
@@ -266,6 +267,7 @@ def test_evaluate_reproduces_the_training_runs_eval_json(trained_and_evaluated):
     assert (evaluated["architecture"], evaluated["hook_point"], evaluated["d_sae"]) == ("topk", HOOK, 1152)
 
 
+@pytest.mark.slow
 def test_evaluate_draws_the_density_histogram(trained_and_evaluated):
     import matplotlib.image
 
@@ -276,6 +278,7 @@ def test_evaluate_draws_the_density_histogram(trained_and_evaluated):
     assert height > 200 and width > 300
 
 
+@pytest.mark.slow
 def test_training_export_writes_sae_lens_sparsity(trained_and_evaluated):
     """sparsity.safetensors holds log10 firing rates over the eval window, under the key
     SAELens reads; its rates sum to L0 and its floor marks exactly the dead latents."""
@@ -441,6 +444,7 @@ def train_with_sae_lens(model, token_rows, out_dir) -> None:
             signal.signal(sig, handler)
 
 
+@pytest.mark.slow
 def test_cli_on_a_sae_lens_trained_sae_matches_sae_lens_evals(held_out, smollm2, tmp_path):
     """The acceptance check: `python -m saesweep.evaluate` on an SAE trained and saved by
     SAELens gives SAELens's own L0 and EV (and feature densities) on the same tokens."""

@@ -50,6 +50,7 @@ def separate(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_grouped_member_matches_a_separate_run_and_a_failed_member_fails_alone(grouped, separate):
     sweep_dir, proc = grouped
     # The sweep reports the failed member as a failed job would be (one error line, exit 2)...
@@ -88,6 +89,7 @@ def test_grouped_member_matches_a_separate_run_and_a_failed_member_fails_alone(g
     assert "2 members: 1 done, 1 failed" in report, report
 
 
+@pytest.mark.slow
 def test_a_killed_group_resumes_every_member(grouped, tmp_path):
     """Killed after step 5: member 1 resumes from its step-4 checkpoint, member 0 (diverged at
     batch 3) from its own last good state, in a subgroup of its own; member 1 ends as if never

@@ -228,6 +228,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_cli_run_on_the_hf_backend_trains_the_sae_transformer_lens_does(runs):
     from conftest import weights
 
@@ -246,6 +247,7 @@ def test_a_cli_run_on_the_hf_backend_trains_the_sae_transformer_lens_does(runs):
     assert (w_hf["W_dec"] - w_tl["W_dec"]).abs().max().item() < 1e-2
 
 
+@pytest.mark.slow
 def test_evaluate_runs_an_hf_trained_sae_on_the_hf_backend_without_being_told(runs, tmp_path):
     """cfg.json's model_class_name picks the backend its hook name belongs to: the default
     model group (TransformerLens) would not know the hook `model.layers.6`."""

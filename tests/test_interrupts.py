@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_RUN, run_cli, wait_until_training
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
     run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=65536"]
     args = [sys.executable, "-m", "saesweep.train", *run, "sae.k=8", f"hydra.run.dir={tmp_path}"]
@@ -46,6 +47,7 @@ def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["tokens_trained"] == 65536
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     """lr 1e30 blows the weights up after one step: every later loss is inf."""
     proc = run_cli(

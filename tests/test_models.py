@@ -103,6 +103,7 @@ def tiny_hf_model_and_data(tmp_path_factory, smollm2):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streaming", ["true", "false"])
 def test_hub_code_path_on_local_model_and_dataset(tiny_hf_model_and_data, tmp_path, streaming):
     root = tiny_hf_model_and_data

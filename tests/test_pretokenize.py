@@ -94,6 +94,7 @@ def test_config_composes_with_the_training_groups(dataset):
         )
 
 
+@pytest.mark.slow
 def test_pretokenized_shakespeare_trains_to_the_same_sae_as_the_text(tmp_path):
     """The CLI end to end: pretokenize, then the same tiny run from the text and from the rows."""
     out = tmp_path / "shakespeare-128"

@@ -24,6 +24,7 @@ def uninterrupted(tmp_path_factory):
 
 
 # Early (before the first checkpoint), mid-run (after one), and half-way through writing one.
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_step", ["1", "5", "6:checkpoint"])
 def test_killed_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_path, crash_step):
     args = [*RUN, f"hydra.run.dir={tmp_path}"]
@@ -44,6 +45,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_path, c
     assert metrics_without_timing(tmp_path) == metrics_without_timing(uninterrupted)
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_trained_again(uninterrupted):
     before = (uninterrupted / "eval.json").read_text()
     again = run_cli("saesweep.train", *RUN, f"hydra.run.dir={uninterrupted}", cwd=uninterrupted)
@@ -51,6 +53,7 @@ def test_finished_run_is_not_trained_again(uninterrupted):
     assert (uninterrupted / "eval.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_resuming_with_a_different_config_is_refused(tmp_path):
     args = [*RUN, f"hydra.run.dir={tmp_path}"]
     run_cli("saesweep.train", *args, cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": "3"})

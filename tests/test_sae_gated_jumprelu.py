@@ -524,6 +524,7 @@ def trained_run(request, tmp_path_factory):
     return arch, run_dir
 
 
+@pytest.mark.slow
 def test_cli_run_completes_and_writes_the_contract_files(trained_run):
     from sae_lens import SAE as LensSAE
 

@@ -315,6 +315,7 @@ def test_matryoshka_export_loads_in_sae_lens_with_identical_encode_decode(tmp_pa
 # --- CLI end to end ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_topk_with_auxk_and_k_schedule(tmp_path):
     from conftest import TINY_RUN, run_cli
 
@@ -343,6 +344,7 @@ def test_cli_topk_with_auxk_and_k_schedule(tmp_path):
     assert cfg["k"] == 16
 
 
+@pytest.mark.slow
 def test_cli_matryoshka_batchtopk(tmp_path):
     from conftest import TINY_RUN, run_cli
     from sae_lens import SAE as LensSAE

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from conftest import TINY_RUN, run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end CLI runs
 
 
 def test_l1_search_runs_trials_and_reports_the_pareto_front(tmp_path):

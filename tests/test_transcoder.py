@@ -48,6 +48,7 @@ def test_transcoder_export_loads_in_sae_lens_and_matches(cfg, d_out, lens_arch, 
         torch.testing.assert_close(lens.decode(ours), sae.decode(ours), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_transcoder_trains_end_to_end_from_mlp_in_to_mlp_out(tmp_path):
     proc = run_cli(
         "saesweep.train",

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import TINY_RUN, run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end CLI runs
 
 
 def read_wandb_records(path: Path) -> list:

@@ -123,3 +123,51 @@ def smollm2():
     from saesweep.lm.model import load_model
 
     return load_model(ModelConfig(), torch.device("cpu"), None)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> list[str]:
+    """Overrides that train on a 2-layer random GPT-2 (d_model 32, the embedded model's
+    tokenizer) and Shakespeare as JSON lines, both saved as a hub download would be: the
+    whole pipeline, real code paths, a fraction of the embedded model's cost."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from saesweep.config.schema import ModelConfig
+    from saesweep.data.rows import embedded_files
+    from saesweep.lm.model import embedded_model_dir
+
+    root = tmp_path_factory.mktemp("tiny-lm")
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir(ModelConfig().name, None))
+    # n_ctx as in the real gpt2 config.json: TransformerLens reads it
+    cfg = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=64,
+        n_ctx=64,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(root / "tiny-gpt2")
+    tok.save_pretrained(root / "tiny-gpt2")
+    text = open(embedded_files("shakespeare")[0]).read()
+    with open(root / "docs.jsonl", "w") as f:
+        for i in range(0, 200_000, 2000):
+            f.write(json.dumps({"body": text[i : i + 2000]}) + "\n")
+    return [
+        "model=gpt2",
+        f"model.name={root / 'tiny-gpt2'}",
+        "model.hook_point=blocks.1.hook_resid_post",
+        "dataset=openwebtext",
+        "dataset.path=json",
+        f"dataset.data_files={root / 'docs.jsonl'}",
+        "dataset.column=body",
+        "dataset.streaming=false",
+        "dataset.holdout_fraction=0.1",
+        "dataset.context_size=64",
+    ]

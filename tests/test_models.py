@@ -72,53 +72,13 @@ def test_hook_point_typo_suggests_close_names(smollm2):
         check_hook(smollm2, "blocks.6.hook_resid_pots", "model.hook_point")
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_model_and_data(tmp_path_factory, smollm2):
-    """A 2-layer GPT-2 and a JSON-lines text dataset, saved as a hub download would be."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    root = tmp_path_factory.mktemp("tiny-hub")
-    tok = smollm2.tokenizer
-    # n_ctx as in the real gpt2 config.json: TransformerLens reads it
-    cfg = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_positions=64,
-        n_ctx=64,
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    GPT2LMHeadModel(cfg).save_pretrained(root / "tiny-gpt2")
-    tok.save_pretrained(root / "tiny-gpt2")
-    from saesweep.data.rows import embedded_files
-
-    text = open(embedded_files("shakespeare")[0]).read()
-    docs = [text[i : i + 2000] for i in range(0, 200_000, 2000)]
-    with open(root / "docs.jsonl", "w") as f:
-        for d in docs:
-            f.write(json.dumps({"body": d}) + "\n")
-    return root
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("streaming", ["true", "false"])
-def test_hub_code_path_on_local_model_and_dataset(tiny_hf_model_and_data, tmp_path, streaming):
-    root = tiny_hf_model_and_data
+def test_hub_code_path_on_local_model_and_dataset(tiny_lm, tmp_path, streaming):
     proc = run_cli(
         "saesweep.train",
-        "model=gpt2",
-        f"model.name={root / 'tiny-gpt2'}",
-        "model.hook_point=blocks.1.hook_resid_post",
-        "dataset=openwebtext",
-        "dataset.path=json",
-        f"dataset.data_files={root / 'docs.jsonl'}",
-        "dataset.column=body",
+        *tiny_lm,
         f"dataset.streaming={streaming}",
-        "dataset.holdout_fraction=0.1",
-        "dataset.context_size=64",
         *TINY_RUN,
         f"hydra.run.dir={tmp_path}",
         cwd=tmp_path,

@@ -1,0 +1,170 @@
+"""Training end to end in this process, on conftest's tiny random GPT-2: `python -m
+saesweep.train` as its `cli()` with an argv, so the whole path runs (compose, validate, the
+activation feed, the loop, eval, export, the run record) at a fraction of the embedded
+model's cost. Every registered architecture trains and exports a dir SAELens loads with
+eval.json's own L0 and EV; a run stopped by Ctrl-C resumes to the weights of one never
+stopped; a grouped sweep's members equal their separate runs. The slow tier repeats these
+as subprocesses on the embedded model (test_e2e, test_resume, test_group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from conftest import metrics_without_timing, run_in_process, weights
+
+import saesweep.train
+from saesweep.sae import ARCHITECTURES
+
+RUN = [
+    "training.total_tokens=4096",
+    "training.batch_size=512",
+    "buffer.size_tokens=2048",
+    "training.log_every=2",
+    "eval.rows=16",
+    "eval.ce_rows=4",
+    "eval.batch_rows=8",
+    "activations.batch_rows=16",
+    "sae.expansion_factor=4",
+    "optimizer.lr=4e-3",
+]
+
+
+def arch_overrides(arch: str) -> list[str]:
+    """The architecture, with k small enough for a 128-wide SAE where it has one."""
+    fields = {f.name for f in dataclasses.fields(ARCHITECTURES[arch].config_class)}
+    extra = ["sae.k=8"] if "k" in fields else []
+    if "matryoshka_widths" in fields:
+        extra.append("sae.matryoshka_widths=[32,64]")
+    return [f"architecture={arch}", *extra]
+
+
+def train(argv: list[str]) -> tuple[int, str]:
+    return run_in_process(saesweep.train.cli, argv)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_lm, tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("tiny-runs")
+    out = {}
+    for arch in sorted(ARCHITECTURES):
+        run_dir = root / arch
+        code, output = train([*tiny_lm, *RUN, *arch_overrides(arch), f"hydra.run.dir={run_dir}"])
+        assert code == 0, output[-3000:]
+        out[arch] = run_dir
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_trains_into_a_complete_run_dir(runs, arch):
+    run_dir = runs[arch]
+    for name in (".hydra/config.yaml", "train.log", "metrics.jsonl", "eval.json", "sae/cfg.json"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "checkpoint.pt").exists()  # finished: the checkpoint is dead weight
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["tokens_trained"] == 4096
+    for key in ("l0", "mse", "explained_variance", "ce_clean", "ce_sae", "ce_ablation", "ce_loss_score"):
+        assert math.isfinite(result[key]), key
+    assert 0 < result["l0"] <= 128
+    assert result["ce_clean"] < result["ce_ablation"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_sae_lens_loads_the_export_and_measures_eval_jsons_l0_and_ev(runs, arch):
+    """SAELens's own encode/decode on the run's held-out rows give the L0 and EV that
+    eval.json reports: the export and the metrics agree."""
+    from hydra import compose, initialize_config_dir
+    from sae_lens import SAE as LensSAE
+
+    from saesweep.activations.source import ActivationSource
+    from saesweep.config import CONF_DIR
+    from saesweep.config.schema import validate
+    from saesweep.data.rows import load_token_rows
+    from saesweep.evaluation.held_out import reconstruction_metrics
+    from saesweep.lm.model import load_model
+
+    run_dir = runs[arch]
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        import yaml
+
+        cfg = validate(compose("train", yaml.safe_load(overrides)))
+    model = load_model(cfg.model, torch.device("cpu"), None)
+    rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed).eval_rows
+    lens = LensSAE.load_from_disk(str(run_dir / "sae"))
+    lens.W_enc.requires_grad_(False)
+
+    class Adapter:  # what reconstruction_metrics needs of an SAE
+        W_enc = lens.W_enc
+        d_out = lens.cfg.d_in
+        d_sae = lens.cfg.d_sae
+        encode = staticmethod(lens.encode)
+        decode = staticmethod(lens.decode)
+
+    source = ActivationSource(model, cfg.model.hook_point, None, exclude_bos=True)
+    got = reconstruction_metrics(Adapter, source, rows[: cfg.eval.rows], batch_rows=8)
+    want = json.loads((run_dir / "eval.json").read_text())
+    assert got["l0"] == pytest.approx(want["l0"], rel=1e-4)
+    assert got["explained_variance"] == pytest.approx(want["explained_variance"], abs=1e-4)
+
+
+def test_a_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_weights(runs, tiny_lm, tmp_path, monkeypatch):
+    """SIGINT after the third step: a checkpoint and exit 130; the rerun resumes and ends
+    where the run that was never stopped ended (weights and every logged metric)."""
+    from saesweep.training.member import Member
+
+    straight = runs["batchtopk"]
+    argv = [*tiny_lm, *RUN, *arch_overrides("batchtopk"), f"hydra.run.dir={tmp_path}"]
+    step = Member.train_step
+    steps = []
+
+    def step_then_interrupt(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the loop checkpoints, then ends
+
+    monkeypatch.setattr(Member, "train_step", step_then_interrupt)
+    code, output = train(argv)
+    assert code == 130, output[-3000:]
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "eval.json").exists()
+    monkeypatch.undo()
+
+    code, output = train(argv)
+    assert code == 0 and "resuming" in output, output[-3000:]
+    want, got = weights(straight), weights(tmp_path)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+    assert metrics_without_timing(tmp_path) == metrics_without_timing(straight)
+
+
+def test_a_grouped_sweeps_members_equal_their_separate_runs(runs, tiny_lm, tmp_path):
+    """hydra/launcher=grouped: one LM pass for both members, each as if trained alone."""
+    sweep = tmp_path / "sweep"
+    code, output = train(
+        [
+            "--multirun",
+            "hydra/launcher=grouped",
+            *tiny_lm,
+            *RUN,
+            "architecture=topk,batchtopk",
+            "sae.k=8",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert code == 0, output[-3000:]
+    for member in (sweep / "0", sweep / "1"):
+        arch = "batchtopk" if "architecture=batchtopk" in (member / ".hydra" / "overrides.yaml").read_text() else "topk"
+        want, got = weights(runs[arch]), weights(member)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=(arch, name))
+    assert "2 members: 2 done" in (sweep / "report.md").read_text()

@@ -147,8 +147,8 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     source = ActivationSource(model, hook_in, hook_out, cfg.activations.exclude_bos)
     check_widths(sae, source, hook_in, hook_out, cfg.model.name)
 
-    rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.seed).eval_rows
-    if len(rows) < cfg.eval.rows:
+    rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.seed).eval_rows[: cfg.eval.rows]
+    if cfg.eval.rows is not None and len(rows) < cfg.eval.rows:
         log.warning("only %d held-out rows (eval.rows=%d)", len(rows), cfg.eval.rows)
     log.info(
         "evaluating %s (%s, d_in=%d, d_sae=%d) at %s on %d held-out rows",
@@ -157,10 +157,10 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
         sae.d_in,
         sae.d_sae,
         hook_in,
-        min(len(rows), cfg.eval.rows),
+        len(rows),
     )
     start = time.perf_counter()
-    result = evaluate(sae, source, rows, cfg.eval.rows, cfg.eval.ce_rows, cfg.eval.batch_rows)
+    result = evaluate(sae, source, rows, len(rows), cfg.eval.ce_rows, cfg.eval.batch_rows)
     log10_rate = result.log10_firing_rate()
     dead = int((result.fire_counts == 0).sum())
     result.update(
@@ -175,7 +175,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
         hook_point_out=hook_out,
         model_name=cfg.model.name,
         dataset_path=cfg.dataset.path,
-        eval_rows=min(len(rows), cfg.eval.rows),
+        eval_rows=len(rows),
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,16 @@ from omegaconf import DictConfig, OmegaConf
 from saesweep import __version__
 from saesweep.cli import run, user_errors
 from saesweep.config import CONF_DIR
-from saesweep.config.schema import WINDOW_TOKEN_KEYS, DatasetConfig, ModelConfig, _merge, check_dataset, check_model
+from saesweep.config.domain import Folder, Range, check_domains, in_domain
+from saesweep.config.schema import (
+    CACHE_ROOT,
+    WINDOW_TOKEN_KEYS,
+    DatasetConfig,
+    ModelConfig,
+    _merge,
+    check_dataset,
+    check_model,
+)
 from saesweep.errors import UserError
 
 log = logging.getLogger("saesweep")
@@ -39,8 +48,8 @@ log = logging.getLogger("saesweep")
 
 @dataclass
 class PretokenizeOptions:
-    output_path: Optional[str] = None
-    max_rows: Optional[int] = None
+    output_path: Optional[str] = in_domain(None, Folder(new=True, null="push to pretokenize.hf_repo_id only"))
+    max_rows: Optional[int] = in_domain(None, Range(gt=0, null="all"))
     hf_repo_id: Optional[str] = None
     hf_private: bool = False
 
@@ -50,7 +59,7 @@ class PretokenizeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     pretokenize: PretokenizeOptions = field(default_factory=PretokenizeOptions)
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = in_domain(None, CACHE_ROOT)
 
 
 def validate_pretokenize(cfg: DictConfig) -> PretokenizeConfig:
@@ -63,9 +72,8 @@ def validate_pretokenize(cfg: DictConfig) -> PretokenizeConfig:
             "config key 'pretokenize.output_path': missing; give a folder to write, "
             "e.g. pretokenize.output_path=data/shakespeare-128 (or pretokenize.hf_repo_id=USER/NAME)"
         )
-    if p.max_rows is not None and p.max_rows < 1:
-        raise UserError("config key 'pretokenize.max_rows': must be >= 1 or null (all rows)")
     check_model(typed.model)
+    check_domains(typed)
     return typed
 
 

@@ -2,7 +2,9 @@
 
 Hydra composes YAML freely; `validate` merges the result into these dataclasses so
 that an unknown key or a wrong type fails before any model loads, naming the key.
-The `sae` node's schema depends on `sae.architecture` (see saesweep.sae).
+The `sae` node's schema depends on `sae.architecture` (see saesweep.sae). Each number
+and path field declares its domain beside it (`in_domain`, saesweep.config.domain);
+`validate` checks them all in one pass, then the relations between keys.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from saesweep.config.domain import Folder, Items, Range, TokenSpec, check_domains, in_domain
 from saesweep.errors import UserError
 
 # model.backend: who runs the LM (hook names differ: TransformerLens hook points or module paths).
@@ -30,6 +33,9 @@ class ModelConfig:
     from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")
+
+
 @dataclass
 class DatasetConfig:
     source: str = "embedded"
@@ -40,17 +46,16 @@ class DatasetConfig:
     data_files: Optional[Any] = None
     streaming: bool = False
     is_tokenized: bool = False
-    context_size: int = 128
+    context_size: int = in_domain(128, Range(ge=2))  # a row predicts its next tokens: two at least
     prepend_bos: bool = True
     # SAELens's windowing tokens: "bos" | "eos" | "sep" | a token id | null (see saesweep.data.rows)
-    begin_batch_token: Optional[Any] = None
-    begin_sequence_token: Optional[Any] = None
-    sequence_separator_token: Optional[Any] = None
+    begin_batch_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))
+    begin_sequence_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))
+    sequence_separator_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))
     shuffle: bool = True
-    holdout_fraction: float = 0.05
+    holdout_fraction: float = in_domain(0.05, Range(ge=0, lt=1))
 
 
-SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")
 WINDOW_TOKEN_KEYS = ("begin_batch_token", "begin_sequence_token", "sequence_separator_token")
 
 
@@ -66,65 +71,61 @@ def check_dataset(d: DatasetConfig) -> None:
     """Dataset values that can be judged before any tokenizer loads."""
     if d.source not in ("embedded", "hf"):
         raise UserError("config key 'dataset.source': valid: embedded, hf")
-    if d.context_size < 2:
-        raise UserError("config key 'dataset.context_size': must be >= 2")
-    if not 0 <= d.holdout_fraction < 1:
-        raise UserError("config key 'dataset.holdout_fraction': must be in [0, 1)")
-    for key in WINDOW_TOKEN_KEYS:
-        value = getattr(d, key)
-        is_id = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        if not (value is None or is_id or value in SPECIAL_TOKEN_NAMES):
-            raise UserError(
-                f"config key 'dataset.{key}': {value!r}; valid: "
-                f"{', '.join(SPECIAL_TOKEN_NAMES)}, null, or a token id >= 0"
-            )
+    check_domains(d, "dataset.")
 
 
 @dataclass
 class ActivationsConfig:
     exclude_bos: bool = True
-    batch_rows: int = 32
+    batch_rows: int = in_domain(32, Range(gt=0))
     source: str = "live"
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = in_domain(None, Folder(null="<cache_dir>/activations"))
     cache_hooks: list[str] = field(default_factory=list)
-    cache_tokens: Optional[int] = None
-    shard_mb: float = 32.0
+    cache_tokens: Optional[int] = in_domain(None, Range(gt=0, null="training.total_tokens"))
+    shard_mb: float = in_domain(32.0, Range(gt=0))
 
 
 @dataclass
 class BufferConfig:
-    size_tokens: int = 65536
+    size_tokens: int = in_domain(65536, Range(gt=0))
 
 
 @dataclass
 class OptimizerConfig:
     name: str = "adam"
-    lr: float = 4e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = in_domain(4e-4, Range(gt=0))
+    betas: list[float] = in_domain([0.9, 0.999], Items(Range(ge=0, lt=1), length=2))
+    eps: float = in_domain(1e-8, Range(gt=0))  # 0 divides 0 by 0 where a gradient stays 0
+    weight_decay: float = in_domain(0.0, Range(ge=0))
 
 
 @dataclass
 class SchedulerConfig:
     name: str = "constant"
-    warmup_steps: int = 0
-    final_lr_fraction: float = 0.1
-    decay_steps: int = 0
+    warmup_steps: int = in_domain(0, Range(ge=0))
+    final_lr_fraction: float = in_domain(0.1, Range(ge=0, le=1))
+    decay_steps: int = in_domain(0, Range(ge=0))
+
+
+# Where converted models and activation caches live (the top-level cache_dir of every command).
+CACHE_ROOT = Folder(null="$SAESWEEP_CACHE_DIR, else ~/.cache/saesweep")
+
+# numpy's seed is an unsigned 32-bit integer; torch's and random's take it too.
+SEED = Range(ge=0, lt=2**32)
 
 
 @dataclass
 class TrainingConfig:
-    total_tokens: int = 1_000_000
-    batch_size: int = 4096
-    seed: int = 42
+    total_tokens: int = in_domain(1_000_000, Range(gt=0))
+    batch_size: int = in_domain(4096, Range(gt=0))
+    seed: int = in_domain(42, SEED)
     device: str = "auto"
-    grad_clip_norm: Optional[float] = 1.0
-    log_every: int = 10
-    dead_after_tokens: int = 200_000
-    checkpoint_every_tokens: int = 10_000_000
+    grad_clip_norm: Optional[float] = in_domain(1.0, Range(gt=0, null="no clipping"))
+    log_every: int = in_domain(10, Range(gt=0))
+    dead_after_tokens: int = in_domain(200_000, Range(gt=0))
+    checkpoint_every_tokens: int = in_domain(10_000_000, Range(ge=0))  # 0: only on signals and at the end
     resume: str = "auto"
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: int = in_domain(10, Range(gt=0))
     autocast: str = "none"
     compile: bool = False
     distributed: str = "none"  # none | ddp (saesweep.training.distributed)
@@ -132,9 +133,10 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
-    rows: int = 640
-    ce_rows: int = 64
-    batch_rows: int = 16
+    # null: every held-out row of a finite dataset (a stream needs a count: its held-out head)
+    rows: Optional[int] = in_domain(640, Range(gt=0, null="all"))
+    ce_rows: int = in_domain(64, Range(ge=0))  # 0 skips the CE loss score
+    batch_rows: int = in_domain(16, Range(gt=0))
 
 
 @dataclass
@@ -161,7 +163,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = in_domain(None, CACHE_ROOT)
     objectives: list[str] = field(default_factory=lambda: ["fvu", "l0"])
 
 
@@ -209,14 +211,24 @@ def validate(cfg: DictConfig) -> TrainConfig:
     return typed
 
 
-def _check_values(cfg: TrainConfig) -> None:
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise UserError(f"config key '{key}': {msg}")
+def need(ok: bool, key: str, msg: str) -> None:
+    """Refuse `key` with `msg` unless `ok`: for what a single field's domain cannot say."""
+    if not ok:
+        raise UserError(f"config key '{key}': {msg}")
 
+
+def check_held_out(e: EvalConfig, d: DatasetConfig) -> None:
+    """eval.rows=null (all held-out rows) needs a finite dataset: a stream holds out its head."""
+    need(
+        e.rows is not None or not d.streaming,
+        "eval.rows",
+        "must be > 0 when dataset.streaming=true (the stream's first eval.rows rows are held out), got null",
+    )
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    check_domains(cfg)  # every field's own domain, the sae node's included
     t = cfg.training
-    need(t.total_tokens > 0, "training.total_tokens", "must be > 0")
-    need(t.batch_size > 0, "training.batch_size", "must be > 0")
     need(
         t.total_tokens >= t.batch_size,
         "training.total_tokens",
@@ -228,11 +240,8 @@ def _check_values(cfg: TrainConfig) -> None:
         f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})",
     )
     need(t.resume in ("auto", "never", "force"), "training.resume", "valid: auto, never, force")
-    need(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", "must be >= 1")
     need(t.autocast in AUTOCAST_DTYPES, "training.autocast", f"valid: {', '.join(AUTOCAST_DTYPES)}")
     need(t.distributed in DISTRIBUTED_MODES, "training.distributed", f"valid: {', '.join(DISTRIBUTED_MODES)}")
-    need(t.checkpoint_every_tokens >= 0, "training.checkpoint_every_tokens", "must be >= 0 (0 = only on signals)")
-    need(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
     need(cfg.logger.name in ("none", "wandb"), "logger.name", "valid: none, wandb")
     need(
         cfg.logger.mode in (None, "online", "offline", "disabled"),
@@ -247,11 +256,9 @@ def _check_values(cfg: TrainConfig) -> None:
     )
     check_model(cfg.model)
     check_dataset(cfg.dataset)
+    check_held_out(cfg.eval, cfg.dataset)
     a = cfg.activations
     need(a.source in ("live", "cache", "auto"), "activations.source", "valid: live, cache, auto")
-    need(a.batch_rows > 0, "activations.batch_rows", "must be > 0")
-    need(a.cache_tokens is None or a.cache_tokens > 0, "activations.cache_tokens", "must be > 0 or null")
-    need(a.shard_mb > 0, "activations.shard_mb", "must be > 0")
     need(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         "training.device",
@@ -263,7 +270,7 @@ def _check_values(cfg: TrainConfig) -> None:
         "objectives",
         f"unknown {bad}; valid: {', '.join(OBJECTIVES)}" if bad else "needs at least one name",
     )
-    cfg.sae.check()
+    cfg.sae.check_relations()
 
 
 # --- python -m saesweep.evaluate ------------------------------------------------
@@ -279,15 +286,15 @@ class EvaluateModelConfig(ModelConfig):
 class EvaluateConfig:
     """conf/evaluate.yaml: the model and dataset groups of training, plus the SAE to measure."""
 
-    sae_path: Optional[str] = None
-    out_dir: Optional[str] = None  # null: the Hydra run dir
+    sae_path: Optional[str] = in_domain(None, Folder(read=True))
+    out_dir: Optional[str] = in_domain(None, Folder(null="the Hydra run dir"))
     device: str = "auto"
-    seed: int = 42
+    seed: int = in_domain(42, SEED)
     model: EvaluateModelConfig = field(default_factory=EvaluateModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = in_domain(None, CACHE_ROOT)
 
 
 def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
@@ -295,11 +302,6 @@ def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw = {k: v for k, v in raw.items() if k != "hydra"}
     typed: EvaluateConfig = _merge(EvaluateConfig, raw, "")
-
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise UserError(f"config key '{key}': {msg}")
-
     need(
         bool(typed.sae_path),
         "sae_path",
@@ -310,9 +312,8 @@ def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
         "device",
         "valid: auto, cpu, cuda, cuda:N",
     )
-    need(typed.eval.rows > 0, "eval.rows", "must be > 0")
-    need(typed.eval.ce_rows >= 0, "eval.ce_rows", "must be >= 0 (0 skips the CE loss score)")
-    need(typed.eval.batch_rows > 0, "eval.batch_rows", "must be > 0")
     check_model(typed.model)
     check_dataset(typed.dataset)
+    check_domains(typed)
+    check_held_out(typed.eval, typed.dataset)
     return typed

@@ -401,9 +401,10 @@ class TokenRows:
 
 
 def load_token_rows(
-    cfg: DatasetConfig, tokenizer: Any, eval_rows: int, seed: int, total_tokens: int | None = None
+    cfg: DatasetConfig, tokenizer: Any, eval_rows: int | None, seed: int, total_tokens: int | None = None
 ) -> TokenRows:
-    """Held-out and training rows; with `total_tokens` (training.total_tokens), warn once
+    """Held-out and training rows (`eval_rows`: how many a stream holds out of its head; a
+    finite dataset holds out its last holdout_fraction whatever it is); with `total_tokens` (training.total_tokens), warn once
     when a finite dataset's training rows must be read more than once."""
     check_metadata(cfg, tokenizer)
     ds = load_hf_dataset(cfg)

@@ -162,12 +162,12 @@ def evaluate(
     sae: SAE,
     source: ActivationSource,
     rows: torch.Tensor,
-    n_rows: int,
+    n_rows: Optional[int],
     n_ce_rows: int,
     batch_rows: int,
     shared: Optional[str] = None,
 ) -> EvalResult:
-    """Metrics for eval.json on the first n_rows held-out rows (CE on the first n_ce_rows).
+    """Metrics for eval.json on the first n_rows held-out rows (None: all; CE on the first n_ce_rows).
 
     `shared` (see `shared_key`): keep and reuse the SAE-independent parts."""
     was_training = sae.training

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from saesweep.config.domain import Range, check_domains, in_domain
 from saesweep.errors import UserError
 
 # Below this fraction of non-zero codes, `decode` on a CPU takes a sparse product
@@ -24,21 +25,23 @@ SPARSE_DECODE_DENSITY = 0.1
 @dataclass
 class SAEConfig:
     architecture: str = "standard"
-    d_sae: Optional[int] = None
-    expansion_factor: Optional[int] = 8
+    d_sae: Optional[int] = in_domain(None, Range(gt=0, null="expansion_factor x the input width"))
+    expansion_factor: Optional[int] = in_domain(8, Range(gt=0, null="sae.d_sae sets the width"))
     apply_b_dec_to_input: bool = True
     b_dec_init: str = "mean"  # mean | geometric_median | zeros
-    decoder_init_norm: Optional[float] = 0.1
+    decoder_init_norm: Optional[float] = in_domain(0.1, Range(gt=0, null="kaiming-uniform rows as drawn"))
     normalize_activations: str = "none"  # none | expected_average_only_in
     init_norm_search: bool = False
 
     def check(self) -> None:
+        """Every field in its domain, then the relations between fields."""
+        check_domains(self, "sae.")
+        self.check_relations()
+
+    def check_relations(self) -> None:
+        """What the fields' domains do not say; an architecture extends it."""
         if self.d_sae is None and self.expansion_factor is None:
             raise UserError("config key 'sae.d_sae': set sae.d_sae or sae.expansion_factor")
-        if self.d_sae is not None and self.d_sae <= 0:
-            raise UserError(f"config key 'sae.d_sae': must be > 0, got {self.d_sae}")
-        if self.expansion_factor is not None and self.expansion_factor <= 0:
-            raise UserError("config key 'sae.expansion_factor': must be > 0")
         if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
             raise UserError("config key 'sae.b_dec_init': valid: mean, geometric_median, zeros")
         if self.normalize_activations not in ("none", "expected_average_only_in"):

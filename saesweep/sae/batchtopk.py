@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saesweep.errors import UserError
+from saesweep.config.domain import Range, in_domain
 from saesweep.sae.sparse import ActiveLatents, batch_topk_indices, cutoff_floor
 from saesweep.sae.topk import TopKFamilySAE, TopKSAEConfig
 
@@ -23,12 +23,7 @@ from saesweep.sae.topk import TopKFamilySAE, TopKSAEConfig
 @dataclass
 class BatchTopKSAEConfig(TopKSAEConfig):
     architecture: str = "batchtopk"
-    threshold_lr: float = 0.01
-
-    def check(self) -> None:
-        super().check()
-        if not 0 < self.threshold_lr <= 1:
-            raise UserError("config key 'sae.threshold_lr': must be in (0, 1]")
+    threshold_lr: float = in_domain(0.01, Range(gt=0, le=1))  # an EMA rate
 
 
 def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:

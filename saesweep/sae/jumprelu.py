@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from saesweep.config.domain import Range, in_domain
 from saesweep.errors import UserError
 from saesweep.sae.base import SAE, ParamGroup, SAEConfig
 
@@ -41,53 +42,24 @@ SPARSITY_LOSS_MODES = ("step", "tanh")
 class JumpReLUSAEConfig(SAEConfig):
     # Defaults: SAELens's (Anthropic-style) tanh setup, retuned for short runs; conf/architecture/jumprelu.yaml says why.
     architecture: str = "jumprelu"
-    l0_coefficient: float = 2.0
-    l0_warm_up_steps: int = 0
+    l0_coefficient: float = in_domain(2.0, Range(ge=0))
+    l0_warm_up_steps: int = in_domain(0, Range(ge=0))
     sparsity_loss_mode: str = "tanh"
-    tanh_scale: float = 4.0
-    bandwidth: float = 2.0
-    init_threshold: float = 0.1
+    tanh_scale: float = in_domain(4.0, Range(gt=0))
+    bandwidth: float = in_domain(2.0, Range(gt=0))
+    init_threshold: float = in_domain(0.1, Range(gt=0))  # learned as its log
     ste_to_input: bool = False
-    pre_act_loss_coefficient: float = 3e-6
-    pre_act_dead_after_tokens: int = 100_000
-    threshold_lr_multiplier: float = 1.0
+    pre_act_loss_coefficient: float = in_domain(3e-6, Range(ge=0))  # 0 turns it off
+    pre_act_dead_after_tokens: int = in_domain(100_000, Range(gt=0))
+    threshold_lr_multiplier: float = in_domain(1.0, Range(ge=0))
 
-    def check(self) -> None:
-        super().check()
-
-        def need(ok: bool, key: str, msg: str) -> None:
-            if not ok:
-                raise UserError(f"config key 'sae.{key}': {msg}")
-
-        need(self.l0_coefficient >= 0, "l0_coefficient", f"must be >= 0, got {self.l0_coefficient}")
-        need(self.l0_warm_up_steps >= 0, "l0_warm_up_steps", f"must be >= 0, got {self.l0_warm_up_steps}")
-        need(
-            self.sparsity_loss_mode in SPARSITY_LOSS_MODES,
-            "sparsity_loss_mode",
-            f"unknown mode {self.sparsity_loss_mode!r}; valid: {', '.join(SPARSITY_LOSS_MODES)}",
-        )
-        need(self.tanh_scale > 0, "tanh_scale", f"must be > 0, got {self.tanh_scale}")
-        need(self.bandwidth > 0, "bandwidth", f"must be > 0, got {self.bandwidth}")
-        need(
-            self.init_threshold > 0,
-            "init_threshold",
-            f"must be > 0 (the threshold is learned as its log), got {self.init_threshold}",
-        )
-        need(
-            self.pre_act_loss_coefficient >= 0,
-            "pre_act_loss_coefficient",
-            f"must be >= 0 (0 turns it off), got {self.pre_act_loss_coefficient}",
-        )
-        need(
-            self.pre_act_dead_after_tokens > 0,
-            "pre_act_dead_after_tokens",
-            f"must be > 0, got {self.pre_act_dead_after_tokens}",
-        )
-        need(
-            self.threshold_lr_multiplier >= 0,
-            "threshold_lr_multiplier",
-            f"must be >= 0, got {self.threshold_lr_multiplier}",
-        )
+    def check_relations(self) -> None:
+        super().check_relations()
+        if self.sparsity_loss_mode not in SPARSITY_LOSS_MODES:
+            raise UserError(
+                f"config key 'sae.sparsity_loss_mode': unknown mode {self.sparsity_loss_mode!r}; "
+                f"valid: {', '.join(SPARSITY_LOSS_MODES)}"
+            )
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:

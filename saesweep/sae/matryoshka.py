@@ -14,11 +14,12 @@ SAELens's optional per-level variant (`use_matryoshka_aux_loss`) is not offered.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List
 
 import torch
 
+from saesweep.config.domain import Items, Range, in_domain
 from saesweep.errors import UserError
 from saesweep.sae.base import mse_loss
 from saesweep.sae.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
@@ -29,16 +30,12 @@ from saesweep.sae.sparse import ActiveLatents, decode_active, latents_in
 class MatryoshkaBatchTopKSAEConfig(BatchTopKSAEConfig):
     architecture: str = "matryoshka_batchtopk"
     # Prefix widths; the SAE width is added as the last level if it is not there.
-    matryoshka_widths: List[int] = field(default_factory=lambda: [128, 512])
+    matryoshka_widths: List[int] = in_domain([128, 512], Items(Range(gt=0)))
 
-    def check(self) -> None:
-        super().check()
+    def check_relations(self) -> None:
+        super().check_relations()
         widths = list(self.matryoshka_widths)
         key = "config key 'sae.matryoshka_widths'"
-        if not widths:
-            raise UserError(f"{key}: must list at least one width")
-        if any(w <= 0 for w in widths):
-            raise UserError(f"{key}: widths must be > 0, got {widths}")
         if any(b <= a for a, b in zip(widths, widths[1:])):
             raise UserError(f"{key}: widths must increase strictly, got {widths}")
         if self.d_sae is not None and widths[-1] > self.d_sae:

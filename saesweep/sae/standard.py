@@ -6,22 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from saesweep.errors import UserError
+from saesweep.config.domain import Range, in_domain
 from saesweep.sae.base import SAE, SAEConfig
 
 
 @dataclass
 class StandardSAEConfig(SAEConfig):
     architecture: str = "standard"
-    l1_coefficient: float = 5.0
-    l1_warm_up_steps: int = 0
-
-    def check(self) -> None:
-        super().check()
-        if self.l1_coefficient < 0:
-            raise UserError("config key 'sae.l1_coefficient': must be >= 0")
-        if self.l1_warm_up_steps < 0:
-            raise UserError("config key 'sae.l1_warm_up_steps': must be >= 0")
+    l1_coefficient: float = in_domain(5.0, Range(ge=0))
+    l1_warm_up_steps: int = in_domain(0, Range(ge=0))
 
 
 class StandardSAE(SAE):

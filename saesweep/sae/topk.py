@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 
+from saesweep.config.domain import Range, in_domain
 from saesweep.errors import UserError
 from saesweep.sae.base import SAE, SAEConfig, StepOutput, mse_loss
 from saesweep.sae.sparse import (
@@ -42,35 +43,27 @@ from saesweep.sae.sparse import (
 @dataclass
 class TopKSAEConfig(SAEConfig):
     architecture: str = "topk"
-    k: int = 32
-    decoder_init_norm: float = 1.0
+    k: int = in_domain(32, Range(gt=0))
+    decoder_init_norm: float = in_domain(1.0, Range(gt=0))
     # AuxK: null -> half the width of what is reconstructed (d_in for an SAE), the
     # paper's heuristic and SAELens's fixed choice; 0 (or a zero coefficient) -> off.
-    aux_k: Optional[int] = None
-    aux_k_coefficient: float = 1.0
+    aux_k: Optional[int] = in_domain(None, Range(ge=0, null="half the reconstructed width"))
+    aux_k_coefficient: float = in_domain(1.0, Range(ge=0))
     # Steps without firing after which a latent counts as dead for AuxK. SAELens's
     # 1000 never triggers in a short run; 50 steps of the default 4096 tokens is
     # the 200k tokens `training.dead_after_tokens` uses in the logs.
-    dead_steps_threshold: int = 50
+    dead_steps_threshold: int = in_domain(50, Range(gt=0))
     # k schedule: null initial_k -> constant k.
-    initial_k: Optional[int] = None
-    k_warmup_steps: int = 1000
-    k_cold_booting_steps: int = 0
+    initial_k: Optional[int] = in_domain(None, Range(gt=0, null="constant k"))
+    k_warmup_steps: int = in_domain(1000, Range(ge=0))
+    k_cold_booting_steps: int = in_domain(0, Range(ge=0))
     k_schedule_type: str = "linear"  # linear | exponential
-    k_exponential_factor: float = 3.0
+    k_exponential_factor: float = in_domain(3.0, Range(gt=0))
 
-    def check(self) -> None:
-        super().check()
-        if self.k <= 0:
-            raise UserError(f"config key 'sae.k': must be > 0, got {self.k}")
+    def check_relations(self) -> None:
+        super().check_relations()
         if self.d_sae is not None and self.k > self.d_sae:
             raise UserError(f"config key 'sae.k': {self.k} exceeds sae.d_sae={self.d_sae}")
-        if self.aux_k is not None and self.aux_k < 0:
-            raise UserError(f"config key 'sae.aux_k': must be >= 0 (0 = off) or null, got {self.aux_k}")
-        if not self.aux_k_coefficient >= 0:
-            raise UserError(f"config key 'sae.aux_k_coefficient': must be >= 0, got {self.aux_k_coefficient}")
-        if self.dead_steps_threshold <= 0:
-            raise UserError(f"config key 'sae.dead_steps_threshold': must be > 0, got {self.dead_steps_threshold}")
         if self.initial_k is not None:
             if self.initial_k < self.k:
                 raise UserError(
@@ -83,16 +76,10 @@ class TopKSAEConfig(SAEConfig):
                     "config key 'sae.k_warmup_steps': must be > 0 when sae.initial_k is set "
                     f"(steps over which k decays), got {self.k_warmup_steps}"
                 )
-        if self.k_warmup_steps < 0:
-            raise UserError(f"config key 'sae.k_warmup_steps': must be >= 0, got {self.k_warmup_steps}")
-        if self.k_cold_booting_steps < 0:
-            raise UserError(f"config key 'sae.k_cold_booting_steps': must be >= 0, got {self.k_cold_booting_steps}")
         if self.k_schedule_type not in ("linear", "exponential"):
             raise UserError(
                 f"config key 'sae.k_schedule_type': valid: linear, exponential; got {self.k_schedule_type!r}"
             )
-        if not self.k_exponential_factor > 0:
-            raise UserError(f"config key 'sae.k_exponential_factor': must be > 0, got {self.k_exponential_factor}")
 
 
 def scheduled_k(

@@ -11,7 +11,7 @@ from typing import Any
 
 import hydra
 
-from saesweep.cli import run
+from saesweep.cli import run, user_errors
 from saesweep.config import CONF_DIR
 
 
@@ -24,13 +24,14 @@ def main(cfg: Any) -> None:
     from saesweep.training.allocator import keep_freed_memory
     from saesweep.training.distributed import resolve_device
 
-    typed = validate(cfg)
-    keep_freed_memory()
-    model = load_model_checked(typed, resolve_device(typed.training.device, "training.device"))
-    for hook in typed.activations.cache_hooks:
-        check_hook(model, hook, "activations.cache_hooks")
-    rows = load_token_rows(typed.dataset, model.tokenizer, typed.eval.rows, typed.training.seed)
-    cache = ensure_cache(typed, model, rows)
+    with user_errors():  # one line, and no job end for the sweep report to record
+        typed = validate(cfg)
+        keep_freed_memory()
+        model = load_model_checked(typed, resolve_device(typed.training.device, "training.device"))
+        for hook in typed.activations.cache_hooks:
+            check_hook(model, hook, "activations.cache_hooks")
+        rows = load_token_rows(typed.dataset, model.tokenizer, typed.eval.rows, typed.training.seed)
+        cache = ensure_cache(typed, model, rows)
     print(f"cache dir: {cache.path}")
     print(f"key: {cache.key}")
     print(

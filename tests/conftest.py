@@ -171,3 +171,25 @@ def tiny_lm(tmp_path_factory) -> list[str]:
         "dataset.holdout_fraction=0.1",
         "dataset.context_size=64",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_lm):
+    """The typed training config of tiny_lm with the rest at its defaults."""
+    from hydra import compose, initialize_config_dir
+
+    from saesweep.config import CONF_DIR
+    from saesweep.config.schema import validate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return validate(compose("train", tiny_lm))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    """tiny_lm's model, loaded as a run loads it."""
+    import torch
+
+    from saesweep.lm.model import load_model
+
+    return load_model(tiny_config.model, torch.device("cpu"), None)

@@ -539,32 +539,32 @@ def test_cli_takes_the_sae_dir_as_first_argument_whatever_its_name(tmp_path):
     assert len(errors) == 1 and str(path) in errors[0], proc.stderr[-2000:]
 
 
-def test_evaluations_with_a_shared_key_equal_unshared_ones_and_skip_the_sae_independent_passes(smollm2):
+def test_evaluations_with_a_shared_key_equal_unshared_ones_and_skip_the_sae_independent_passes(tiny_model, tiny_config):
     """Sweep members evaluated in one process share held-out activations and the clean and
     ablated CE passes: each later member runs one LM pass per CE batch, not four."""
     from conftest import train_a_few_steps
 
     from saesweep.activations.source import ActivationSource
-    from saesweep.config.schema import DatasetConfig, ModelConfig
     from saesweep.data.rows import load_token_rows
     from saesweep.evaluation.held_out import evaluate, shared_key
     from saesweep.sae import build_sae
     from saesweep.sae.topk import TopKSAEConfig
 
-    hook = "blocks.6.hook_resid_post"
-    rows = load_token_rows(DatasetConfig(), smollm2.tokenizer, eval_rows=6, seed=42).eval_rows
-    source = ActivationSource(smollm2, hook, None, exclude_bos=True)
+    model = tiny_model
+    hook = tiny_config.model.hook_point
+    rows = load_token_rows(tiny_config.dataset, model.tokenizer, eval_rows=6, seed=42).eval_rows[:6]
+    source = ActivationSource(model, hook, None, exclude_bos=True)
     (x,) = next(source.batches(rows, 6))
     saes = []
     for k in (4, 16):
         torch.manual_seed(0)
-        sae = build_sae(TopKSAEConfig(d_sae=128, k=k), smollm2.cfg.d_model)
+        sae = build_sae(TopKSAEConfig(d_sae=128, k=k), model.cfg.d_model)
         train_a_few_steps(sae, x)
         saes.append(sae)
-    key = shared_key(ModelConfig(), [hook], True, rows, 2)
+    key = shared_key(tiny_config.model, [hook], True, rows, 2)
 
     passes = {"to_hook": 0, "full": 0}
-    to_hooks, loss = smollm2.run_to_hooks, smollm2.loss_with_hooks
+    to_hooks, loss = model.run_to_hooks, model.loss_with_hooks
 
     def counted(kind, fn):
         def wrapper(*args, **kwargs):
@@ -573,14 +573,14 @@ def test_evaluations_with_a_shared_key_equal_unshared_ones_and_skip_the_sae_inde
 
         return wrapper
 
-    smollm2.run_to_hooks, smollm2.loss_with_hooks = counted("to_hook", to_hooks), counted("full", loss)
+    model.run_to_hooks, model.loss_with_hooks = counted("to_hook", to_hooks), counted("full", loss)
     try:
         first = evaluate(saes[0], source, rows, n_rows=6, n_ce_rows=4, batch_rows=2, shared=key)
         assert passes == {"to_hook": 3, "full": 6}  # 3 activation batches; 2 CE batches x 3 passes
         second = evaluate(saes[1], source, rows, n_rows=6, n_ce_rows=4, batch_rows=2, shared=key)
         assert passes == {"to_hook": 3, "full": 8}  # only the spliced pass of each CE batch
     finally:
-        smollm2.run_to_hooks, smollm2.loss_with_hooks = to_hooks, loss
+        model.run_to_hooks, model.loss_with_hooks = to_hooks, loss
     for sae, got in zip(saes, (first, second)):
         alone = evaluate(sae, source, rows, n_rows=6, n_ce_rows=4, batch_rows=2)
         for name in ("explained_variance", "l0", "ce_clean", "ce_sae", "ce_ablation", "ce_loss_score"):

@@ -95,7 +95,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
-def test_a_skipped_step_is_made_up_and_the_run_finishes(tmp_path, monkeypatch):
+def test_a_skipped_step_is_made_up_and_the_run_finishes(tiny_lm, tmp_path, monkeypatch):
     """One non-finite step is skipped, not counted: the run draws one batch more than planned
     (the buffer pulls it past its limit) and still trains total_tokens // batch_size steps."""
     from hydra import compose, initialize_config_dir
@@ -123,7 +123,7 @@ def test_a_skipped_step_is_made_up_and_the_run_finishes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(member.Member, "start", start_poisoned)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = validate(compose("train", [*TINY_RUN, "sae.k=8"]))
+        cfg = validate(compose("train", [*tiny_lm, *TINY_RUN, "sae.k=8"]))
     result = loop.train(cfg, tmp_path)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert calls == 9 and steps[-1] == 8 and result["tokens_trained"] == 8192

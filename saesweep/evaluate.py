@@ -68,24 +68,30 @@ def resolve_backend(cfg: EvaluateConfig, sae: Any) -> None:
         cfg.model.backend = recorded
 
 
-def check_widths(sae: Any, source: Any, hook_in: str, hook_out: str | None, model_name: str) -> None:
-    """The SAE's widths against the model's activations at the chosen hooks."""
-    import torch
-
-    from saesweep.sae_format.read import activation_width
-
-    probe = torch.full((1, 2), source.bos or 0, dtype=torch.long)
-    acts = source.hook_activations(probe)
-    widths = [activation_width(a.shape) for a in acts]
+def check_widths(
+    sae: Any, widths: tuple[int | None, int | None], hook_in: str, hook_out: str | None, model_name: str
+) -> None:
+    """The SAE's widths against the model's widths at the input and output hooks (None: unknown)."""
     for (what, want, hook), got in zip(
-        [("d_in", sae.d_in, hook_in), ("d_out", sae.d_out, hook_out or hook_in)], [widths[0], widths[-1]]
+        [("d_in", sae.d_in, hook_in), ("d_out", sae.d_out, hook_out or hook_in)], widths
     ):
-        if want != got:
+        if got is not None and want != got:
             raise UserError(
                 f"{sae.path / 'cfg.json'}: the SAE's {what} is {want} but hook {hook!r} of model "
                 f"{model_name!r} has width {got}; choose the model and hook it was trained on "
                 "(model=..., model.hook_point=...)"
             )
+
+
+def probed_widths(source: Any) -> tuple[int, int]:
+    """The widths at a source's hooks, from a two-token pass."""
+    import torch
+
+    from saesweep.sae_format.read import activation_width
+
+    probe = torch.full((1, 2), source.bos or 0, dtype=torch.long)
+    widths = [activation_width(a.shape) for a in source.hook_activations(probe)]
+    return widths[0], widths[-1]
 
 
 def plot_density(log10_rate: Any, dead: int, tokens: int, path: Path, title: str) -> None:
@@ -121,7 +127,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     from saesweep.atomic import atomic_write, atomic_write_text
     from saesweep.data.rows import load_token_rows
     from saesweep.evaluation.held_out import evaluate
-    from saesweep.lm.model import check_hook, load_model
+    from saesweep.lm.model import check_hook, load_model, model_shape
     from saesweep.sae_format.read import SPARSITY_FILENAME, SPARSITY_KEY, load_sae_dir
     from saesweep.training.allocator import keep_freed_memory
     from saesweep.training.distributed import resolve_device
@@ -135,6 +141,11 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     if recorded and recorded != cfg.model.name:
         log.warning("the SAE records model %r; evaluating it on model.name=%r", recorded, cfg.model.name)
 
+    shape = model_shape(cfg.model, cfg.cache_dir)  # config.json, where it is on disk: before the weights load
+    if shape is not None:
+        widths = (shape.hook_width(hook_in), shape.hook_width(hook_out or hook_in))
+        check_widths(sae, widths, hook_in, hook_out, cfg.model.name)
+
     keep_freed_memory()  # see allocator.py
     model = load_model(cfg.model, device, cfg.cache_dir)
     check_hook(model, hook_in, "model.hook_point")
@@ -145,7 +156,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
             f"config key 'dataset.context_size': {cfg.dataset.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}"
         )
     source = ActivationSource(model, hook_in, hook_out, cfg.activations.exclude_bos)
-    check_widths(sae, source, hook_in, hook_out, cfg.model.name)
+    check_widths(sae, probed_widths(source), hook_in, hook_out, cfg.model.name)
 
     rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.seed).eval_rows[: cfg.eval.rows]
     if cfg.eval.rows is not None and len(rows) < cfg.eval.rows:

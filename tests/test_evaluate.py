@@ -9,9 +9,10 @@ import struct
 
 import pytest
 import torch
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, run_cli, run_in_process
 from safetensors.torch import load_file, save_file
 
+import saesweep.evaluate
 from saesweep.errors import UserError
 from saesweep.sae import build_sae
 from saesweep.sae.batchtopk import BatchTopKSAEConfig
@@ -202,26 +203,31 @@ def test_broken_dirs_give_one_line_errors_naming_the_file(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["truncated", "bad_json"])
 def test_cli_on_a_broken_dir_exits_with_one_line_no_traceback(kind, tmp_path):
     path = corrupt(kind, write_sae_dir(tmp_path / "sae"))
-    proc = run_cli("saesweep.evaluate", str(tmp_path / "sae"), f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and str(path) in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    code, out = run_in_process(saesweep.evaluate.cli, [str(tmp_path / "sae"), f"hydra.run.dir={tmp_path / 'out'}"])
+    assert code == 2, out[-2000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(path) in errors[0], out[-2000:]
+    assert "Traceback" not in out
 
 
-def test_cli_refuses_an_sae_of_another_width(tmp_path):
+def test_cli_refuses_an_sae_of_another_width_before_the_model_loads(tmp_path, monkeypatch):
+    import saesweep.lm.model
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    from saesweep.config.schema import ModelConfig
+
+    saesweep.lm.model.embedded_model_dir(ModelConfig().name, None)  # converted: its config.json is on disk
     write_sae_dir(tmp_path / "sae", d_in=32, d_sae=64)
-    proc = run_cli(
-        "saesweep.evaluate",
-        f"sae_path={tmp_path / 'sae'}",
-        *EVAL_ARGS,
-        f"hydra.run.dir={tmp_path / 'out'}",
-        cwd=tmp_path,
+    monkeypatch.setattr(saesweep.lm.model, "load_model", no_loading)
+    code, out = run_in_process(
+        saesweep.evaluate.cli, [f"sae_path={tmp_path / 'sae'}", *EVAL_ARGS, f"hydra.run.dir={tmp_path / 'out'}"]
     )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "d_in is 32" in errors[0] and "width 576" in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert code == 2, out[-2000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "d_in is 32" in errors[0] and "width 576" in errors[0], out[-2000:]
+    assert "Traceback" not in out
 
 
 # --- end to end: a TINY_RUN of training, then evaluate on its SAE -----------------
@@ -533,10 +539,10 @@ def test_cli_takes_the_sae_dir_as_first_argument_whatever_its_name(tmp_path):
     form quotes the path, so it reaches the reader intact."""
     sae_dir = tmp_path / "sweep k=16, it's\\"
     path = corrupt("bad_json", write_sae_dir(sae_dir))
-    proc = run_cli("saesweep.evaluate", str(sae_dir), f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and str(path) in errors[0], proc.stderr[-2000:]
+    code, out = run_in_process(saesweep.evaluate.cli, [str(sae_dir), f"hydra.run.dir={tmp_path / 'out'}"])
+    assert code == 2, out[-2000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(path) in errors[0], out[-2000:]
 
 
 def test_evaluations_with_a_shared_key_equal_unshared_ones_and_skip_the_sae_independent_passes(tiny_model, tiny_config):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
+from conftest import TINY_RUN, metrics_without_timing, run_cli, run_in_process, weights
 
 from saesweep.config.schema import DatasetConfig, TrainingConfig
 from saesweep.errors import UserError
@@ -417,15 +417,10 @@ def test_batch_not_divisible_by_the_ranks_is_refused_before_training(tmp_path):
 
 
 def test_grouped_launcher_refuses_ddp(tmp_path):
-    proc = run_cli(
-        "saesweep.train",
-        "--multirun",
-        "hydra/launcher=grouped",
-        "training.distributed=ddp",
-        "sae.k=8,16",
-        f"hydra.sweep.dir={tmp_path / 's'}",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 2
-    assert "error: config key 'training.distributed': hydra/launcher=grouped" in proc.stderr, proc.stderr[-3000:]
+    import saesweep.train
+
+    argv = ["--multirun", "hydra/launcher=grouped", "training.distributed=ddp", "sae.k=8,16"]
+    code, out = run_in_process(saesweep.train.cli, [*argv, f"hydra.sweep.dir={tmp_path / 's'}"])
+    assert code == 2
+    assert "error: config key 'training.distributed': hydra/launcher=grouped" in out, out[-3000:]
     assert not list((tmp_path / "s").glob("*/metrics.jsonl"))

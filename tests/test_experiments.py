@@ -13,11 +13,12 @@ import itertools
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_in_process
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+import saesweep.train
 from saesweep.config.schema import validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -132,15 +133,21 @@ def test_command_line_replaces_a_grid_axis():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_cli_prints_experiment_and_members(tmp_path, name):
-    proc = run_cli("saesweep.train", f"+experiment={name}", "--cfg", "hydra", cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_cli_prints_experiment_and_members(name):
+    """`--cfg hydra` shows the sweep's params; `--cfg job` prints each member's config, whose
+    values are the member's overrides."""
+    code, out = run_in_process(saesweep.train.cli, [f"+experiment={name}", "--cfg", "hydra"])
+    assert code == 0, out[-3000:]
     for key in sweeper_params(name):
-        assert key in proc.stdout
+        assert key in out
     for overrides in members(name):
-        proc = run_cli("saesweep.train", f"+experiment={name}", *overrides, "--cfg", "job", cwd=tmp_path, timeout=120)
-        assert proc.returncode == 0, (overrides, proc.stderr[-3000:])
-        assert proc.stdout.startswith("model:"), proc.stdout[:500]
+        code, out = run_in_process(saesweep.train.cli, [f"+experiment={name}", *overrides, "--cfg", "job"])
+        assert code == 0, (overrides, out[-3000:])
+        printed = OmegaConf.create(out)
+        for override in OverridesParser.create().parse_overrides(overrides):
+            key = override.get_key_element()
+            if not key.startswith(("+", "~")) and not (CONF_DIR / key).is_dir():  # a plain key, not a group
+                assert OmegaConf.select(printed, key) == override.value(), (override.input_line, out[:500])
 
 
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, run_cli, run_in_process
 from torch.func import functional_call
 
 from saesweep.config.schema import OptimizerConfig, SchedulerConfig
@@ -504,11 +504,13 @@ def test_the_defaults_are_valid():
     ],
 )
 def test_cli_prints_one_error_line_naming_the_key(tmp_path, overrides, key):
-    proc = run_cli("saesweep.train", *overrides, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: config key '{key}': "), proc.stderr
-    assert "Traceback" not in proc.stderr
+    import saesweep.train
+
+    code, out = run_in_process(saesweep.train.cli, [*overrides, f"hydra.run.dir={tmp_path}"])
+    assert code == 2, out[-2000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: config key '{key}': "), out
+    assert "Traceback" not in out
 
 
 # --- end to end ----------------------------------------------------------------------

@@ -82,3 +82,16 @@ def test_stop_signals_turn_a_signal_into_a_flag_then_hand_it_on():
         assert signal.getsignal(signal.SIGUSR2) is not None
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_an_ignored_signal_stays_ignored():
+    """A shell's background job starts with SIGINT ignored: a stray SIGINT must not announce
+    a stop that resend then undoes, and training goes on as the shell asked."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.received is None
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -72,6 +72,10 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         for sig in self.SIGNALS:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                # The process was told to ignore it (a shell's background job starts with
+                # SIGINT ignored): stopping on it would only be undone by resend.
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone

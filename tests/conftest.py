@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -67,6 +68,32 @@ def run_in_process(cli: Callable[[], object], argv: list[str], cwd: Path | None 
         sys.argv = saved_argv
         os.chdir(saved_cwd)
     return code, out.getvalue()
+
+
+@contextmanager
+def ctrl_c_after_step(n: int) -> Iterator[None]:
+    """Inside: SIGINT arrives right after the n-th training step, as from a person pressing
+    Ctrl-C at a terminal (so with Python's own SIGINT handler, which a shell's background
+    job lacks: it starts with SIGINT ignored)."""
+    import signal
+
+    from saesweep.training.member import Member
+
+    step, steps = Member.train_step, []
+
+    def step_then_interrupt(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    Member.train_step = step_then_interrupt
+    try:
+        yield
+    finally:
+        Member.train_step = step
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_until_training(proc: subprocess.Popen, metrics: Path, timeout: float = 600) -> None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
-from conftest import metrics_without_timing, run_in_process, weights
+from conftest import ctrl_c_after_step, metrics_without_timing, run_in_process, weights
 
 import saesweep.train
 from saesweep.sae import ARCHITECTURES
@@ -116,27 +114,15 @@ def test_sae_lens_loads_the_export_and_measures_eval_jsons_l0_and_ev(runs, arch)
     assert got["explained_variance"] == pytest.approx(want["explained_variance"], abs=1e-4)
 
 
-def test_a_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_weights(runs, tiny_lm, tmp_path, monkeypatch):
+def test_a_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_weights(runs, tiny_lm, tmp_path):
     """SIGINT after the third step: a checkpoint and exit 130; the rerun resumes and ends
     where the run that was never stopped ended (weights and every logged metric)."""
-    from saesweep.training.member import Member
-
     straight = runs["batchtopk"]
     argv = [*tiny_lm, *RUN, *arch_overrides("batchtopk"), f"hydra.run.dir={tmp_path}"]
-    step = Member.train_step
-    steps = []
-
-    def step_then_interrupt(self, *args, **kwargs):
-        step(self, *args, **kwargs)
-        steps.append(1)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the loop checkpoints, then ends
-
-    monkeypatch.setattr(Member, "train_step", step_then_interrupt)
-    code, output = train(argv)
+    with ctrl_c_after_step(3):
+        code, output = train(argv)
     assert code == 130, output[-3000:]
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "eval.json").exists()
-    monkeypatch.undo()
 
     code, output = train(argv)
     assert code == 0 and "resuming" in output, output[-3000:]

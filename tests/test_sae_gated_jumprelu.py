@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_RUN, run_cli, run_in_process
+from conftest import TINY_RUN, run_in_process
 from torch.func import functional_call
 
 from saesweep.config.schema import OptimizerConfig, SchedulerConfig
@@ -517,16 +517,18 @@ def test_cli_prints_one_error_line_naming_the_key(tmp_path, overrides, key):
 
 
 @pytest.fixture(scope="module", params=["gated", "jumprelu"])
-def trained_run(request, tmp_path_factory):
+def trained_run(request, tiny_lm, tmp_path_factory):
+    import saesweep.train
+
     arch = request.param
     run_dir = tmp_path_factory.mktemp(f"run-{arch}")
     extra = ["sae.l1_coefficient=0.5"] if arch == "gated" else []
-    proc = run_cli("saesweep.train", f"architecture={arch}", *TINY_RUN, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = [f"architecture={arch}", *tiny_lm, *TINY_RUN, *extra, f"hydra.run.dir={run_dir}"]
+    code, out = run_in_process(saesweep.train.cli, argv)
+    assert code == 0, out[-3000:]
     return arch, run_dir
 
 
-@pytest.mark.slow
 def test_cli_run_completes_and_writes_the_contract_files(trained_run):
     from sae_lens import SAE as LensSAE
 

@@ -315,14 +315,16 @@ def test_matryoshka_export_loads_in_sae_lens_with_identical_encode_decode(tmp_pa
 # --- CLI end to end ----------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_cli_topk_with_auxk_and_k_schedule(tmp_path):
-    from conftest import TINY_RUN, run_cli
+def test_cli_topk_with_auxk_and_k_schedule(tiny_lm, tmp_path):
+    from conftest import TINY_RUN, run_in_process
 
-    proc = run_cli(
-        "saesweep.train",
+    import saesweep.train
+
+    argv = [
         "architecture=topk",
+        *tiny_lm,
         *TINY_RUN,
+        "sae.expansion_factor=32",  # 1024 latents for 32 dims: some stay silent for a step
         "sae.k=16",
         "sae.aux_k=32",
         "sae.dead_steps_threshold=1",
@@ -330,9 +332,9 @@ def test_cli_topk_with_auxk_and_k_schedule(tmp_path):
         "sae.k_warmup_steps=4",
         "sae.k_schedule_type=exponential",
         f"hydra.run.dir={tmp_path}",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ]
+    code, out = run_in_process(saesweep.train.cli, argv)
+    assert code == 0, out[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("loss/auxk" in r for r in lines)
     # a latent silent for one step is dead here, so some step has AuxK at work
@@ -344,25 +346,27 @@ def test_cli_topk_with_auxk_and_k_schedule(tmp_path):
     assert cfg["k"] == 16
 
 
-@pytest.mark.slow
-def test_cli_matryoshka_batchtopk(tmp_path):
-    from conftest import TINY_RUN, run_cli
+def test_cli_matryoshka_batchtopk(tiny_lm, tmp_path):
+    from conftest import TINY_RUN, run_in_process
     from sae_lens import SAE as LensSAE
 
-    proc = run_cli(
-        "saesweep.train",
+    import saesweep.train
+
+    argv = [
         "architecture=matryoshka_batchtopk",
+        *tiny_lm,
         *TINY_RUN,
         "sae.k=16",
+        "sae.matryoshka_widths=[16,32]",
         f"hydra.run.dir={tmp_path}",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ]
+    code, out = run_in_process(saesweep.train.cli, argv)
+    assert code == 0, out[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    # TINY_RUN's width is 2 x 576 = 1152: levels 128, 512 and the whole SAE
+    # TINY_RUN's width on the tiny model is 2 x 32 = 64: levels 16, 32 and the whole SAE
     for r in lines:
-        assert math.isfinite(r["loss/mse_prefix_128"]) and math.isfinite(r["loss/mse_prefix_512"])
+        assert math.isfinite(r["loss/mse_prefix_16"]) and math.isfinite(r["loss/mse_prefix_32"])
         assert r["loss"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("loss/")), rel=1e-5)
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["explained_variance"] > 0.2
-    assert LensSAE.load_from_disk(str(tmp_path / "sae")).cfg.d_sae == 1152
+    assert LensSAE.load_from_disk(str(tmp_path / "sae")).cfg.d_sae == 64

@@ -1,35 +1,20 @@
-"""DRAFT, not collected by pytest (its name does not start with test_): issue 21 item 4, to be
-renamed test_bad_inputs.py once the inputs it finds are refused and it runs in minutes. Needs
-`pip install hypothesis` (not yet in the dev extras). Its first run (2026-12-05, ~17 min on a
-loaded machine, too slow for the fast tier) passed bad_choice, bad_group_option and unknown_key
-and failed on: `=3` (Hydra raises a raw ValueError: "Config group override must be a string or
-a list"); `python -m saesweep.report` without DIR (argparse usage block; fixed since);
-`activations.shard_mb=1.5` (the strategy's mistake: shard_mb takes a float); and, in process
-only, `sae..k=1`, `training.exclude_bos=maybe` and `cache_dir=<a file>/x`, which give one line
-as subprocesses: look at Hydra state left between in-process calls first.
-
-Generated bad inputs (hypothesis): every one ends with exit code 2, one `error:` line and no
+"""Generated bad inputs (hypothesis): every one ends with exit code 2, one `error:` line and no
 traceback, and leaves a finished and an interrupted run dir byte-identical.
 
 The commands run in this process (their `cli()` with sys.argv set), so a case costs a config
-composition, not a Python start: every generated case is refused before a model loads. Each
-test draws its cases from one strategy and asserts how many distinct ones it ran, so the count
-is checked, not assumed (together at least 200).
+composition, not a Python start: every generated case is refused before a model loads, and
+the run dirs are trained on conftest's tiny model, so one that slipped through would cost
+little. Each test draws its cases from one strategy and asserts how many distinct ones it
+ran, so the count is checked, not assumed (together at least 220).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import signal
 import string
-import sys
 from pathlib import Path
-from typing import Callable
 
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, ctrl_c_after_step, run_in_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,7 +23,6 @@ import saesweep.evaluate
 import saesweep.pretokenize
 import saesweep.report
 import saesweep.train
-from saesweep.training.member import Member
 
 
 # Deterministic (CI reruns the same cases), no example database, no per-case deadline (a
@@ -53,57 +37,30 @@ def cases(n: int) -> settings:
     )
 
 
-def invoke(cli: Callable[[], object], prog: str, argv: list[str]) -> tuple[int, str]:
-    """Run a command's cli() in this process: its exit code and what it printed (stdout and
-    stderr together, where a traceback could show)."""
-    out = io.StringIO()
-    saved = sys.argv
-    sys.argv = [prog, *argv]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            result = cli()
-        if isinstance(result, int):
-            code = result
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = saved
-    return code, out.getvalue()
-
-
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 # --- the two run dirs every case is aimed at --------------------------------------------------
 
-RUN = [*TINY_RUN, "training.total_tokens=6144", "training.checkpoint_every_tokens=2048"]
+
+@pytest.fixture(scope="module")
+def run(tiny_lm) -> list[str]:
+    """The two runs' overrides: every case below aims at them, with their model and data."""
+    return [*tiny_lm, *TINY_RUN, "training.total_tokens=6144", "training.checkpoint_every_tokens=2048"]
 
 
 @pytest.fixture(scope="module")
-def run_dirs(tmp_path_factory) -> dict[str, Path]:
+def run_dirs(run, tmp_path_factory) -> dict[str, Path]:
     """A finished run, and one interrupted (SIGINT, as Ctrl-C) after its third step with a
-    checkpoint; trained here, in this process, on the embedded model."""
+    checkpoint; trained here, in this process, on the tiny model."""
     root = tmp_path_factory.mktemp("bad_inputs")
     finished, interrupted = root / "finished", root / "interrupted"
-    code, out = invoke(saesweep.train.cli, "train", [*RUN, f"hydra.run.dir={finished}"])
+    code, out = run_in_process(saesweep.train.cli, [*run, f"hydra.run.dir={finished}"])
     assert code == 0 and (finished / "eval.json").exists(), out[-3000:]
 
-    original_step = Member.train_step
-    steps = []
-
-    def step_then_interrupt(self, *args, **kwargs):
-        original_step(self, *args, **kwargs)
-        steps.append(1)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # the loop checkpoints, then ends with exit 130
-
-    Member.train_step = step_then_interrupt
-    try:
-        code, out = invoke(saesweep.train.cli, "train", [*RUN, f"hydra.run.dir={interrupted}"])
-    finally:
-        Member.train_step = original_step
+    with ctrl_c_after_step(3):  # the loop checkpoints, then ends with exit 130
+        code, out = run_in_process(saesweep.train.cli, [*run, f"hydra.run.dir={interrupted}"])
     assert code == 130 and (interrupted / "checkpoint.pt").exists(), out[-3000:]
     assert not (interrupted / "eval.json").exists()
     return {"finished": finished, "interrupted": interrupted}
@@ -134,14 +91,13 @@ POSITIVE_INTS = [
     "training.dead_after_tokens",
     "buffer.size_tokens",
     "activations.batch_rows",
-    "activations.shard_mb",
     "eval.rows",
     "eval.batch_rows",
     "sae.k",
     "sae.expansion_factor",
 ]
 NON_NEGATIVE_INTS = ["training.checkpoint_every_tokens", "eval.ce_rows"]
-POSITIVE_FLOATS = ["optimizer.lr", "training.grad_clip_norm"]
+POSITIVE_FLOATS = ["optimizer.lr", "training.grad_clip_norm", "activations.shard_mb"]
 # Closed choices, with one valid value each that the strategy must not draw.
 CHOICES = {
     "training.device": ("auto", "cpu"),
@@ -248,7 +204,7 @@ def aim(run_dirs: dict[str, Path], which: int) -> Path:
     ],
     ids=lambda x: getattr(x, "__name__", str(x)),
 )
-def test_train_refuses_generated_bad_values_and_touches_no_run_dir(run_dirs, strategy, n):
+def test_train_refuses_generated_bad_values_and_touches_no_run_dir(run, run_dirs, strategy, n):
     before = {name: snapshot(d) for name, d in run_dirs.items()}
     seen: set[tuple[str, ...]] = set()
 
@@ -256,15 +212,16 @@ def test_train_refuses_generated_bad_values_and_touches_no_run_dir(run_dirs, str
     @given(overrides=strategy(), which=st.integers(0, 1))
     def case(overrides: list[str], which: int) -> None:
         seen.add(tuple(overrides))
-        argv = [*RUN, *overrides, f"hydra.run.dir={aim(run_dirs, which)}"]
-        code, out = invoke(saesweep.train.cli, "train", argv)
+        argv = [*run, *overrides, f"hydra.run.dir={aim(run_dirs, which)}"]
+        code, out = run_in_process(saesweep.train.cli, argv)
         assert_refused(code, out, run_dirs, before, overrides)
 
     case()
-    assert len(seen) >= n * 0.9, f"{len(seen)} distinct cases of {n}"
+    print(f"{strategy.__name__}: {len(seen)} distinct cases")  # shown with -s: the count for the record
+    assert len(seen) >= n * 0.8, f"{len(seen)} distinct cases of {n}"
 
 
-def test_train_refuses_malformed_overrides_and_unusable_paths(run_dirs, tmp_path):
+def test_train_refuses_malformed_overrides_and_unusable_paths(run, run_dirs, tmp_path):
     before = {name: snapshot(d) for name, d in run_dirs.items()}
     seen: set[tuple[str, ...]] = set()
 
@@ -273,14 +230,15 @@ def test_train_refuses_malformed_overrides_and_unusable_paths(run_dirs, tmp_path
     def case(overrides: list[str]) -> None:
         seen.add(tuple(overrides))
         for run_dir in run_dirs.values():
-            code, out = invoke(saesweep.train.cli, "train", [*RUN, *overrides, f"hydra.run.dir={run_dir}"])
+            code, out = run_in_process(saesweep.train.cli, [*run, *overrides, f"hydra.run.dir={run_dir}"])
             assert_refused(code, out, run_dirs, before, overrides)
 
     case()
+    print(f"malformed and paths: {len(seen)} distinct cases")
     assert len(seen) >= 30, f"{len(seen)} distinct cases"
 
 
-def test_the_other_commands_refuse_generated_bad_inputs(run_dirs, tmp_path):
+def test_the_other_commands_refuse_generated_bad_inputs(run, run_dirs, tmp_path):
     """evaluate, pretokenize and cache (Hydra apps) and report (argparse), aimed at the run
     dirs or at paths that cannot be used."""
     before = {name: snapshot(d) for name, d in run_dirs.items()}
@@ -314,10 +272,10 @@ def test_the_other_commands_refuse_generated_bad_inputs(run_dirs, tmp_path):
 
     def cache_case(word: str, n: int, run_dir: Path) -> list[str]:
         return [
-            [*RUN, f"activations.cache_tokens={-abs(n) - 1}", f"hydra.run.dir={run_dir}"],
-            [*RUN, f"activations.cache_hooks=[{word}]", f"activations.cache_dir={a_file}/{word}"],
-            [*RUN, f"activations.shard_mb={-abs(n)}", f"hydra.run.dir={run_dir}"],
-            [*RUN, f"architecture={word}x", f"hydra.run.dir={run_dir}"],
+            [*run, f"activations.cache_tokens={-abs(n) - 1}", f"hydra.run.dir={run_dir}"],
+            [*run, f"activations.cache_hooks=[{word}]", f"activations.cache_dir={a_file}/{word}"],
+            [*run, f"activations.shard_mb={-abs(n)}", f"hydra.run.dir={run_dir}"],
+            [*run, f"architecture={word}x", f"hydra.run.dir={run_dir}"],
         ][n % 4]
 
     def report_case(word: str, n: int, run_dir: Path) -> list[str]:
@@ -332,13 +290,14 @@ def test_the_other_commands_refuse_generated_bad_inputs(run_dirs, tmp_path):
     argvs = {"evaluate": evaluate_case, "pretokenize": pretokenize_case, "cache": cache_case, "report": report_case}
     seen: set[tuple[str, ...]] = set()
 
-    @cases(60)
+    @cases(90)
     @given(command=st.sampled_from(sorted(commands)), word=WORDS, n=st.integers(0, 10**6), which=st.integers(0, 1))
     def case(command: str, word: str, n: int, which: int) -> None:
         argv = argvs[command](word, n, aim(run_dirs, which))
         seen.add((command, *argv))
-        code, out = invoke(commands[command], command, argv)
+        code, out = run_in_process(commands[command], argv)
         assert_refused(code, out, run_dirs, before, (command, argv))
 
     case()
+    print(f"other commands: {len(seen)} distinct cases")
     assert len(seen) >= 50, f"{len(seen)} distinct cases"

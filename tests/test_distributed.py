@@ -302,7 +302,13 @@ def test_on_two_gloo_ranks(two_ranks, check):
 
 # --------------------------------------------------------------------------- CLI under torchrun
 
-RUN = [*TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]
+
+@pytest.fixture(scope="module")
+def run(tiny_lm) -> list[str]:
+    """The runs here train on the tiny model: ranks sharing a step is bookkeeping, not the model's."""
+    return [*tiny_lm, *TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]
+
+
 RANK_FILES = (
     ".hydra/config.yaml",
     ".hydra/hydra.yaml",
@@ -332,19 +338,19 @@ def torchrun(*args: str, cwd: Path, env: dict | None = None):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def one_process(run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one")
     # The thread count torchrun gives each rank, so timings and kernels compare.
-    proc = run_cli("saesweep.train", *RUN, f"hydra.run.dir={run_dir}", cwd=run_dir, env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli("saesweep.train", *run, f"hydra.run.dir={run_dir}", cwd=run_dir, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
+def two_processes(run, tmp_path_factory):
     """Each rank's Hydra names its own run dir (runs/<RANK>): rank 0's must win."""
     root = tmp_path_factory.mktemp("two")
-    proc = torchrun(*RUN, "hydra.run.dir=" + str(root / "runs" / "${oc.env:RANK}"), cwd=root)
+    proc = torchrun(*run, "hydra.run.dir=" + str(root / "runs" / "${oc.env:RANK}"), cwd=root)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return root, proc
 
@@ -371,24 +377,24 @@ def test_two_ranks_train_as_one_process_would_into_one_run_dir(one_process, two_
 
 
 @pytest.mark.slow
-def test_killed_ranks_resume_to_the_uninterrupted_run_and_other_world_sizes_are_refused(two_processes, tmp_path):
+def test_killed_ranks_resume_to_the_uninterrupted_run_and_other_world_sizes_are_refused(run, two_processes, tmp_path):
     root, _ = two_processes
     straight = root / "runs" / "0"
     run_dir = tmp_path / "run"
-    crashed = torchrun(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": "5"})
+    crashed = torchrun(*run, f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": "5"})
     assert crashed.returncode != 0 and (run_dir / "checkpoint.pt").exists() and not (run_dir / "eval.json").exists()
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 4 and checkpoint["world_size"] == 2 and len(checkpoint["rank_streams"]) == 1
 
     # One process cannot continue two ranks' streams: refused, the checkpoint untouched.
     before = (run_dir / "checkpoint.pt").read_bytes()
-    alone = run_cli("saesweep.train", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    alone = run_cli("saesweep.train", *run, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert alone.returncode == 2
     assert "error: config key 'training.distributed'" in alone.stderr and "2 process(es)" in alone.stderr
     assert len(alone.stderr.strip().splitlines()) == 1, alone.stderr
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
-    resumed = torchrun(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    resumed = torchrun(*run, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming" in (run_dir / "train.log").read_text()
     want, got = weights(straight), weights(run_dir)

@@ -13,21 +13,28 @@ from conftest import CONF_DIR, TINY_RUN, metrics_without_timing, run_cli, weight
 
 # Member 0 diverges (lr 1e30 blows the weights up after its first step: 2 skipped steps
 # end it), member 1 trains normally; checkpoints every 2 steps.
-SHARED = [o for o in TINY_RUN if not o.startswith("optimizer.lr=")] + [
-    "sae.k=16",
-    "training.grad_clip_norm=null",
-    "training.max_nonfinite_steps=2",
-    "training.checkpoint_every_tokens=2048",
-]
 GRID = "optimizer.lr=1e30,4e-3"
 
 
-def grouped_sweep(sweep_dir, env=None):
+@pytest.fixture(scope="module")
+def shared(tiny_lm) -> list[str]:
+    """What the members share, on the tiny model (grouping is bookkeeping, not the model's)."""
+    return [
+        *tiny_lm,
+        *(o for o in TINY_RUN if not o.startswith("optimizer.lr=")),
+        "sae.k=16",
+        "training.grad_clip_norm=null",
+        "training.max_nonfinite_steps=2",
+        "training.checkpoint_every_tokens=2048",
+    ]
+
+
+def grouped_sweep(shared, sweep_dir, env=None):
     return run_cli(
         "saesweep.train",
         "--multirun",
         "hydra/launcher=grouped",
-        *SHARED,
+        *shared,
         GRID,
         f"hydra.sweep.dir={sweep_dir}",
         cwd=sweep_dir.parent,
@@ -36,16 +43,16 @@ def grouped_sweep(sweep_dir, env=None):
 
 
 @pytest.fixture(scope="module")
-def grouped(tmp_path_factory):
+def grouped(shared, tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("grouped") / "sweep"
-    proc = grouped_sweep(sweep_dir)
+    proc = grouped_sweep(shared, sweep_dir)
     return sweep_dir, proc
 
 
 @pytest.fixture(scope="module")
-def separate(tmp_path_factory):
+def separate(shared, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("separate")
-    proc = run_cli("saesweep.train", *SHARED, "optimizer.lr=4e-3", f"hydra.run.dir={run_dir}", cwd=run_dir)
+    proc = run_cli("saesweep.train", *shared, "optimizer.lr=4e-3", f"hydra.run.dir={run_dir}", cwd=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -90,18 +97,18 @@ def test_grouped_member_matches_a_separate_run_and_a_failed_member_fails_alone(g
 
 
 @pytest.mark.slow
-def test_a_killed_group_resumes_every_member(grouped, tmp_path):
+def test_a_killed_group_resumes_every_member(shared, grouped, tmp_path):
     """Killed after step 5: member 1 resumes from its step-4 checkpoint, member 0 (diverged at
     batch 3) from its own last good state, in a subgroup of its own; member 1 ends as if never
     stopped."""
     sweep_dir = tmp_path / "sweep"
-    crashed = grouped_sweep(sweep_dir, env={"SAESWEEP_CRASH_AT_STEP": "5"})
+    crashed = grouped_sweep(shared, sweep_dir, env={"SAESWEEP_CRASH_AT_STEP": "5"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     assert all((sweep_dir / m / "checkpoint.pt").exists() for m in "01")
     positions = [torch.load(sweep_dir / m / "checkpoint.pt", weights_only=True)["batches"] for m in "01"]
     assert positions == [3, 4]
 
-    resumed = grouped_sweep(sweep_dir)
+    resumed = grouped_sweep(shared, sweep_dir)
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 2 and "training diverged" in log, resumed.stderr[-3000:]
     assert "[0] resuming" in log and "[1] resuming" in log

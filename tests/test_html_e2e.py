@@ -23,12 +23,14 @@ PLOTS_DRAWN = (
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
-    """sae.k=8,16 x training.seed=0,1: pairs that differ only in k, and only in seed."""
+def sweep(tiny_lm, tmp_path_factory) -> Path:
+    """sae.k=8,16 x training.seed=0,1: pairs that differ only in k, and only in seed (on the
+    tiny model: the pages read what the runs wrote, whatever the model)."""
     root = tmp_path_factory.mktemp("html-sweep")
     proc = run_cli(
         "saesweep.train",
         "--multirun",
+        *tiny_lm,
         *TINY_RUN,
         "sae.k=8,16",
         "training.seed=0,1",

@@ -14,7 +14,8 @@ from conftest import TINY_RUN, run_cli, wait_until_training
 
 @pytest.mark.slow
 def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
-    run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=65536"]
+    # 16 steps on the embedded model: SIGINT lands mid-run, after the first metrics line.
+    run = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + ["training.total_tokens=16384"]
     args = [sys.executable, "-m", "saesweep.train", *run, "sae.k=8", f"hydra.run.dir={tmp_path}"]
     # A shell without job control starts background jobs with SIGINT ignored, and the child
     # would inherit that (a CI run under `&`); a person's terminal delivers it.
@@ -38,20 +39,21 @@ def test_ctrl_c_saves_checkpoint_and_partial_sae_then_resumes(tmp_path):
     assert "Traceback" not in err
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "eval.json").exists()
     meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
-    assert meta["partial"] is True and 0 < meta["tokens_trained"] < 65536
+    assert meta["partial"] is True and 0 < meta["tokens_trained"] < 16384
 
     resumed = run_cli("saesweep.train", *run, "sae.k=8", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout + resumed.stderr
     assert "partial" not in json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
-    assert json.loads((tmp_path / "eval.json").read_text())["tokens_trained"] == 65536
+    assert json.loads((tmp_path / "eval.json").read_text())["tokens_trained"] == 16384
 
 
 @pytest.mark.slow
-def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_lm, tmp_path):
     """lr 1e30 blows the weights up after one step: every later loss is inf."""
     proc = run_cli(
         "saesweep.train",
+        *tiny_lm,
         *TINY_RUN,
         "optimizer.lr=1e30",
         "training.grad_clip_norm=null",

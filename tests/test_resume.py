@@ -12,13 +12,17 @@ from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
 from saesweep.training.checkpoint import StopSignals
 from saesweep.training.run_record import config_differences
 
-RUN = [*TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]
+
+@pytest.fixture(scope="module")
+def run(tiny_lm) -> list[str]:
+    """The runs here train on the tiny model: resuming is bookkeeping, not the model's."""
+    return [*tiny_lm, *TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight")
-    proc = run_cli("saesweep.train", *RUN, f"hydra.run.dir={run_dir}", cwd=run_dir)
+    proc = run_cli("saesweep.train", *run, f"hydra.run.dir={run_dir}", cwd=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -26,8 +30,8 @@ def uninterrupted(tmp_path_factory):
 # Early (before the first checkpoint), mid-run (after one), and half-way through writing one.
 @pytest.mark.slow
 @pytest.mark.parametrize("crash_step", ["1", "5", "6:checkpoint"])
-def test_killed_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_path, crash_step):
-    args = [*RUN, f"hydra.run.dir={tmp_path}"]
+def test_killed_and_resumed_run_matches_uninterrupted(run, uninterrupted, tmp_path, crash_step):
+    args = [*run, f"hydra.run.dir={tmp_path}"]
     crashed = run_cli("saesweep.train", *args, cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": str(crash_step)})
     assert crashed.returncode == -signal.SIGKILL
     assert (tmp_path / "checkpoint.pt").exists() == (crash_step != "1") and not (tmp_path / "eval.json").exists()
@@ -46,16 +50,16 @@ def test_killed_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_path, c
 
 
 @pytest.mark.slow
-def test_finished_run_is_not_trained_again(uninterrupted):
+def test_finished_run_is_not_trained_again(run, uninterrupted):
     before = (uninterrupted / "eval.json").read_text()
-    again = run_cli("saesweep.train", *RUN, f"hydra.run.dir={uninterrupted}", cwd=uninterrupted)
+    again = run_cli("saesweep.train", *run, f"hydra.run.dir={uninterrupted}", cwd=uninterrupted)
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
     assert (uninterrupted / "eval.json").read_text() == before
 
 
 @pytest.mark.slow
-def test_resuming_with_a_different_config_is_refused(tmp_path):
-    args = [*RUN, f"hydra.run.dir={tmp_path}"]
+def test_resuming_with_a_different_config_is_refused(run, tmp_path):
+    args = [*run, f"hydra.run.dir={tmp_path}"]
     run_cli("saesweep.train", *args, cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": "3"})
     checkpoint_before = (tmp_path / "checkpoint.pt").read_bytes()
     proc = run_cli("saesweep.train", *args, "sae.k=8", cwd=tmp_path)

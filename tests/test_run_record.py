@@ -145,16 +145,19 @@ def test_a_refused_sweep_member_writes_status_only_where_no_run_is(tmp_path):
 # --------------------------------------------------------------------------- the CLI
 
 
-RUN = [*TINY_RUN, "sae.k=4", "training.checkpoint_every_tokens=2048"]
+@pytest.fixture(scope="module")
+def run(tiny_lm) -> list[str]:
+    """The runs here train on the tiny model: refusing and recording are bookkeeping, not the model's."""
+    return [*tiny_lm, *TINY_RUN, "sae.k=4", "training.checkpoint_every_tokens=2048"]
 
 
 @pytest.fixture(scope="module")
-def finished_and_interrupted(tmp_path_factory):
+def finished_and_interrupted(run, tmp_path_factory):
     root = tmp_path_factory.mktemp("record")
-    finished = run_cli("saesweep.train", *RUN, f"hydra.run.dir={root / 'finished'}", cwd=root)
+    finished = run_cli("saesweep.train", *run, f"hydra.run.dir={root / 'finished'}", cwd=root)
     assert finished.returncode == 0, finished.stderr[-3000:]
     crashed = run_cli(
-        "saesweep.train", *RUN, f"hydra.run.dir={root / 'interrupted'}", cwd=root, env={"SAESWEEP_CRASH_AT_STEP": "5"}
+        "saesweep.train", *run, f"hydra.run.dir={root / 'interrupted'}", cwd=root, env={"SAESWEEP_CRASH_AT_STEP": "5"}
     )
     assert crashed.returncode == -9, crashed.stderr[-3000:]
     assert (root / "interrupted" / "checkpoint.pt").exists() and (root / "interrupted" / ".hydra").is_dir()
@@ -163,7 +166,7 @@ def finished_and_interrupted(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["finished", "interrupted"])
-def test_a_refused_rerun_changes_no_byte_of_the_run_dir(finished_and_interrupted, which):
+def test_a_refused_rerun_changes_no_byte_of_the_run_dir(run, finished_and_interrupted, which):
     """A bad value, other settings, a corrupt record: exit 2, one error line, and every file
     in the run dir (.hydra/ and the log included) byte-identical."""
     run_dir = finished_and_interrupted / which
@@ -177,7 +180,7 @@ def test_a_refused_rerun_changes_no_byte_of_the_run_dir(finished_and_interrupted
     if which == "finished":
         refusals["eval.rows=8"] = "eval.rows (24 -> 8)"
     for extra, needle in refusals.items():
-        proc = run_cli("saesweep.train", *RUN, extra, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+        proc = run_cli("saesweep.train", *run, extra, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-3000:]
@@ -185,23 +188,23 @@ def test_a_refused_rerun_changes_no_byte_of_the_run_dir(finished_and_interrupted
 
 
 @pytest.mark.slow
-def test_a_corrupt_checkpoint_is_refused_and_kept(finished_and_interrupted, tmp_path):
+def test_a_corrupt_checkpoint_is_refused_and_kept(run, finished_and_interrupted, tmp_path):
     run_dir = tmp_path / "corrupt"
     shutil.copytree(finished_and_interrupted / "interrupted", run_dir)
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
     before = snapshot(run_dir)
-    proc = run_cli("saesweep.train", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = run_cli("saesweep.train", *run, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 2 and "checkpoint.pt is unreadable" in proc.stderr, proc.stderr[-3000:]
     assert snapshot(run_dir) == before
 
 
 @pytest.mark.slow
-def test_a_resumed_run_keeps_its_record(finished_and_interrupted, tmp_path):
+def test_a_resumed_run_keeps_its_record(run, finished_and_interrupted, tmp_path):
     """Resumed with a key allowed to change: the original record stays, the change is appended."""
     run_dir = tmp_path / "resumed"
     shutil.copytree(finished_and_interrupted / "interrupted", run_dir)
     record_before = {k: v for k, v in snapshot(run_dir).items() if k.startswith(".hydra/")}
-    proc = run_cli("saesweep.train", *RUN, "training.log_every=4", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = run_cli("saesweep.train", *run, "training.log_every=4", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "eval.json").exists()
     after = snapshot(run_dir)

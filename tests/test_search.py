@@ -11,7 +11,7 @@ from conftest import TINY_RUN, run_cli
 pytestmark = pytest.mark.slow  # end-to-end CLI runs
 
 
-def test_l1_search_runs_trials_and_reports_the_pareto_front(tmp_path):
+def test_l1_search_runs_trials_and_reports_the_pareto_front(tiny_lm, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(
         "saesweep.train",
@@ -21,6 +21,7 @@ def test_l1_search_runs_trials_and_reports_the_pareto_front(tmp_path):
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.sampler.population_size=2",
+        *tiny_lm,
         *TINY_RUN,
         cwd=tmp_path,
     )

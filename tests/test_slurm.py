@@ -109,7 +109,7 @@ def submitit_logs(sweep_dir: Path) -> str:
 
 @pytest.mark.slurm
 @pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
-def test_architecture_by_k_sweep_on_slurm(cluster, tmp_path):
+def test_architecture_by_k_sweep_on_slurm(cluster, tiny_lm, tmp_path):
     """The design's sweep, `architecture=topk,batchtopk sae.k=...`: six jobs, six rows, six points."""
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(
@@ -119,6 +119,7 @@ def test_architecture_by_k_sweep_on_slurm(cluster, tmp_path):
         f"hydra.sweep.dir={sweep_dir}",
         "architecture=topk,batchtopk",
         "sae.k=4,8,16",
+        *tiny_lm,
         *TINY_RUN,
         cwd=tmp_path,
         timeout=SWEEP_TIMEOUT_S,
@@ -153,7 +154,7 @@ def test_architecture_by_k_sweep_on_slurm(cluster, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
-def test_a_failing_member_fails_the_sweep_and_is_named(cluster, tmp_path):
+def test_a_failing_member_fails_the_sweep_and_is_named(cluster, tiny_lm, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(
         "saesweep.train",
@@ -161,6 +162,7 @@ def test_a_failing_member_fails_the_sweep_and_is_named(cluster, tmp_path):
         *LAUNCHER,
         f"hydra.sweep.dir={sweep_dir}",
         "sae.k=4,0",
+        *tiny_lm,
         *TINY_RUN,
         cwd=tmp_path,
         timeout=SWEEP_TIMEOUT_S,

@@ -36,9 +36,10 @@ def read_wandb_records(path: Path) -> list:
     return [pb.Record.FromString(r) for r in records]
 
 
-def test_wandb_offline_run_holds_metrics_and_eval(tmp_path):
+def test_wandb_offline_run_holds_metrics_and_eval(tiny_lm, tmp_path):
     proc = run_cli(
         "saesweep.train",
+        *tiny_lm,
         *TINY_RUN,
         "sae.k=16",
         "logger=wandb",

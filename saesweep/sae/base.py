@@ -217,10 +217,17 @@ class SAE(nn.Module):
         return self.decode_scaled(acts) / self.target_scale
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        """Called after each optimizer step (decoder renormalisation, running stats)."""
+    def after_step(self, applied: Optional[torch.Tensor] = None) -> None:
+        """Called after each optimizer step (decoder renormalisation, running stats).
+
+        `applied`: a bool on the device, false where the trainer skipped the step (a
+        non-finite one) without the host knowing: then nothing may change."""
         if self.unit_norm_decoder:
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+            norm = self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            if applied is None:
+                self.W_dec.div_(norm)
+            else:
+                self.W_dec.copy_(torch.where(applied, self.W_dec / norm, self.W_dec))
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:

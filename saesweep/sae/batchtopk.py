@@ -104,11 +104,11 @@ class BatchTopKSAE(TopKFamilySAE):
         self._smallest_survivor = torch.where(values > 0, values, torch.inf).amin()
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        super().after_step()
+    def after_step(self, applied: torch.Tensor | None = None) -> None:
+        super().after_step(applied)
         smallest, self._smallest_survivor = self._smallest_survivor, None
         if smallest is not None:
-            seen = torch.isfinite(smallest)
+            seen = torch.isfinite(smallest) if applied is None else torch.isfinite(smallest) & applied
             lr = self.cfg.threshold_lr
             updated = self.threshold_ema * (1 - lr) + lr * smallest.double()
             self.threshold_ema.copy_(torch.where(seen, updated, self.threshold_ema))

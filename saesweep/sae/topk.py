@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 
+import saesweep.sae.sparse as kernels
 from saesweep.config.domain import Range, in_domain
 from saesweep.errors import UserError
 from saesweep.sae.base import SAE, SAEConfig, StepOutput, mse_loss
@@ -35,6 +36,7 @@ from saesweep.sae.sparse import (
     decode_active,
     dense_pre_acts,
     gather_active,
+    row_of_each,
     topk_among,
     topk_indices,
 )
@@ -202,6 +204,8 @@ class TopKFamilySAE(SAE):
         centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """AuxK: each token's top aux_k dead latents reconstruct `residual` (see module doc)."""
+        if kernels.KERNELS.fixed_size(pre.device):
+            return self._auxk_loss_fixed(pre, x, residual, dead, centre)
         dead_idx = dead.nonzero().squeeze(1)
         n_dead = dead_idx.numel()
         if n_dead == 0:
@@ -212,6 +216,27 @@ class TopKFamilySAE(SAE):
         # Raw pre-activations, as SAELens: a negative one is still told which way to move.
         aux = gather_active(pre, x, self.W_enc, self.b_enc, rows, cols, relu=False, b_dec=centre)
         recon = decode_active(aux, self.W_dec)
+        return self.cfg.aux_k_coefficient * scale * mse_loss(recon, residual)
+
+    def _auxk_loss_fixed(
+        self,
+        pre: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        dead: torch.Tensor,
+        centre: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`auxk_loss` with sizes the host knows (no dead-latent count read back): each token's
+        top aux_k over all latents, live ones ranked last; where fewer than aux_k are dead,
+        the live ones picked count with weight 0. Same terms, same gradients."""
+        k_aux = min(self.aux_k, self.d_sae)
+        ranked = pre.masked_fill(~dead, -torch.inf)
+        cols = ranked.topk(k_aux, dim=-1, sorted=False).indices.flatten()
+        rows = row_of_each(pre.shape[0], k_aux, pre.device)
+        aux = gather_active(pre, x, self.W_enc, self.b_enc, rows, cols, relu=False, b_dec=centre)
+        aux.values = aux.values * dead[cols]
+        recon = decode_active(aux, self.W_dec)
+        scale = (dead.sum() / self.aux_k).clamp(max=1.0)
         return self.cfg.aux_k_coefficient * scale * mse_loss(recon, residual)
 
     def on_active(self, active: Any) -> None:

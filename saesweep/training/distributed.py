@@ -96,13 +96,13 @@ class Ranks:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(self.world)
 
-    def all_true(self, flag: torch.Tensor) -> bool:
-        """True on every rank iff true on every rank (one host sync, as bool(flag) is)."""
+    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
+        """True on every rank iff true on every rank; a bool on the device (no host sync)."""
         if not self.active:
-            return bool(flag)
+            return flag
         value = flag.detach().to(torch.int32).reshape(1)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value)
+        return value.reshape(()).bool()
 
     def any(self, mask: torch.Tensor) -> torch.Tensor:
         """Elementwise OR of a bool tensor over ranks (gloo has no bool reductions)."""

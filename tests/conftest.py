@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import saesweep.config.schema  # noqa: F401  (gives Hydra the schema conf/*.yaml extend, for tests that compose)
+
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
 

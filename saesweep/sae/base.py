@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from saesweep.config.domain import Range, check_domains, in_domain
+from saesweep.config.domain import Choice, Range, check_domains, in_domain
 from saesweep.errors import UserError
 
 # Below this fraction of non-zero codes, `decode` on a CPU takes a sparse product
@@ -22,15 +22,34 @@ from saesweep.errors import UserError
 SPARSE_DECODE_DENSITY = 0.1
 
 
+class BDecInit(Choice):
+    """How b_dec starts, from the first buffer of (scaled) targets."""
+
+    mean = "mean"
+    geometric_median = "geometric_median"
+    zeros = "zeros"
+
+
+class Normalization(Choice):
+    none = "none"
+    # Scale inputs and targets to an average norm of sqrt(width), estimated on the first
+    # buffer (SAELens's name); folded into the weights at export, so saved SAEs read raw
+    # activations. One set of coefficients then suits every layer and model.
+    expected_average_only_in = "expected_average_only_in"
+
+
 @dataclass
 class SAEConfig:
-    architecture: str = "standard"
+    # Each architecture's config class sets its own name (conf/train.yaml picks the default
+    # architecture); the base is no architecture.
+    architecture: str = ""
     d_sae: Optional[int] = in_domain(None, Range(gt=0, null="expansion_factor x the input width"))
     expansion_factor: Optional[int] = in_domain(8, Range(gt=0, null="sae.d_sae sets the width"))
     apply_b_dec_to_input: bool = True
-    b_dec_init: str = "mean"  # mean | geometric_median | zeros
+    b_dec_init: BDecInit = BDecInit.mean
     decoder_init_norm: Optional[float] = in_domain(0.1, Range(gt=0, null="kaiming-uniform rows as drawn"))
-    normalize_activations: str = "none"  # none | expected_average_only_in
+    normalize_activations: Normalization = Normalization.expected_average_only_in
+    # Grid-search the initial weight scale on the first batch's MSE.
     init_norm_search: bool = False
 
     def check(self) -> None:
@@ -42,10 +61,6 @@ class SAEConfig:
         """What the fields' domains do not say; an architecture extends it."""
         if self.d_sae is None and self.expansion_factor is None:
             raise UserError("config key 'sae.d_sae': set sae.d_sae or sae.expansion_factor")
-        if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
-            raise UserError("config key 'sae.b_dec_init': valid: mean, geometric_median, zeros")
-        if self.normalize_activations not in ("none", "expected_average_only_in"):
-            raise UserError("config key 'sae.normalize_activations': valid: none, expected_average_only_in")
 
     def width(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else int(self.expansion_factor * d_in)

@@ -10,7 +10,7 @@ reconstruction of the target from those gate activations.
 By default the auxiliary reconstruction trains the decoder too, as SAELens 6 does.
 The paper defines it with a frozen decoder, so that it trains only the gate;
 `aux_detach_decoder: true` does that, but trained far worse on our default setup
-(conf/architecture/gated.yaml has the figures).
+(benchmarks/results/architectures_retuned.md).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ class GatedSAEConfig(StandardSAEConfig):
     """The standard SAE's knobs (l1_coefficient, l1_warm_up_steps) plus the aux switch."""
 
     architecture: str = "gated"
+    # false: the aux reconstruction's gradient reaches W_dec/b_dec too, as SAELens 6 does.
+    # true detaches the decoder there, as the paper's frozen decoder; on the default 1M-token
+    # run that trained far worse (benchmarks/results/architectures_retuned.md).
     aux_detach_decoder: bool = False
 
 

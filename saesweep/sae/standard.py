@@ -13,7 +13,7 @@ from saesweep.sae.base import SAE, SAEConfig
 @dataclass
 class StandardSAEConfig(SAEConfig):
     architecture: str = "standard"
-    l1_coefficient: float = in_domain(5.0, Range(ge=0))
+    l1_coefficient: float = in_domain(5.0, Range(ge=0))  # the SAELens guide's example value
     l1_warm_up_steps: int = in_domain(0, Range(ge=0))
 
 

@@ -474,10 +474,9 @@ def validate_pretokenize(cfg: DictConfig) -> PretokenizeConfig:
 
 # --- Hydra's ConfigStore --------------------------------------------------------------
 
-# The schema node each conf/ file starts from (its defaults list names it).
+# The schema node each conf/ file starts from (its defaults list names it). Each
+# architecture's, /schema/sae/NAME, is registered with the architecture (saesweep.sae.registry).
 SCHEMA_NODES = {"train_schema": TrainConfig, "evaluate_schema": EvaluateConfig, "pretokenize_schema": PretokenizeConfig}
-# conf/architecture/NAME.yaml starts from /schema/sae/NAME (`- /schema/sae/NAME@_here_`).
-SAE_SCHEMA_GROUP = "schema/sae"
 
 
 def register_schemas() -> None:
@@ -486,8 +485,6 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     for name, node in SCHEMA_NODES.items():
         store.store(name=name, node=node)
-    for name, arch in ARCHITECTURES.items():
-        store.store(group=SAE_SCHEMA_GROUP, name=name, node=arch.config_class)
 
 
 register_schemas()

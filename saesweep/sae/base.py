@@ -85,12 +85,32 @@ class StepOutput:
     fired: torch.Tensor  # [d_sae] bool: latents active on some token of the batch
 
 
+# How data-parallel ranks combine a buffer after each training step (saesweep.training.
+# distributed applies them), so every replica holds what one process would after the same
+# global batch. Each rank updates its buffers from its own share of the batch.
+RANK_RULES = {
+    "once": "set before the first step or after the last (rank 0's): nothing to combine",
+    "min": "the smallest over the ranks (a counter that any rank's firing resets to 0)",
+    "max": "the largest over the ranks",
+    "mean": "the mean over the ranks",
+    "reset_or_sum": "0 where any rank reset it to 0, else the old value plus every rank's growth",
+}
+
+
 class SAE(nn.Module):
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     # Renormalise decoder rows to unit norm after every optimizer step.
     unit_norm_decoder: ClassVar[bool] = False
-    # Name SAELens uses for the saved (inference) architecture.
+    # Buffer name -> a rule of RANK_RULES. A buffer without one takes rank 0's value after
+    # every step (and ddp warns): declare one for every buffer a step changes.
+    rank_combine: ClassVar[dict[str, str]] = {"input_scale": "once", "target_scale": "once"}
+    # Name SAELens uses for the saved (inference) architecture; export_tensors and
+    # export_config give its weights and cfg.json fields.
     export_architecture: ClassVar[str] = "standard"
+    # SAELens's name when it reads one hook and reconstructs another; None: it has no
+    # transcoder class of this kind, so save under export_architecture (exact when the two
+    # hooks have the same width, as apply_b_dec_to_input is then false).
+    export_transcoder_architecture: ClassVar[Optional[str]] = None
     # Reads one hook and reconstructs another (set by build_sae).
     transcoder: bool = False
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from saesweep.sae.base import SAE, StepOutput, mse_loss
+from saesweep.sae.registry import register_architecture
 from saesweep.sae.standard import StandardSAEConfig
 
 
@@ -36,6 +37,7 @@ class GatedSAEConfig(StandardSAEConfig):
     aux_detach_decoder: bool = False
 
 
+@register_architecture("gated")
 class GatedSAE(SAE):
     config_class = GatedSAEConfig
     export_architecture = "gated"

@@ -33,6 +33,7 @@ from torch import nn
 
 from saesweep.config.domain import Choice, Range, in_domain
 from saesweep.sae.base import SAE, ParamGroup, SAEConfig
+from saesweep.sae.registry import register_architecture
 
 
 class SparsityLossMode(Choice):
@@ -139,9 +140,13 @@ def heaviside_step(
     return StepFunction.apply(z, threshold, bandwidth, ste_to_input)
 
 
+@register_architecture("jumprelu")
 class JumpReLUSAE(SAE):
     config_class = JumpReLUSAEConfig
+    # 0 where a latent fired on any rank, else + the global batch's tokens
+    rank_combine = {**SAE.rank_combine, "tokens_since_fired": "reset_or_sum"}
     export_architecture = "jumprelu"
+    export_transcoder_architecture = "jumprelu_transcoder"
 
     def __init__(self, cfg: JumpReLUSAEConfig, d_in: int, d_out: Optional[int] = None):
         super().__init__(cfg, d_in, d_out)

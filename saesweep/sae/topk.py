@@ -30,6 +30,7 @@ import torch
 from saesweep.config.domain import Choice, Range, in_domain
 from saesweep.errors import UserError
 from saesweep.sae.base import SAE, SAEConfig, StepOutput, mse_loss
+from saesweep.sae.registry import register_architecture
 from saesweep.sae.sparse import (
     ActiveLatents,
     decode_active,
@@ -132,6 +133,8 @@ class TopKFamilySAE(SAE):
 
     # Unit decoder rows make the ranking of pre-activations mean what it says.
     unit_norm_decoder = True
+    # 0 where a latent fired on any rank, else + 1
+    rank_combine = {**SAE.rank_combine, "steps_since_fired": "min"}
 
     def __init__(self, cfg: TopKSAEConfig, d_in: int, d_out: int | None = None):
         super().__init__(cfg, d_in, d_out)
@@ -220,6 +223,7 @@ class TopKFamilySAE(SAE):
         """Hook for running statistics of the selected activations."""
 
 
+@register_architecture("topk")
 class TopKSAE(TopKFamilySAE):
     config_class = TopKSAEConfig
     export_architecture = "topk"

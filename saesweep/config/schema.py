@@ -121,7 +121,7 @@ class ActivationOrigin(Choice):
 @dataclass
 class ActivationsConfig:
     # Drop BOS positions from training and evaluation: at layer 6 of SmolLM2 their norm is
-    # ~8x the others' and they carry ~30 % of the variance.
+    # several times the others' and they would dominate the variance and every metric.
     exclude_bos: bool = True
     batch_rows: int = in_domain(32, Range(gt=0))  # rows (of dataset.context_size tokens) per LM pass
     source: ActivationOrigin = ActivationOrigin.live

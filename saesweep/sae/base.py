@@ -17,8 +17,8 @@ from torch import nn
 from saesweep.config.domain import Choice, Range, check_domains, in_domain
 from saesweep.errors import UserError
 
-# Below this fraction of non-zero codes, `decode` on a CPU takes a sparse product
-# (crossover ~0.11, measured in benchmarks/results/sparse_decode_cpu.md).
+# Below this fraction of non-zero codes, `decode` on a CPU takes a sparse product: just
+# under where the sparse product starts to win (benchmarks/results/sparse_decode_cpu.md).
 SPARSE_DECODE_DENSITY = 0.1
 
 

@@ -61,10 +61,9 @@ class Kernels:
 
 
 # What "auto" uses on CUDA; CPUs always take the sparse paths (benchmarks/results/step_cpu.md).
-# H100, bf16, d_in 768, batch 4096, TopK step (benchmarks/results/step_cuda*.md): the dense
-# encoder gradient beats the sparse one at every width tried (d_sae 6144: 3.9 vs 4.4 ms,
-# 98304: 12.1 vs 15.1 ms); the dense decoder loses at 6144 (4.5 vs 3.9 ms) and 98304
-# (13.6 vs 12.1 ms) and ties at 24576 (4.6 vs 4.7 ms), so the decoder stays sparse.
+# On an H100 in bf16 (benchmarks/results/step_cuda*.md) the dense encoder gradient beat the
+# sparse one at every SAE width tried, while the dense decoder lost or tied, so the decoder
+# stays sparse.
 AUTO_DENSE_ON_CUDA = {"encoder_backward": True, "decoder": False}
 KERNELS = Kernels()
 

@@ -28,9 +28,10 @@ from typing import Any, Optional
 import torch
 
 import saesweep.sae.sparse as kernels
-from saesweep.config.domain import Range, in_domain
+from saesweep.config.domain import Choice, Range, in_domain
 from saesweep.errors import UserError
 from saesweep.sae.base import SAE, SAEConfig, StepOutput, mse_loss
+from saesweep.sae.registry import register_architecture
 from saesweep.sae.sparse import (
     ActiveLatents,
     decode_active,
@@ -42,11 +43,16 @@ from saesweep.sae.sparse import (
 )
 
 
+class KScheduleType(Choice):
+    linear = "linear"
+    exponential = "exponential"  # curvature k_exponential_factor
+
+
 @dataclass
 class TopKSAEConfig(SAEConfig):
     architecture: str = "topk"
     k: int = in_domain(32, Range(gt=0))
-    decoder_init_norm: float = in_domain(1.0, Range(gt=0))
+    decoder_init_norm: float = in_domain(1.0, Range(gt=0))  # decoder rows are kept at unit norm
     # AuxK: null -> half the width of what is reconstructed (d_in for an SAE), the
     # paper's heuristic and SAELens's fixed choice; 0 (or a zero coefficient) -> off.
     aux_k: Optional[int] = in_domain(None, Range(ge=0, null="half the reconstructed width"))
@@ -55,11 +61,12 @@ class TopKSAEConfig(SAEConfig):
     # 1000 never triggers in a short run; 50 steps of the default 4096 tokens is
     # the 200k tokens `training.dead_after_tokens` uses in the logs.
     dead_steps_threshold: int = in_domain(50, Range(gt=0))
-    # k schedule: null initial_k -> constant k.
+    # k schedule: k starts at initial_k, stays there k_cold_booting_steps steps, then decays
+    # to k over k_warmup_steps. Steps, not fractions.
     initial_k: Optional[int] = in_domain(None, Range(gt=0, null="constant k"))
     k_warmup_steps: int = in_domain(1000, Range(ge=0))
     k_cold_booting_steps: int = in_domain(0, Range(ge=0))
-    k_schedule_type: str = "linear"  # linear | exponential
+    k_schedule_type: KScheduleType = KScheduleType.linear
     k_exponential_factor: float = in_domain(3.0, Range(gt=0))
 
     def check_relations(self) -> None:
@@ -78,10 +85,6 @@ class TopKSAEConfig(SAEConfig):
                     "config key 'sae.k_warmup_steps': must be > 0 when sae.initial_k is set "
                     f"(steps over which k decays), got {self.k_warmup_steps}"
                 )
-        if self.k_schedule_type not in ("linear", "exponential"):
-            raise UserError(
-                f"config key 'sae.k_schedule_type': valid: linear, exponential; got {self.k_schedule_type!r}"
-            )
 
 
 def scheduled_k(
@@ -132,6 +135,8 @@ class TopKFamilySAE(SAE):
 
     # Unit decoder rows make the ranking of pre-activations mean what it says.
     unit_norm_decoder = True
+    # 0 where a latent fired on any rank, else + 1
+    rank_combine = {**SAE.rank_combine, "steps_since_fired": "min"}
 
     def __init__(self, cfg: TopKSAEConfig, d_in: int, d_out: int | None = None):
         super().__init__(cfg, d_in, d_out)
@@ -243,6 +248,7 @@ class TopKFamilySAE(SAE):
         """Hook for running statistics of the selected activations."""
 
 
+@register_architecture("topk")
 class TopKSAE(TopKFamilySAE):
     config_class = TopKSAEConfig
     export_architecture = "topk"

@@ -19,6 +19,7 @@ import torch
 
 from saesweep.activations.source import ActivationSource
 from saesweep.atomic import atomic_write_text, stale_temps
+from saesweep.config.domain import plain
 from saesweep.config.schema import TrainConfig
 from saesweep.errors import UserError
 from saesweep.evaluation.held_out import evaluate
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint records of its config: everything a resumption may not change."""
-    return without_keys(asdict(cfg), RESUME_MAY_CHANGE)
+    return without_keys(plain(asdict(cfg)), RESUME_MAY_CHANGE)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:

@@ -6,9 +6,10 @@ gets the same [tokens, d_in] activations (real ones: SmolLM2 layer 6 residual st
 on Shakespeare, BOS dropped, or random ones with --random) and takes the same number
 of optimizer steps of `--batch` tokens, each step as that trainer's own loop does it:
 
-  saesweep   BatchTopK and TopK as `saesweep.training.loop` steps them: forward (sparse
+  saesweep   BatchTopK and TopK as `saesweep.training.member` steps them: forward (sparse
              decoder), summed losses, backward, grad-norm clip with the finiteness check
-             (one host sync), Adam, scheduler, after_step (threshold EMA, decoder norms).
+             (on the device: fused Adam skips a non-finite step), Adam, scheduler,
+             after_step (threshold EMA, decoder norms); no metrics read back.
   SAELens    BatchTopKTrainingSAE.training_forward_pass (its AuxK on), its firing
              statistics, backward, clip 1.0, Adam, scheduler - as SAETrainer._train_step.
   sparsify   SparseCoder (TopK, unit-norm decoder), FVU loss against the batch variance,
@@ -115,11 +116,12 @@ def saesweep_step(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        if not torch.isfinite(loss.detach() + norm):  # the trainer's one host sync per step
-            raise RuntimeError("non-finite step")
+        # As the trainer: a non-finite step is skipped on the device, with no host sync.
+        applied = torch.isfinite(loss.detach() + norm)
+        optimizer.found_inf = (~applied).float()
         optimizer.step()
         scheduler.step()
-        sae.after_step()
+        sae.after_step(applied)
         state["step"] += 1
 
     return step

@@ -13,12 +13,12 @@ import hydra
 
 from saesweep.cli import run, user_errors
 from saesweep.config import CONF_DIR
+from saesweep.config.schema import validate  # also gives Hydra the schema conf/train.yaml extends
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: Any) -> None:
     from saesweep.activations.cache import ensure_cache
-    from saesweep.config.schema import validate
     from saesweep.data.rows import load_token_rows
     from saesweep.lm.model import check_hook, load_model_checked
     from saesweep.training.allocator import keep_freed_memory

@@ -168,17 +168,33 @@ def one_line(e: Exception) -> str:
     first = str(e).splitlines()[0]
     if first.startswith("Could not override '") and isinstance(cause, OmegaConfBaseException):
         key = first.split("'")[1]
+        if key.startswith("sae.") and key in known_keys():
+            return f"config key '{key}': the chosen architecture has no such key; {architectures_with(key)}"
         same_depth = [k for k in known_keys() if k.count(".") == key.count(".")]
         return (
             f"config key '{key}': not in the config{did_you_mean(key, same_depth)}. "
             f"A new key needs a leading +, e.g. +{key}=..."
         )
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        # The schema refused an override as Hydra composed it: a wrong type or not a valid choice.
+        from saesweep.config.schema import omegaconf_error
+
+        return omegaconf_error(cause)
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def did_you_mean(name: str, options: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def architectures_with(key: str) -> str:
+    """'architectures with it: a, b' for a key of some architectures' sae node."""
+    from saesweep.sae import ARCHITECTURES
+
+    name = key.removeprefix("sae.")
+    having = [a for a, cls in ARCHITECTURES.items() if name in {f.name for f in dataclasses.fields(cls.config_class)}]
+    return f"architectures with it: {', '.join(sorted(having))}"
 
 
 def known_keys() -> list[str]:

@@ -21,60 +21,19 @@ import logging
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from saesweep import __version__
 from saesweep.cli import run, user_errors
 from saesweep.config import CONF_DIR
-from saesweep.config.domain import Folder, Range, check_domains, in_domain
-from saesweep.config.schema import (
-    CACHE_ROOT,
-    WINDOW_TOKEN_KEYS,
-    DatasetConfig,
-    ModelConfig,
-    _merge,
-    check_dataset,
-    check_model,
-)
+from saesweep.config.schema import WINDOW_TOKEN_KEYS, ModelConfig, PretokenizeConfig, validate_pretokenize
 from saesweep.errors import UserError
 
 log = logging.getLogger("saesweep")
-
-
-@dataclass
-class PretokenizeOptions:
-    output_path: Optional[str] = in_domain(None, Folder(new=True, null="push to pretokenize.hf_repo_id only"))
-    max_rows: Optional[int] = in_domain(None, Range(gt=0, null="all"))
-    hf_repo_id: Optional[str] = None
-    hf_private: bool = False
-
-
-@dataclass
-class PretokenizeConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    pretokenize: PretokenizeOptions = field(default_factory=PretokenizeOptions)
-    cache_dir: Optional[str] = in_domain(None, CACHE_ROOT)
-
-
-def validate_pretokenize(cfg: DictConfig) -> PretokenizeConfig:
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    typed: PretokenizeConfig = _merge(PretokenizeConfig, {k: v for k, v in raw.items() if k != "hydra"}, "")
-    check_dataset(typed.dataset)
-    p = typed.pretokenize
-    if not p.output_path and not p.hf_repo_id:
-        raise UserError(
-            "config key 'pretokenize.output_path': missing; give a folder to write, "
-            "e.g. pretokenize.output_path=data/shakespeare-128 (or pretokenize.hf_repo_id=USER/NAME)"
-        )
-    check_model(typed.model)
-    check_domains(typed)
-    return typed
 
 
 def load_tokenizer(cfg: ModelConfig, cache_dir: str | None) -> Any:

@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+import saesweep.config.schema  # noqa: F401  (gives Hydra the schema conf/*.yaml extend, for tests that compose)
+
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
+from saesweep.cli import one_line
 from saesweep.config.schema import validate
 from saesweep.errors import UserError
 
@@ -19,6 +23,15 @@ def options(group: str) -> list[str]:
 def compose_train(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
+
+
+def refusal(overrides: list[str]) -> str:
+    """The line a user sees: the schema refuses types and choices as Hydra composes, values in validate."""
+    try:
+        validate(compose_train(overrides))
+    except (UserError, ConfigCompositionException) as e:
+        return one_line(e)
+    pytest.fail(f"accepted {overrides}")
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -36,15 +49,12 @@ def test_architecture_group_fills_sae_node_and_accepts_its_knobs():
 
 
 def test_unknown_key_is_named():
-    with pytest.raises(UserError, match=r"'sae\.kk'"):
-        validate(compose_train(["+sae.kk=3"]))
-    with pytest.raises(UserError, match=r"'training\.bach_size'"):
-        validate(compose_train(["+training.bach_size=3"]))
+    assert "'sae.kk'" in refusal(["+sae.kk=3"])
+    assert "'training.bach_size'" in refusal(["+training.bach_size=3"])
 
 
 def test_wrong_type_is_named():
-    with pytest.raises(UserError, match=r"'training\.batch_size'.*abc"):
-        validate(compose_train(["training.batch_size=abc"]))
+    assert re.match(r"config key 'training\.batch_size'.*abc", refusal(["training.batch_size=abc"]))
 
 
 @pytest.mark.parametrize(
@@ -59,8 +69,7 @@ def test_wrong_type_is_named():
     ],
 )
 def test_bad_values_are_named(override, key):
-    with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        validate(compose_train([override]))
+    assert f"config key '{key}'" in refusal([override])
 
 
 def test_width_needs_d_sae_or_expansion_factor():

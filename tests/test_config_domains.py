@@ -15,9 +15,15 @@ from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from saesweep.config.domain import DOMAIN, Folder, Items, Range
-from saesweep.config.schema import EvaluateConfig, TrainConfig, validate, validate_evaluate
+from saesweep.config.schema import (
+    EvaluateConfig,
+    PretokenizeConfig,
+    TrainConfig,
+    validate,
+    validate_evaluate,
+    validate_pretokenize,
+)
 from saesweep.errors import UserError
-from saesweep.pretokenize import PretokenizeConfig, validate_pretokenize
 from saesweep.sae import ARCHITECTURES
 
 

@@ -234,8 +234,8 @@ def check_batchtopk_threshold_is_the_mean_of_the_ranks_and_identical(ranks: Rank
 
 def check_a_non_finite_share_skips_the_step_everywhere(ranks: Ranks) -> None:
     local = torch.tensor(float("nan") if ranks.rank == 1 else 1.0)
-    assert ranks.all_true(torch.isfinite(local)) is False
-    assert ranks.all_true(torch.isfinite(torch.tensor(1.0))) is True
+    assert ranks.all_true(torch.isfinite(local)).tolist() is False
+    assert ranks.all_true(torch.isfinite(torch.tensor(1.0))).tolist() is True
 
 
 def check_fired_masks_stop_signals_and_metrics_combine(ranks: Ranks) -> None:

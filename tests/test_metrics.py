@@ -15,8 +15,8 @@ from saesweep.training.optim import lr_factor
 def test_explained_variance_hand_values():
     x = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # mean (2, 1); total var = 2 + 2 = 4
     x_hat = torch.tensor([[1.0, 1.0], [2.0, 2.0]])  # sq err = 1 + 1 = 2
-    assert explained_variance(x, x_hat) == pytest.approx(0.5)
-    assert explained_variance(x, x) == 1.0
+    assert float(explained_variance(x, x_hat)) == pytest.approx(0.5)
+    assert float(explained_variance(x, x)) == 1.0
 
 
 def test_reconstruction_stats_accumulate_across_batches_like_one_batch():

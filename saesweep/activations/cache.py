@@ -90,8 +90,8 @@ def weights_fingerprint(model: Any, hooks: list[str]) -> str:
     Hashing tensors in memory (not files on disk) works the same for every way a
     model loads (embedded, local dir, hub) and sees what the backend made of
     them; layers after the last hook and the unembedding (and TransformerLens's final
-    norm) are left out, as they cannot change the activations (~0.5 s for SmolLM2 up
-    to layer 6 on CPU).
+    norm) are left out, as they cannot change the activations; hashing what is left is
+    cheap next to one LM pass.
     """
     layers = [model.hook_layer(h) for h in hooks]
     last = None if None in layers else max(layers)

@@ -13,14 +13,18 @@ outside its field's domain with one line naming the key, the domain and the valu
 A value with a special meaning gets its own spelling (null, with what it means), never a
 number that slicing or a comparison happens to accept. Relations between keys (a batch no
 larger than the buffer, k no larger than the SAE) are not domains: the schema checks them
-after this. Closed choices are the schema's types (Enums), which OmegaConf checks.
+after this. Closed choices are the schema's types (`Choice` Enums): OmegaConf checks them
+as Hydra composes, `check_domains` for a config built in Python.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import math
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -28,6 +32,39 @@ from typing import Any, Optional, Sequence
 from saesweep.errors import UserError
 
 DOMAIN = "domain"  # the dataclass field metadata key
+
+
+class Choice(str, enum.Enum):
+    """A closed choice: a schema field typed with a subclass accepts only its members' names,
+    and OmegaConf refuses anything else, naming the key and the valid values. A member is
+    its spelling everywhere else: it equals, prints and pickles as that plain string, so
+    code compares it with "auto", and checkpoints and JSON hold plain strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __reduce_ex__(self, protocol: object) -> tuple:
+        return str, (self.value,)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+def plain(data: Any) -> Any:
+    """A copy of nested dicts and lists with every Choice as its plain string: what a
+    checkpoint stores (torch's weights-only loader accepts no other class)."""
+    if isinstance(data, dict):
+        return {k: plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(plain(v) for v in data)
+    return data.value if isinstance(data, Choice) else data
 
 
 class Domain:
@@ -193,13 +230,34 @@ def domain_of(cls: type, name: str) -> Optional[Domain]:
     raise KeyError(name)
 
 
+@functools.cache
+def choice_fields(cls: type) -> dict[str, type[Choice]]:
+    """Fields of dataclass `cls` typed with a Choice (alone, Optional, or a list of them)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        for t in (hint, *typing.get_args(hint)):
+            if isinstance(t, type) and issubclass(t, Choice):
+                out[name] = t
+    return out
+
+
+def check_choice(key: str, value: Any, choice: type[Choice]) -> None:
+    """What OmegaConf checks when it composes, for a config built in Python."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item is not None and item not in choice.names():
+            raise UserError(f"config key '{key}': valid: {', '.join(choice.names())}; got {item!r}")
+
+
 def check_domains(node: Any, prefix: str = "") -> None:
     """Refuse the first value of `node` (a typed config, nested dataclasses included) that is
-    outside its field's domain. `prefix`: where `node` sits in the config, e.g. 'sae.'."""
+    outside its field's domain or choice. `prefix`: where `node` sits, e.g. 'sae.'."""
+    choices = choice_fields(type(node))
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         domain = f.metadata.get(DOMAIN)
         if domain is not None:
             domain.check(f"{prefix}{f.name}", value)
+        elif f.name in choices:
+            check_choice(f"{prefix}{f.name}", value, choices[f.name])
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             check_domains(value, f"{prefix}{f.name}.")

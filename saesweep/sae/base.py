@@ -14,23 +14,42 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from saesweep.config.domain import Range, check_domains, in_domain
+from saesweep.config.domain import Choice, Range, check_domains, in_domain
 from saesweep.errors import UserError
 
-# Below this fraction of non-zero codes, `decode` on a CPU takes a sparse product
-# (crossover ~0.11, measured in benchmarks/results/sparse_decode_cpu.md).
+# Below this fraction of non-zero codes, `decode` on a CPU takes a sparse product: just
+# under where the sparse product starts to win (benchmarks/results/sparse_decode_cpu.md).
 SPARSE_DECODE_DENSITY = 0.1
+
+
+class BDecInit(Choice):
+    """How b_dec starts, from the first buffer of (scaled) targets."""
+
+    mean = "mean"
+    geometric_median = "geometric_median"
+    zeros = "zeros"
+
+
+class Normalization(Choice):
+    none = "none"
+    # Scale inputs and targets to an average norm of sqrt(width), estimated on the first
+    # buffer (SAELens's name); folded into the weights at export, so saved SAEs read raw
+    # activations. One set of coefficients then suits every layer and model.
+    expected_average_only_in = "expected_average_only_in"
 
 
 @dataclass
 class SAEConfig:
-    architecture: str = "standard"
+    # Each architecture's config class sets its own name (conf/train.yaml picks the default
+    # architecture); the base is no architecture.
+    architecture: str = ""
     d_sae: Optional[int] = in_domain(None, Range(gt=0, null="expansion_factor x the input width"))
     expansion_factor: Optional[int] = in_domain(8, Range(gt=0, null="sae.d_sae sets the width"))
     apply_b_dec_to_input: bool = True
-    b_dec_init: str = "mean"  # mean | geometric_median | zeros
+    b_dec_init: BDecInit = BDecInit.mean
     decoder_init_norm: Optional[float] = in_domain(0.1, Range(gt=0, null="kaiming-uniform rows as drawn"))
-    normalize_activations: str = "none"  # none | expected_average_only_in
+    normalize_activations: Normalization = Normalization.expected_average_only_in
+    # Grid-search the initial weight scale on the first batch's MSE.
     init_norm_search: bool = False
 
     def check(self) -> None:
@@ -42,10 +61,6 @@ class SAEConfig:
         """What the fields' domains do not say; an architecture extends it."""
         if self.d_sae is None and self.expansion_factor is None:
             raise UserError("config key 'sae.d_sae': set sae.d_sae or sae.expansion_factor")
-        if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
-            raise UserError("config key 'sae.b_dec_init': valid: mean, geometric_median, zeros")
-        if self.normalize_activations not in ("none", "expected_average_only_in"):
-            raise UserError("config key 'sae.normalize_activations': valid: none, expected_average_only_in")
 
     def width(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else int(self.expansion_factor * d_in)
@@ -70,12 +85,32 @@ class StepOutput:
     fired: torch.Tensor  # [d_sae] bool: latents active on some token of the batch
 
 
+# How data-parallel ranks combine a buffer after each training step (saesweep.training.
+# distributed applies them), so every replica holds what one process would after the same
+# global batch. Each rank updates its buffers from its own share of the batch.
+RANK_RULES = {
+    "once": "set before the first step or after the last (rank 0's): nothing to combine",
+    "min": "the smallest over the ranks (a counter that any rank's firing resets to 0)",
+    "max": "the largest over the ranks",
+    "mean": "the mean over the ranks",
+    "reset_or_sum": "0 where any rank reset it to 0, else the old value plus every rank's growth",
+}
+
+
 class SAE(nn.Module):
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     # Renormalise decoder rows to unit norm after every optimizer step.
     unit_norm_decoder: ClassVar[bool] = False
-    # Name SAELens uses for the saved (inference) architecture.
+    # Buffer name -> a rule of RANK_RULES. A buffer without one takes rank 0's value after
+    # every step (and ddp warns): declare one for every buffer a step changes.
+    rank_combine: ClassVar[dict[str, str]] = {"input_scale": "once", "target_scale": "once"}
+    # Name SAELens uses for the saved (inference) architecture; export_tensors and
+    # export_config give its weights and cfg.json fields.
     export_architecture: ClassVar[str] = "standard"
+    # SAELens's name when it reads one hook and reconstructs another; None: it has no
+    # transcoder class of this kind, so save under export_architecture (exact when the two
+    # hooks have the same width, as apply_b_dec_to_input is then false).
+    export_transcoder_architecture: ClassVar[Optional[str]] = None
     # Reads one hook and reconstructs another (set by build_sae).
     transcoder: bool = False
 
@@ -217,10 +252,17 @@ class SAE(nn.Module):
         return self.decode_scaled(acts) / self.target_scale
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        """Called after each optimizer step (decoder renormalisation, running stats)."""
+    def after_step(self, applied: Optional[torch.Tensor] = None) -> None:
+        """Called after each optimizer step (decoder renormalisation, running stats).
+
+        `applied`: a bool on the device, false where the trainer skipped the step (a
+        non-finite one) without the host knowing: then nothing may change."""
         if self.unit_norm_decoder:
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+            norm = self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            if applied is None:
+                self.W_dec.div_(norm)
+            else:
+                self.W_dec.copy_(torch.where(applied, self.W_dec / norm, self.W_dec))
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:

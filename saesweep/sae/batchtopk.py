@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from saesweep.config.domain import Range, in_domain
+from saesweep.sae.registry import register_architecture
 from saesweep.sae.sparse import ActiveLatents, batch_topk_indices, cutoff_floor
 from saesweep.sae.topk import TopKFamilySAE, TopKSAEConfig
 
@@ -34,9 +35,19 @@ def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(flat).scatter(0, indices, values).view_as(acts)
 
 
+@register_architecture("batchtopk")
 class BatchTopKSAE(TopKFamilySAE):
     config_class = BatchTopKSAEConfig
+    # threshold_ema: the running mean of each batch's smallest survivor; the calibrated
+    # threshold is set once, after training (rank 0).
+    rank_combine = {
+        **TopKFamilySAE.rank_combine,
+        "threshold_ema": "mean",
+        "threshold_updates": "max",
+        "calibrated_threshold": "once",
+    }
     export_architecture = "jumprelu"
+    export_transcoder_architecture = "jumprelu_transcoder"
 
     def __init__(self, cfg: BatchTopKSAEConfig, d_in: int, d_out: int | None = None):
         super().__init__(cfg, d_in, d_out)
@@ -104,11 +115,11 @@ class BatchTopKSAE(TopKFamilySAE):
         self._smallest_survivor = torch.where(values > 0, values, torch.inf).amin()
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        super().after_step()
+    def after_step(self, applied: torch.Tensor | None = None) -> None:
+        super().after_step(applied)
         smallest, self._smallest_survivor = self._smallest_survivor, None
         if smallest is not None:
-            seen = torch.isfinite(smallest)
+            seen = torch.isfinite(smallest) if applied is None else torch.isfinite(smallest) & applied
             lr = self.cfg.threshold_lr
             updated = self.threshold_ema * (1 - lr) + lr * smallest.double()
             self.threshold_ema.copy_(torch.where(seen, updated, self.threshold_ema))

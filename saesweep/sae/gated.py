@@ -10,7 +10,7 @@ reconstruction of the target from those gate activations.
 By default the auxiliary reconstruction trains the decoder too, as SAELens 6 does.
 The paper defines it with a frozen decoder, so that it trains only the gate;
 `aux_detach_decoder: true` does that, but trained far worse on our default setup
-(conf/architecture/gated.yaml has the figures).
+(benchmarks/results/architectures_retuned.md).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from saesweep.sae.base import SAE, StepOutput, mse_loss
+from saesweep.sae.registry import register_architecture
 from saesweep.sae.standard import StandardSAEConfig
 
 
@@ -30,9 +31,13 @@ class GatedSAEConfig(StandardSAEConfig):
     """The standard SAE's knobs (l1_coefficient, l1_warm_up_steps) plus the aux switch."""
 
     architecture: str = "gated"
+    # false: the aux reconstruction's gradient reaches W_dec/b_dec too, as SAELens 6 does.
+    # true detaches the decoder there, as the paper's frozen decoder; on the default 1M-token
+    # run that trained far worse (benchmarks/results/architectures_retuned.md).
     aux_detach_decoder: bool = False
 
 
+@register_architecture("gated")
 class GatedSAE(SAE):
     config_class = GatedSAEConfig
     export_architecture = "gated"

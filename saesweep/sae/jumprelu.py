@@ -31,35 +31,51 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from saesweep.config.domain import Range, in_domain
-from saesweep.errors import UserError
+from saesweep.config.domain import Choice, Range, in_domain
 from saesweep.sae.base import SAE, ParamGroup, SAEConfig
+from saesweep.sae.registry import register_architecture
 
-SPARSITY_LOSS_MODES = ("step", "tanh")
+
+class SparsityLossMode(Choice):
+    step = "step"  # DeepMind: sum of H(z - threshold)
+    tanh = "tanh"  # Anthropic: tanh(c * activation * |W_dec row|)
 
 
 @dataclass
 class JumpReLUSAEConfig(SAEConfig):
-    # Defaults: SAELens's (Anthropic-style) tanh setup, retuned for short runs; conf/architecture/jumprelu.yaml says why.
-    architecture: str = "jumprelu"
-    l0_coefficient: float = in_domain(2.0, Range(ge=0))
-    l0_warm_up_steps: int = in_domain(0, Range(ge=0))
-    sparsity_loss_mode: str = "tanh"
-    tanh_scale: float = in_domain(4.0, Range(gt=0))
-    bandwidth: float = in_domain(2.0, Range(gt=0))
-    init_threshold: float = in_domain(0.1, Range(gt=0))  # learned as its log
-    ste_to_input: bool = False
-    pre_act_loss_coefficient: float = in_domain(3e-6, Range(ge=0))  # 0 turns it off
-    pre_act_dead_after_tokens: int = in_domain(100_000, Range(gt=0))
-    threshold_lr_multiplier: float = in_domain(1.0, Range(ge=0))
+    """Defaults: the SAELens training guide's recommended setup (Anthropic's tanh sparsity
+    loss + pre-activation loss on normalised activations), two of them retuned for short
+    runs (benchmarks/results/architectures_retuned.md). For DeepMind's original L0 loss
+    use sparsity_loss_mode=step with a small bandwidth and init_threshold (the guide's
+    example: 0.01 and 0.01) and many tokens."""
 
-    def check_relations(self) -> None:
-        super().check_relations()
-        if self.sparsity_loss_mode not in SPARSITY_LOSS_MODES:
-            raise UserError(
-                f"config key 'sae.sparsity_loss_mode': unknown mode {self.sparsity_loss_mode!r}; "
-                f"valid: {', '.join(SPARSITY_LOSS_MODES)}"
-            )
+    architecture: str = "jumprelu"
+    # 2, not the guide's 5: on the default 1M-token run, 5 (with SAELens's revival window)
+    # ends with most latents dead and a poor reconstruction, 2 (with the window below)
+    # trains well, and 1 leaves L0 in the hundreds long into the run.
+    l0_coefficient: float = in_domain(2.0, Range(ge=0))
+    # The guide warms the coefficient up over the whole run (l0_warm_up_steps = total
+    # steps); set it to training.total_tokens / training.batch_size to do the same.
+    l0_warm_up_steps: int = in_domain(0, Range(ge=0))
+    sparsity_loss_mode: SparsityLossMode = SparsityLossMode.tanh
+    tanh_scale: float = in_domain(4.0, Range(gt=0))  # c in tanh(c * activation * |W_dec row|); tanh mode only
+    bandwidth: float = in_domain(2.0, Range(gt=0))  # width of the straight-through estimator's kernel
+    init_threshold: float = in_domain(0.1, Range(gt=0))  # in the scaled space; learned as its log
+    ste_to_input: bool = False  # true: the estimator's gradient also reaches the encoder (Anthropic)
+    # Anthropic's pre-activation loss, on latents silent for pre_act_dead_after_tokens
+    # training tokens; 0 turns it off.
+    pre_act_loss_coefficient: float = in_domain(3e-6, Range(ge=0))
+    # 100k tokens (~25 steps), not SAELens's 1000 steps (4.1M tokens): a latent the sparsity
+    # loss pushes below its threshold early gets no other gradient, so with SAELens's window
+    # a run shorter than 4M tokens never revives it. Adam rescales the tiny coefficient's
+    # gradient, so revival is quick once it applies.
+    pre_act_dead_after_tokens: int = in_domain(100_000, Range(gt=0))
+    # lr of the log-thresholds = this x optimizer.lr (the scheduler scales both alike). 1.0,
+    # not Language-Model-SAEs' 0.1: Adam moves log(threshold) by at most about lr per step,
+    # so at lr 4e-4 a 0.1x multiplier lets a threshold change by only ~1 % over a default
+    # run - it would barely leave init_threshold. LM-SAEs found 0.1x mainly smooths the
+    # loss of long runs; set it for those.
+    threshold_lr_multiplier: float = in_domain(1.0, Range(ge=0))
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -124,9 +140,13 @@ def heaviside_step(
     return StepFunction.apply(z, threshold, bandwidth, ste_to_input)
 
 
+@register_architecture("jumprelu")
 class JumpReLUSAE(SAE):
     config_class = JumpReLUSAEConfig
+    # 0 where a latent fired on any rank, else + the global batch's tokens
+    rank_combine = {**SAE.rank_combine, "tokens_since_fired": "reset_or_sum"}
     export_architecture = "jumprelu"
+    export_transcoder_architecture = "jumprelu_transcoder"
 
     def __init__(self, cfg: JumpReLUSAEConfig, d_in: int, d_out: Optional[int] = None):
         super().__init__(cfg, d_in, d_out)

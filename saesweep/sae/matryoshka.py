@@ -23,6 +23,7 @@ from saesweep.config.domain import Items, Range, in_domain
 from saesweep.errors import UserError
 from saesweep.sae.base import mse_loss
 from saesweep.sae.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
+from saesweep.sae.registry import register_architecture
 from saesweep.sae.sparse import ActiveLatents, decode_active, latents_in
 
 
@@ -42,9 +43,10 @@ class MatryoshkaBatchTopKSAEConfig(BatchTopKSAEConfig):
             raise UserError(f"{key}: {widths[-1]} exceeds sae.d_sae={self.d_sae}")
 
 
+@register_architecture("matryoshka_batchtopk")
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     config_class = MatryoshkaBatchTopKSAEConfig
-    export_architecture = "jumprelu"
+    export_architecture = "jumprelu"  # the nesting lives only in the training loss
 
     def __init__(self, cfg: MatryoshkaBatchTopKSAEConfig, d_in: int, d_out: int | None = None):
         super().__init__(cfg, d_in, d_out)

@@ -13,7 +13,13 @@ tests/test_sae_topk_family.py).
 On a GPU the matrix units change the trade: a dense [batch, d_sae] matrix product in
 bf16 can beat the sparse gather and scatter. `KERNELS` says which path each piece
 takes; "auto" picks per device as measured (benchmarks/results/gpu_h100.md).
-Nothing here needs a host sync except `nonzero` in the batch-wide selection.
+
+Selections come in two kinds (`Kernels.selection`). "compact" ones keep only the
+entries they need (BatchTopK's candidates above an estimated cutoff, AuxK's dead
+columns, a Matryoshka level's latents): data-dependent sizes, so the host must learn
+a count from the device, which on a CPU costs nothing. "fixed" ones have sizes known
+on the host (`nonzero_static`, masks over every column): a GPU's step never waits
+for it (tests/test_sync_free.py). Both select the same entries.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ import torch.nn.functional as F
 
 @dataclass
 class Kernels:
-    """sparse | dense | auto for the encoder's weight gradient and for the decoder."""
+    """sparse | dense | auto for the encoder's weight gradient and for the decoder;
+    compact | fixed | auto for the selections (see the module's doc)."""
 
     encoder_backward: str = "auto"
     decoder: str = "auto"
+    selection: str = "auto"
 
     def dense(self, which: str, device: torch.device) -> bool:
         choice = getattr(self, which)
@@ -37,12 +45,25 @@ class Kernels:
             return device.type == "cuda" and AUTO_DENSE_ON_CUDA[which]
         return choice == "dense"
 
+    def fixed_size(self, device: torch.device) -> bool:
+        """Selections of sizes the host knows: a GPU's choice, as a host sync stalls it."""
+        return self.selection == "fixed" or (self.selection == "auto" and device.type == "cuda")
+
+    def as_on(self, device_type: str) -> Kernels:
+        """What "auto" picks on that device, spelled out: lets a CPU run the GPU's paths."""
+        return Kernels(
+            *(
+                "dense" if self.dense(w, torch.device(device_type)) else "sparse"
+                for w in ("encoder_backward", "decoder")
+            ),
+            selection="fixed" if self.fixed_size(torch.device(device_type)) else "compact",
+        )
+
 
 # What "auto" uses on CUDA; CPUs always take the sparse paths (benchmarks/results/step_cpu.md).
-# H100, bf16, d_in 768, batch 4096, TopK step (benchmarks/results/step_cuda*.md): the dense
-# encoder gradient beats the sparse one at every width tried (d_sae 6144: 3.9 vs 4.4 ms,
-# 98304: 12.1 vs 15.1 ms); the dense decoder loses at 6144 (4.5 vs 3.9 ms) and 98304
-# (13.6 vs 12.1 ms) and ties at 24576 (4.6 vs 4.7 ms), so the decoder stays sparse.
+# On an H100 in bf16 (benchmarks/results/step_cuda*.md) the dense encoder gradient beat the
+# sparse one at every SAE width tried, while the dense decoder lost or tied, so the decoder
+# stays sparse.
 AUTO_DENSE_ON_CUDA = {"encoder_backward": True, "decoder": False}
 KERNELS = Kernels()
 
@@ -77,8 +98,13 @@ class ActiveLatents:
 def topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the k largest entries of each row, sorted by row."""
     cols = pre.topk(k, dim=-1, sorted=False).indices
-    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-    return rows, cols.flatten()
+    return row_of_each(pre.shape[0], k, pre.device), cols.flatten()
+
+
+def row_of_each(n_rows: int, k: int, device: torch.device) -> torch.Tensor:
+    """[n_rows * k] long: 0 k times, then 1 k times, ... (repeat_interleave, but with no
+    output size for the device to report back)."""
+    return torch.arange(n_rows, device=device)[:, None].expand(n_rows, k).reshape(-1)
 
 
 # Data-dependent shapes and sparse tensors: torch.compile (training.compile) leaves these eager.
@@ -92,10 +118,21 @@ def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     largest among them. Winners are the entries above the cutoff plus, if several equal
     it, the first of those in row order. If the estimate was too high (too few entries
     above it), the whole batch is ranked instead.
+
+    With fixed-size selections (GPUs) the cutoff comes from a top-k over the whole batch,
+    and the same winners are listed by `nonzero_static`: exactly n_keep of them, so no
+    count has to come back to the host.
     """
     n_rows, d_sae = pre.shape
     flat = pre.flatten()
     n_keep = min(k * n_rows, flat.numel())
+    if KERNELS.fixed_size(pre.device):
+        # NaN ranks as +inf (as in topk), so a batch with NaN (a step the trainer will skip)
+        # still selects exactly n_keep entries, its NaNs among them.
+        ranked = flat.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)
+        cutoff = ranked.topk(n_keep, sorted=False).values.amin()
+        chosen = torch.nonzero_static(_first_winners(ranked, cutoff, n_keep), size=n_keep).squeeze(1)
+        return chosen // d_sae, chosen % d_sae
     candidates = _entries_likely_above_cutoff(flat, n_keep)  # flat indices, ascending
     if candidates.numel() < n_keep:  # the sample misled us: rank everything
         candidates = torch.arange(flat.numel(), device=flat.device)
@@ -104,10 +141,14 @@ def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
         cutoff = values.topk(n_keep, sorted=False).values.amin()
     else:
         cutoff = values.kthvalue(values.numel() - n_keep + 1).values
-    above, at = values > cutoff, values == cutoff
-    keep = above | (at & (at.cumsum(0) <= n_keep - above.sum()))
-    chosen = candidates[keep]
+    chosen = candidates[_first_winners(values, cutoff, n_keep)]
     return chosen // d_sae, chosen % d_sae
+
+
+def _first_winners(values: torch.Tensor, cutoff: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Mask of exactly n_keep entries: those above the cutoff, then the first that equal it."""
+    above, at = values > cutoff, values == cutoff
+    return above | (at & (at.cumsum(0) <= n_keep - above.sum()))
 
 
 SAMPLE_SIZE = 65536
@@ -208,8 +249,7 @@ def topk_among(pre: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[tor
     """
     sub = pre.index_select(1, candidates)
     idx = sub.topk(k, dim=-1, sorted=False).indices
-    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-    return rows, candidates[idx.flatten()]
+    return row_of_each(pre.shape[0], k, pre.device), candidates[idx.flatten()]
 
 
 def decode_active(active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,6 +265,11 @@ def decode_active(active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tenso
 
 
 def latents_in(active: ActiveLatents, lo: int, hi: int) -> ActiveLatents:
-    """The active entries whose latent index lies in [lo, hi); rows stay sorted."""
+    """The active entries whose latent index lies in [lo, hi); rows stay sorted.
+
+    With fixed-size selections every entry stays, those outside with value 0: the same
+    sums (adding an exact 0), at the price of decoding all entries for each level."""
     keep = (active.cols >= lo) & (active.cols < hi)
+    if KERNELS.fixed_size(active.cols.device):
+        return ActiveLatents(active.rows, active.cols, active.values * keep, active.n_rows, active.d_sae)
     return ActiveLatents(active.rows[keep], active.cols[keep], active.values[keep], active.n_rows, active.d_sae)

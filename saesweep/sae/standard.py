@@ -8,18 +8,21 @@ import torch
 
 from saesweep.config.domain import Range, in_domain
 from saesweep.sae.base import SAE, SAEConfig
+from saesweep.sae.registry import register_architecture
 
 
 @dataclass
 class StandardSAEConfig(SAEConfig):
     architecture: str = "standard"
-    l1_coefficient: float = in_domain(5.0, Range(ge=0))
+    l1_coefficient: float = in_domain(5.0, Range(ge=0))  # the SAELens guide's example value
     l1_warm_up_steps: int = in_domain(0, Range(ge=0))
 
 
+@register_architecture("standard")
 class StandardSAE(SAE):
     config_class = StandardSAEConfig
     export_architecture = "standard"
+    export_transcoder_architecture = "transcoder"
 
     def l1_coefficient(self, step: int) -> float:
         """Linear warm-up from 0 over l1_warm_up_steps, as SAELens."""

@@ -27,24 +27,32 @@ from typing import Any, Optional
 
 import torch
 
-from saesweep.config.domain import Range, in_domain
+import saesweep.sae.sparse as kernels
+from saesweep.config.domain import Choice, Range, in_domain
 from saesweep.errors import UserError
 from saesweep.sae.base import SAE, SAEConfig, StepOutput, mse_loss
+from saesweep.sae.registry import register_architecture
 from saesweep.sae.sparse import (
     ActiveLatents,
     decode_active,
     dense_pre_acts,
     gather_active,
+    row_of_each,
     topk_among,
     topk_indices,
 )
+
+
+class KScheduleType(Choice):
+    linear = "linear"
+    exponential = "exponential"  # curvature k_exponential_factor
 
 
 @dataclass
 class TopKSAEConfig(SAEConfig):
     architecture: str = "topk"
     k: int = in_domain(32, Range(gt=0))
-    decoder_init_norm: float = in_domain(1.0, Range(gt=0))
+    decoder_init_norm: float = in_domain(1.0, Range(gt=0))  # decoder rows are kept at unit norm
     # AuxK: null -> half the width of what is reconstructed (d_in for an SAE), the
     # paper's heuristic and SAELens's fixed choice; 0 (or a zero coefficient) -> off.
     aux_k: Optional[int] = in_domain(None, Range(ge=0, null="half the reconstructed width"))
@@ -53,11 +61,12 @@ class TopKSAEConfig(SAEConfig):
     # 1000 never triggers in a short run; 50 steps of the default 4096 tokens is
     # the 200k tokens `training.dead_after_tokens` uses in the logs.
     dead_steps_threshold: int = in_domain(50, Range(gt=0))
-    # k schedule: null initial_k -> constant k.
+    # k schedule: k starts at initial_k, stays there k_cold_booting_steps steps, then decays
+    # to k over k_warmup_steps. Steps, not fractions.
     initial_k: Optional[int] = in_domain(None, Range(gt=0, null="constant k"))
     k_warmup_steps: int = in_domain(1000, Range(ge=0))
     k_cold_booting_steps: int = in_domain(0, Range(ge=0))
-    k_schedule_type: str = "linear"  # linear | exponential
+    k_schedule_type: KScheduleType = KScheduleType.linear
     k_exponential_factor: float = in_domain(3.0, Range(gt=0))
 
     def check_relations(self) -> None:
@@ -76,10 +85,6 @@ class TopKSAEConfig(SAEConfig):
                     "config key 'sae.k_warmup_steps': must be > 0 when sae.initial_k is set "
                     f"(steps over which k decays), got {self.k_warmup_steps}"
                 )
-        if self.k_schedule_type not in ("linear", "exponential"):
-            raise UserError(
-                f"config key 'sae.k_schedule_type': valid: linear, exponential; got {self.k_schedule_type!r}"
-            )
 
 
 def scheduled_k(
@@ -130,6 +135,8 @@ class TopKFamilySAE(SAE):
 
     # Unit decoder rows make the ranking of pre-activations mean what it says.
     unit_norm_decoder = True
+    # 0 where a latent fired on any rank, else + 1
+    rank_combine = {**SAE.rank_combine, "steps_since_fired": "min"}
 
     def __init__(self, cfg: TopKSAEConfig, d_in: int, d_out: int | None = None):
         super().__init__(cfg, d_in, d_out)
@@ -202,6 +209,8 @@ class TopKFamilySAE(SAE):
         centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """AuxK: each token's top aux_k dead latents reconstruct `residual` (see module doc)."""
+        if kernels.KERNELS.fixed_size(pre.device):
+            return self._auxk_loss_fixed(pre, x, residual, dead, centre)
         dead_idx = dead.nonzero().squeeze(1)
         n_dead = dead_idx.numel()
         if n_dead == 0:
@@ -214,10 +223,32 @@ class TopKFamilySAE(SAE):
         recon = decode_active(aux, self.W_dec)
         return self.cfg.aux_k_coefficient * scale * mse_loss(recon, residual)
 
+    def _auxk_loss_fixed(
+        self,
+        pre: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        dead: torch.Tensor,
+        centre: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`auxk_loss` with sizes the host knows (no dead-latent count read back): each token's
+        top aux_k over all latents, live ones ranked last; where fewer than aux_k are dead,
+        the live ones picked count with weight 0. Same terms, same gradients."""
+        k_aux = min(self.aux_k, self.d_sae)
+        ranked = pre.masked_fill(~dead, -torch.inf)
+        cols = ranked.topk(k_aux, dim=-1, sorted=False).indices.flatten()
+        rows = row_of_each(pre.shape[0], k_aux, pre.device)
+        aux = gather_active(pre, x, self.W_enc, self.b_enc, rows, cols, relu=False, b_dec=centre)
+        aux.values = aux.values * dead[cols]
+        recon = decode_active(aux, self.W_dec)
+        scale = (dead.sum() / self.aux_k).clamp(max=1.0)
+        return self.cfg.aux_k_coefficient * scale * mse_loss(recon, residual)
+
     def on_active(self, active: Any) -> None:
         """Hook for running statistics of the selected activations."""
 
 
+@register_architecture("topk")
 class TopKSAE(TopKFamilySAE):
     config_class = TopKSAEConfig
     export_architecture = "topk"

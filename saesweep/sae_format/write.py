@@ -26,16 +26,9 @@ from saesweep.sae_format.read import CFG_FILENAME, SPARSITY_FILENAME, SPARSITY_K
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 
 
-# SAELens's transcoder classes. A TopK or gated transcoder has none; with equal widths it
-# is saved under its own architecture (apply_b_dec_to_input false computes exactly it).
-TRANSCODER_ARCHITECTURES = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
-
-
 def sae_lens_config(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
-    architecture = sae.export_architecture
     transcoder = sae.transcoder or sae.d_out != sae.d_in
-    if transcoder:
-        architecture = TRANSCODER_ARCHITECTURES.get(architecture, architecture)
+    architecture = (transcoder and sae.export_transcoder_architecture) or sae.export_architecture
     return {
         "architecture": architecture,
         "d_in": sae.d_in,

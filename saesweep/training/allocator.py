@@ -1,13 +1,11 @@
 """Keep freed memory in the process for reuse instead of handing it back to the OS (glibc).
 
 glibc serves a large allocation with a fresh mmap and unmaps it on free, so every training
-step's big temporaries - the [batch, d_sae] pre-activations (75 MB at 4,096 x 4,608), the
-LM's per-layer activations - come back as new pages that the kernel must fault in and
-zero. On this project's 2-core CPU that cost 10 % of the encoder's matrix product
-(119 -> 107 ms at 4,096 x 576 x 4,608), 2 % of the LM forward, and 10-12 % of sparsify's
-whole end-to-end run when we gave it the same setting (two quiet runs of
-benchmarks/bench_e2e.py; the latest is benchmarks/results/e2e_cpu_quiet.md).
-Raising glibc's mmap and trim thresholds keeps freed blocks in the heap for the next step,
+step's big temporaries - the [batch, d_sae] pre-activations, the LM's per-layer
+activations - come back as new pages that the kernel must fault in and zero, a cost paid
+again at every step and visible in the encoder's matrix product, the LM forward and a
+whole end-to-end run (benchmarks/bench_e2e.py; figures in benchmarks/results/ and the
+README). Raising glibc's mmap and trim thresholds keeps freed blocks in the heap for the next step,
 as tcmalloc or jemalloc would. Peak memory is unchanged; the process just does not shrink
 after a peak.
 

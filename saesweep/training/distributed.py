@@ -43,18 +43,11 @@ QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=none", "h
 # wait in a collective; torch's default (10 min for NCCL) would end such a wait.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
-# How the SAE buffers that change in every training step combine over the ranks, so
-# every replica holds what one process would after the same global batch. The SAE
-# updates them from its own share of the batch (in forward or after_step).
-RUNNING_STATE = {
-    "steps_since_fired": "min",  # TopK family: 0 where a latent fired on any rank, else +1
-    "tokens_since_fired": "reset_or_sum",  # JumpReLU: 0 where it fired on any rank, else + the global batch
-    "threshold_ema": "mean",  # BatchTopK: running mean of each batch's smallest survivor
-    "threshold_updates": "max",
-}
-# Buffers set before the first step (input scaling, from rank 0's first fill) or after
-# the last (the calibrated threshold, on rank 0): nothing to combine during training.
-SET_ONCE = {"input_scale", "target_scale", "calibrated_threshold"}
+
+def rank_rule(module: nn.Module, name: str) -> str | None:
+    """How the ranks combine buffer `name` of `module`: the rule its SAE class declares in
+    `rank_combine` (saesweep.sae.base.RANK_RULES), None if it declares none."""
+    return getattr(module, "rank_combine", {}).get(_leaf(name))
 
 
 @dataclass(frozen=True)
@@ -96,13 +89,13 @@ class Ranks:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(self.world)
 
-    def all_true(self, flag: torch.Tensor) -> bool:
-        """True on every rank iff true on every rank (one host sync, as bool(flag) is)."""
+    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
+        """True on every rank iff true on every rank; a bool on the device (no host sync)."""
         if not self.active:
-            return bool(flag)
+            return flag
         value = flag.detach().to(torch.int32).reshape(1)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value)
+        return value.reshape(()).bool()
 
     def any(self, mask: torch.Tensor) -> torch.Tensor:
         """Elementwise OR of a bool tensor over ranks (gloo has no bool reductions)."""
@@ -130,21 +123,19 @@ class Ranks:
 
     @contextmanager
     def running_state(self, module: nn.Module) -> Iterator[None]:
-        """Around a training step: afterwards every SAE buffer of RUNNING_STATE holds the
-        value for the global batch, any other changing buffer rank 0's (see check_state).
+        """Around a training step: afterwards every SAE buffer with a rank_combine rule holds
+        the value for the global batch, any other changing buffer rank 0's (see check_state).
         A step that raises combines nothing: every rank raises alike (a diverged run),
         or the job ends."""
         if not self.active:
             yield
             return
         before = {
-            name: buf.clone()
-            for name, buf in module.named_buffers()
-            if RUNNING_STATE.get(_leaf(name)) == "reset_or_sum"
+            name: buf.clone() for name, buf in module.named_buffers() if rank_rule(module, name) == "reset_or_sum"
         }
         yield
         for name, buf in module.named_buffers():
-            rule = RUNNING_STATE.get(_leaf(name))
+            rule = rank_rule(module, name)
             if rule == "min":
                 dist.all_reduce(buf, op=dist.ReduceOp.MIN)
             elif rule == "max":
@@ -159,7 +150,7 @@ class Ranks:
                 grown = buf - before[name]
                 dist.all_reduce(grown, op=dist.ReduceOp.SUM)
                 buf.copy_(torch.where(fired, torch.zeros_like(buf), before[name] + grown))
-            elif _leaf(name) not in SET_ONCE:
+            elif rule != "once":
                 dist.broadcast(buf, src=0)
 
     # --- start, checkpoint, end ----------------------------------------------------------
@@ -173,13 +164,13 @@ class Ranks:
             dist.broadcast(t.data, src=0)
 
     def check_state(self, module: nn.Module) -> None:
-        """Say which buffers no rule of RUNNING_STATE covers: they are kept equal by taking
-        rank 0's after every step, so they only reflect rank 0's share of the data."""
-        unknown = sorted(n for n, _ in module.named_buffers() if _leaf(n) not in RUNNING_STATE.keys() | SET_ONCE)
+        """Say which buffers have no rank_combine rule: they are kept equal by taking rank 0's
+        after every step, so they only reflect rank 0's share of the data."""
+        unknown = sorted(n for n, _ in module.named_buffers() if rank_rule(module, n) is None)
         if self.active and unknown and self.is_main:
             log.warning(
                 "training.distributed=ddp: SAE buffer(s) %s have no rule for combining ranks in "
-                "saesweep.training.distributed.RUNNING_STATE; every rank takes rank 0's after each step",
+                "the SAE class's rank_combine; every rank takes rank 0's after each step",
                 ", ".join(unknown),
             )
 

@@ -235,11 +235,16 @@ def train_together(
 
             crossed = every > 0 and (batches * batch_size) // every > ((batches - 1) * batch_size) // every
             healthy = [m for m in members if m.error is None]
+            # A member's step count is the host's guess until it catches up with the device
+            # (at its logging steps, its last step among them, and here before a checkpoint).
             done = all(m.step == total_steps for m in healthy)
             # A signal reaches the ranks at different steps: all act on it at the same one.
             stopping = ranks.max_int(stop.received or 0) if ranks.active else stop.received
             if crossed or stopping or done:
+                for member in healthy:
+                    member.settle()  # one found diverged is saved too: its last good state
                 save(healthy)
+                healthy = [m for m in healthy if m.error is None]
             if batches == crash_at and not crash_where:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stopping:

@@ -19,6 +19,7 @@ import torch
 
 from saesweep.activations.source import ActivationSource
 from saesweep.atomic import atomic_write_text, stale_temps
+from saesweep.config.domain import plain
 from saesweep.config.schema import TrainConfig
 from saesweep.errors import UserError
 from saesweep.evaluation.held_out import evaluate
@@ -29,6 +30,7 @@ from saesweep.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from saesweep.training.distributed import SINGLE, Ranks
 from saesweep.training.metrics_log import MetricsLog, NullMetricsLog
 from saesweep.training.optim import build_optimizer, build_scheduler
+from saesweep.training.readback import to_host
 from saesweep.training.run_record import RESUME_MAY_CHANGE, RunRecord, config_differences, mark_claimed, without_keys
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def resumable_config(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint records of its config: everything a resumption may not change."""
-    return without_keys(asdict(cfg), RESUME_MAY_CHANGE)
+    return without_keys(plain(asdict(cfg)), RESUME_MAY_CHANGE)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
@@ -110,7 +112,8 @@ class Member:
         self.optimizer = build_optimizer(self.sae.param_groups(), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.scheduler)
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
-        self.nonfinite = 0  # consecutive skipped steps
+        # Consecutive skipped steps, counted on the device; the host reads it in `catch_up`.
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=device)
         main = self.ranks.is_main  # the one rank that writes the run dir
         if main:
             self.claim_run_dir()
@@ -131,6 +134,11 @@ class Member:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             self.log.info("resuming %s from step %d of %d", self.run_dir, self.step, total_steps)
             self.checkpoint = None  # the buffer copy in it is large
+        self.total_steps = total_steps
+        # What the host knows for sure: the step and the skipped-in-a-row count at the last
+        # read, and per step since then [applied, loss, gradient norm] on the device.
+        self.read_step, self.read_nonfinite = self.step, 0
+        self.pending: list[torch.Tensor] = []
         self.ranks.broadcast_module(self.sae)  # DDP: every replica starts as rank 0's
         self.ranks.check_state(self.sae)
         self.metrics = MetricsLog(self.run_dir, cfg.logger, cfg) if main else NullMetricsLog()
@@ -174,6 +182,7 @@ class Member:
             self.log.error("%s: %s", type(error).__name__, error, exc_info=not isinstance(error, UserError))
 
     def _step(self, x: torch.Tensor, target: torch.Tensor, elapsed: Callable[[], float]) -> None:
+        """One step that reads nothing back from the device, except on logging steps."""
         cfg, sae = self.cfg, self.sae
         with self.amp():
             out = self.forward(x, target, self.step)
@@ -185,55 +194,110 @@ class Member:
         # With no clipping the max norm is inf: the gradients stay as they are, but we
         # still get their norm for the finiteness check below.
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm or float("inf"))
-        # One host sync per step: a NaN/Inf step would poison Adam's moments for good.
-        # Under DDP a step is skipped on every rank or on none.
-        if not self.ranks.all_true(torch.isfinite(loss.detach() + grad_norm)):
-            self.nonfinite += 1
-            self.log.warning(
-                "step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
-                self.step,
-                float(loss.detach()),
-                float(grad_norm),
-                self.nonfinite,
-            )
-            if self.nonfinite >= cfg.training.max_nonfinite_steps:
-                raise UserError(
-                    f"training diverged: {self.nonfinite} steps in a row had a non-finite loss or gradient "
-                    f"(at step {self.step}); the last good state is in {self.run_dir / CHECKPOINT_NAME}. Lower "
-                    "optimizer.lr or set training.grad_clip_norm, then rerun with training.resume=force"
-                )
-            return
-        self.nonfinite = 0
-        self.optimizer.step()
-        self.scheduler.step()
-        sae.after_step()
+        # A NaN/Inf step would poison Adam's moments for good: it is skipped, on the device;
+        # the host learns of it at the next logging step (`catch_up`). Under DDP a step is
+        # skipped on every rank or on none. A member with max_nonfinite_steps skipped in a
+        # row has diverged: it changes nothing more until the host sees that and ends it.
+        finite = self.ranks.all_true(torch.isfinite(loss.detach() + grad_norm))
+        applied = finite & (self.nonfinite < cfg.training.max_nonfinite_steps)
+        self.nonfinite = torch.where(applied, 0, self.nonfinite + 1)
+        self._optimizer_step(applied)
+        self.scheduler.step()  # as if applied; `catch_up` winds it back over skipped steps
+        sae.after_step(applied)
         # Fired anywhere in the global batch of len(x) x world tokens.
         fired = self.ranks.any(out.fired)
-        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + len(x) * self.ranks.world)
+        grown = torch.where(fired, 0, self.tokens_since_fired + len(x) * self.ranks.world)
+        self.tokens_since_fired = torch.where(applied, grown, self.tokens_since_fired)
         self.step += 1
+        self.pending.append(torch.stack([applied, loss.detach(), grad_norm]))  # promoted to a float dtype
 
-        total_steps = cfg.training.total_tokens // cfg.training.batch_size
-        if self.step % cfg.training.log_every == 0 or self.step == total_steps:
-            tokens = self.step * cfg.training.batch_size
-            measured = self.ranks.mean(
-                {  # DDP: over the ranks' shares of the batch
-                    "loss": float(loss.detach()),
-                    **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
-                    "l0": float(out.l0),
-                    "explained_variance": explained_variance(target, out.recon.detach()),
-                }
+        if self.step % cfg.training.log_every == 0 or self.step == self.total_steps:
+            measured = {
+                "loss": loss.detach(),
+                **{f"loss/{k}": v.detach() for k, v in out.losses.items()},
+                "l0": out.l0,
+                "explained_variance": explained_variance(target, out.recon.detach()),
+                "dead_features": (self.tokens_since_fired >= cfg.training.dead_after_tokens).sum(),
+            }
+            self.catch_up(measured, elapsed)
+
+    def _optimizer_step(self, applied: torch.Tensor) -> None:
+        if self.optimizer.defaults.get("fused"):
+            # The fused kernel leaves parameters, moments and step count alone where found_inf is 1.
+            self.optimizer.found_inf = (~applied).float()
+            self.optimizer.step()
+        elif applied:  # no fused kernel on this device: the host decides (a sync)
+            self.optimizer.step()
+
+    def catch_up(
+        self, measured: dict[str, torch.Tensor] | None = None, elapsed: Callable[[], float] | None = None
+    ) -> None:
+        """Learn, in one transfer, what the device did since the last read: the steps it
+        skipped (each warned about, as it happened), hence the true step count, and on a
+        logging step the metrics, which are logged if that step was applied. Raises the
+        divergence error once max_nonfinite_steps were skipped in a row."""
+        if not self.pending:
+            return
+        cfg = self.cfg
+        parts = [torch.stack(self.pending).flatten()]
+        if measured is not None:
+            parts.append(torch.stack(list(measured.values())))  # promoted to float64, EV's dtype
+        values = to_host(torch.cat(parts))  # cat promotes too: one tensor, one copy
+        steps = [values[i : i + 3] for i in range(0, 3 * len(self.pending), 3)]
+        self.pending = []
+        step, nonfinite = self.read_step, self.read_nonfinite
+        for applied, loss, grad_norm in steps:
+            if applied:
+                step, nonfinite = step + 1, 0
+                continue
+            nonfinite += 1
+            self.log.warning(
+                "step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                step,
+                loss,
+                grad_norm,
+                nonfinite,
             )
-            self.last_l0 = measured["l0"]
-            self.metrics.log(
-                {
-                    "step": self.step,
-                    "tokens": tokens,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    **measured,
-                    "dead_features": int((self.tokens_since_fired >= cfg.training.dead_after_tokens).sum()),
-                    "tokens_per_second": tokens / elapsed(),
-                }
-            )
+            if nonfinite >= cfg.training.max_nonfinite_steps:
+                self.step = step  # the device took no step after this one
+                raise UserError(
+                    f"training diverged: {nonfinite} steps in a row had a non-finite loss or gradient "
+                    f"(at step {step}); the last good state is in {self.run_dir / CHECKPOINT_NAME}. Lower "
+                    "optimizer.lr or set training.grad_clip_norm, then rerun with training.resume=force"
+                )
+        if step != self.step:  # skipped steps are made up: the schedule goes back to the true step
+            self.scheduler.last_epoch = step - 1
+            self.scheduler.step()
+        self.step, self.read_step, self.read_nonfinite = step, step, nonfinite
+        logging_step = step % cfg.training.log_every == 0 or step == self.total_steps
+        if measured is None or not steps[-1][0] or not logging_step:
+            return
+        tokens = step * cfg.training.batch_size
+        host = dict(zip(measured, values[3 * len(steps) :]))
+        dead = int(host.pop("dead_features"))
+        measured_here = self.ranks.mean(host)  # DDP: over the ranks' shares of the batch
+        self.last_l0 = measured_here["l0"]
+        self.metrics.log(
+            {
+                "step": step,
+                "tokens": tokens,
+                "lr": self.scheduler.get_last_lr()[0],
+                **measured_here,
+                "dead_features": dead,
+                "tokens_per_second": tokens / elapsed(),
+            }
+        )
+
+    def settle(self) -> None:
+        """Bring the host up to date before a checkpoint; a member found diverged fails here
+        (its state is the last good one: the device applied nothing since)."""
+        if self.error is not None:
+            return
+        try:
+            self.catch_up()
+        except Exception as e:
+            self.fail(e)
+            self.metrics.close()
 
     def state(self, shared: dict[str, Any]) -> dict[str, Any]:
         """This member's checkpoint: the shared stream state plus its own; a single run's format."""

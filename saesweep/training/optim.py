@@ -31,8 +31,9 @@ def build_optimizer(
         if g.params
     ]
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
-    # One fused kernel for the whole update instead of a few per parameter: on this CPU
-    # 2.0 vs 8.6 ms per step for a 576 x 4,608 SAE, and fewer launches on a GPU.
+    # One fused kernel for the whole update instead of a few per parameter: several times
+    # faster on a CPU, and fewer launches on a GPU. It also skips a non-finite step on the
+    # device (found_inf), so the host need not check it.
     fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) or None
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
 

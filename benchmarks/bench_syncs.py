@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Aten ops and GPU host syncs per steady training step, counted on a CPU.
+
+Each architecture trains as `saesweep.training.member.Member` steps it, on synthetic
+activations (no LM: its ops would drown the SAE's), alone and in a group of `--group`
+members on the same batches (as `train_together` steps a grouped sweep), under
+saesweep.training.sync_counter.SyncCounter. Two sets of choices: the CPU's own, and a GPU's
+forced on the CPU (`KERNELS.as_on("cuda")`: kernels and fixed-size selections). Steps are
+counted apart on logging steps (every `--log-every`) and the others; a logging step's batched
+read-back is not counted as a sync (it is the one it is allowed).
+
+    python benchmarks/bench_syncs.py                     # writes benchmarks/results/syncs_cpu.{json,md}
+    python benchmarks/bench_syncs.py --code /tmp/main --out benchmarks/results/syncs_cpu_before
+
+`--code DIR` measures another checkout's saesweep (e.g. `git archive main`) with this
+tree's counter; its members have no batched read-back, so logging steps' reads count there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+ARCHS = ["batchtopk", "topk", "matryoshka_batchtopk", "standard", "jumprelu", "gated"]
+
+
+def load_counter():
+    spec = importlib.util.spec_from_file_location("sync_counter", REPO / "saesweep/training/sync_counter.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SyncCounter
+
+
+def build_group(arch: str, n: int, args: argparse.Namespace, work: Path) -> list:
+    import torch
+
+    from saesweep.config.schema import TrainConfig
+    from saesweep.sae import ARCHITECTURES
+    from saesweep.training.member import Member
+
+    members = []
+    for i in range(n):
+        cfg = TrainConfig()
+        extra = {"k": args.k, "dead_steps_threshold": 2} if "topk" in arch else {}
+        if arch == "matryoshka_batchtopk":
+            extra["matryoshka_widths"] = [args.d_sae // 8, args.d_sae // 2]
+        cfg.sae = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=args.d_sae, **extra)
+        cfg.optimizer.lr = 4e-4 * (1 + i)  # members of a sweep differ in their own settings
+        cfg.training.batch_size = args.batch
+        cfg.training.total_tokens = args.batch * 10**6
+        cfg.training.log_every = args.log_every
+        run_dir = work / f"{arch}-{n}-{i}"
+        run_dir.mkdir(parents=True)
+        member = Member(i, cfg, run_dir, named=n > 1)
+        torch.manual_seed(0)
+        first = torch.randn(4 * args.batch, args.d_in)
+        member.start(SimpleNamespace(d_in=args.d_in, d_out=args.d_in), torch.device("cpu"), 10**6, (first, first))
+        members.append(member)
+    return members
+
+
+def count(arch: str, n: int, choices: str, args: argparse.Namespace, counter_class: type, work: Path) -> dict:
+    import torch
+
+    from saesweep.sae import sparse
+
+    if choices == "cuda":
+        as_on = getattr(sparse.KERNELS, "as_on", None)  # a checkout from before fixed-size selections has none
+        sparse.KERNELS = as_on("cuda") if as_on else sparse.Kernels("dense", "sparse")
+    else:
+        sparse.KERNELS = sparse.Kernels()
+    members = build_group(arch, n, args, work)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(args.batch, args.d_in, generator=g) for _ in range(args.steps + args.warmup)]
+    steady: dict[str, list] = {"logging": [], "other": []}
+    for i, x in enumerate(data):
+        counter = counter_class()
+        with counter:
+            for member in members:
+                member.train_step(x, x, lambda: 1.0)
+        failed = [m.error for m in members if m.error is not None]
+        if failed:
+            raise SystemExit(f"{arch}: {failed[0]!r}")
+        if i >= args.warmup:
+            kind = "logging" if members[0].step % args.log_every == 0 else "other"
+            steady[kind].append((counter.ops, sum(counter.syncs.values()), dict(counter.syncs)))
+    out = {}
+    for kind, rows in steady.items():
+        if rows:
+            out[kind] = {
+                "steps": len(rows),
+                "ops_per_step": sum(r[0] for r in rows) / len(rows),
+                "syncs_per_step": sum(r[1] for r in rows) / len(rows),
+                "sync_ops": {k: sum(r[2].get(k, 0) for r in rows) / len(rows) for k in {k for r in rows for k in r[2]}},
+            }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--code", type=Path, help="measure the saesweep of this checkout instead")
+    parser.add_argument("--out", type=Path, default=RESULTS / "syncs_cpu", help="results path, without suffix")
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--d-in", type=int, default=64)
+    parser.add_argument("--d-sae", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--log-every", type=int, default=10)
+    args = parser.parse_args()
+    counter_class = load_counter()
+    sys.path.insert(0, str(args.code or REPO))
+    import torch
+
+    import saesweep
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ARCHS:
+            for choices in ("cpu", "cuda"):
+                for n in (1, args.group):
+                    counts = count(arch, n, choices, args, counter_class, Path(tmp) / f"{choices}")
+                    rows.append({"arch": arch, "choices": choices, "members": n, **counts})
+                    print(json.dumps(rows[-1]), flush=True)
+    commit = subprocess.run(
+        ["git", "-C", str(args.code or REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code": str(Path(saesweep.__file__).parent),
+        "commit": commit.stdout.strip() or None,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Ops and GPU host syncs per steady step, counted on a CPU ({result['date']})",
+        "",
+        f"Code: `{result['code']}` ({result['commit']}); torch {result['torch']}; d_in {args.d_in}, "
+        f"d_sae {args.d_sae}, k {args.k}, batch {args.batch}; {args.steps} steps after {args.warmup}, "
+        f"logging every {args.log_every}. Load: `{result['uptime']}`.",
+        "",
+        "| architecture | choices | members | ops/step | syncs/step | logging: ops/step | logging: syncs/step |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        o, lg = r.get("other", {}), r.get("logging", {})
+        lines.append(
+            f"| {r['arch']} | {r['choices']} | {r['members']} | {o.get('ops_per_step', 0):.1f} | "
+            f"{o.get('syncs_per_step', 0):.2f} | {lg.get('ops_per_step', 0):.1f} | {lg.get('syncs_per_step', 0):.2f} |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

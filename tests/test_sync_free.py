@@ -1,0 +1,266 @@
+"""A training step never waits on the device: no host sync in a steady step, one batched
+read-back on a logging step (issue 17, item 1).
+
+There is no GPU here, so the test counts, under a TorchDispatchMode, the aten ops that would
+make a GPU's host wait (saesweep.training.sync_counter), with the choices a GPU makes forced on the CPU: the
+kernels and fixed-size selections of `KERNELS.as_on("cuda")`, and the fused optimizer (which
+the CPU takes too). Two things a CPU run cannot see, so the code routes them elsewhere:
+copies to the host (`.tolist()`, `.cpu()` of a CUDA tensor) go only through
+`saesweep.training.readback.to_host`, which the test counts; and syncs inside a CUDA kernel
+(below the dispatcher), which only `torch.cuda.set_sync_debug_mode` on a GPU catches
+(benchmarks/bench_step.py's host_syncs_per_step).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+import saesweep.training.member as member_module
+from saesweep.config.schema import TrainConfig
+from saesweep.errors import UserError
+from saesweep.sae import ARCHITECTURES, sparse
+from saesweep.sae.matryoshka import MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKSAEConfig
+from saesweep.sae.topk import TopKSAE, TopKSAEConfig
+from saesweep.training.member import Member
+from saesweep.training.sync_counter import SyncCounter
+
+D_IN, D_SAE, BATCH = 16, 64, 64
+EXTRA = {  # small enough for D_SAE; TopK family: AuxK on, with latents dead after 2 steps
+    "topk": {"k": 4, "aux_k": 8, "dead_steps_threshold": 2},
+    "batchtopk": {"k": 4, "aux_k": 8, "dead_steps_threshold": 2},
+    "matryoshka_batchtopk": {"k": 4, "aux_k": 8, "dead_steps_threshold": 2, "matryoshka_widths": [16, 32]},
+}
+
+
+def make_member(run_dir: Path, arch: str, total_steps: int, log_every: int, **training: Any) -> Member:
+    torch.manual_seed(0)
+    cfg = TrainConfig()
+    cfg.sae = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=D_SAE, **EXTRA.get(arch, {}))
+    cfg.training.batch_size = BATCH
+    cfg.training.total_tokens = BATCH * total_steps
+    cfg.training.log_every = log_every
+    for key, value in training.items():
+        setattr(cfg.training, key, value)
+    member = Member(0, cfg, run_dir, named=False)
+    first = torch.randn(8 * BATCH, D_IN)
+    member.start(SimpleNamespace(d_in=D_IN, d_out=D_IN), torch.device("cpu"), total_steps, (first, first))
+    return member
+
+
+def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(BATCH, D_IN, generator=g) for _ in range(n)]
+
+
+@pytest.fixture
+def gpu_choices(monkeypatch):
+    monkeypatch.setattr(sparse, "KERNELS", sparse.KERNELS.as_on("cuda"))
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts the batched read-backs; what one does itself is not counted as a step's sync."""
+    calls: list[int] = []
+    counter: dict[str, SyncCounter] = {}
+
+    def counted(values: torch.Tensor) -> list[float]:
+        calls.append(values.numel())
+        with counter["mode"].pause() if "mode" in counter else nullcontext():
+            return real(values)
+
+    real = member_module.to_host
+    monkeypatch.setattr(member_module, "to_host", counted)
+    return calls, counter
+
+
+@pytest.mark.parametrize("autocast", ["none", "bf16"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_steady_steps_never_sync_and_logging_steps_read_back_once(tmp_path, arch, autocast, gpu_choices, reads):
+    calls, counter = reads
+    log_every, steps = 3, 9
+    member = make_member(tmp_path, arch, total_steps=100, log_every=log_every, autocast=autocast)
+    data = batches(steps + 2)
+    for x in data[:2]:  # the first steps build lazy state (optimizer moments)
+        member.train_step(x, x, lambda: 1.0)
+    for x in data[2:]:
+        before = len(calls)
+        with SyncCounter() as mode:
+            counter["mode"] = mode
+            member.train_step(x, x, lambda: 1.0)
+        assert member.error is None, member.error
+        assert mode.ops > 0 and not mode.syncs, (member.step, dict(mode.syncs))
+        logging = member.step % log_every == 0
+        assert len(calls) - before == (1 if logging else 0), member.step
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == (steps + 2) // log_every  # every logging step was logged
+
+
+def test_the_counter_sees_what_would_sync(tmp_path):
+    """The CPU's own choices (compact selections: nonzero, bool masks) are counted, so a
+    step that would sync a GPU cannot pass the test above."""
+    member = make_member(tmp_path, "matryoshka_batchtopk", total_steps=100, log_every=100)
+    x = torch.randn(4096, D_IN)  # past the sampled-cutoff threshold of batch_topk_indices
+    member.train_step(x, x, lambda: 1.0)
+    with SyncCounter() as mode:
+        member.train_step(x, x, lambda: 1.0)
+    assert mode.syncs["nonzero"] >= 2 and mode.syncs["index with a bool mask"] >= 1, mode.syncs
+    with SyncCounter() as mode:
+        float(x.sum())
+        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 0]))
+        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 0]), output_size=3)
+        torch.equal(x, x)
+    assert mode.syncs == {"_local_scalar_dense": 1, "repeat_interleave": 1, "equal": 1}
+
+
+# --- the fixed-size selections select what the compact ones do --------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fixed_batch_topk_selects_the_compact_selections_entries(monkeypatch, seed):
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(256, 512, generator=g)  # 131072 entries: the compact path samples a cutoff
+    if seed % 2:
+        pre = pre.mul(2).round()  # many ties at the cutoff: the first in row order win
+    for k in (1, 7, 300):
+        monkeypatch.setattr(sparse, "KERNELS", sparse.Kernels(selection="compact"))
+        want = sparse.batch_topk_indices(pre, k)
+        monkeypatch.setattr(sparse, "KERNELS", sparse.Kernels(selection="fixed"))
+        got = sparse.batch_topk_indices(pre, k)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1]), k
+
+
+def test_fixed_batch_topk_by_hand(monkeypatch):
+    monkeypatch.setattr(sparse, "KERNELS", sparse.Kernels(selection="fixed"))
+    pre = torch.tensor([[5.0, 1.0, 3.0], [3.0, 4.0, 0.0], [0.0, 3.0, 1.0]])  # top 3: 5, 4, the first 3
+    rows, cols = sparse.batch_topk_indices(pre, k=1)
+    assert rows.tolist() == [0, 0, 1] and cols.tolist() == [0, 2, 1]
+
+
+def _grads_of(sae: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    sae.zero_grad(set_to_none=True)
+    if not loss.requires_grad:  # the compact AuxK with nothing dead: a constant 0
+        return {}
+    loss.backward()
+    return {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 40])  # none, fewer than aux_k (8), more
+def test_fixed_auxk_equals_the_compact_one(monkeypatch, n_dead):
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_sae=D_SAE, k=4, aux_k=8, dead_steps_threshold=5), D_IN)
+    sae.steps_since_fired[torch.randperm(D_SAE)[:n_dead]] = 5
+    x = torch.randn(BATCH, D_IN)
+    sae.fit_to_data(x, x)
+    results = {}
+    for selection in ("compact", "fixed"):
+        monkeypatch.setattr(sparse, "KERNELS", sparse.Kernels(selection=selection))
+        pre = sparse.dense_pre_acts(x - sae.b_dec.detach(), sae.W_enc, sae.b_enc)
+        residual = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1))
+        loss = sae.auxk_loss(pre, x - sae.b_dec.detach(), residual, sae.dead_latents(), sae.b_dec)
+        results[selection] = (loss.detach(), _grads_of(sae, loss))
+    (want, want_grads), (got, got_grads) = results["compact"], results["fixed"]
+    assert (float(want) == 0.0) == (n_dead == 0)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), (got, want)
+    assert want_grads.keys() <= got_grads.keys() and (want_grads or n_dead == 0)
+    for name, grad in got_grads.items():
+        want_grad = want_grads.get(name, torch.zeros_like(grad))  # no gradient: a zero one
+        assert torch.allclose(grad, want_grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_fixed_matryoshka_levels_equal_the_compact_ones(monkeypatch):
+    torch.manual_seed(0)
+    cfg = MatryoshkaBatchTopKSAEConfig(d_sae=D_SAE, k=4, aux_k=0, matryoshka_widths=[16, 32])
+    sae = MatryoshkaBatchTopKSAE(cfg, D_IN)
+    x = torch.randn(BATCH, D_IN)
+    sae.fit_to_data(x, x)
+    results = {}
+    for selection in ("compact", "fixed"):
+        monkeypatch.setattr(sparse, "KERNELS", sparse.Kernels(selection=selection))
+        out = sae(x, x, 0)
+        results[selection] = ({k: v.detach() for k, v in out.losses.items()}, _grads_of(sae, sum(out.losses.values())))
+    (want, want_grads), (got, got_grads) = results["compact"], results["fixed"]
+    assert want.keys() == got.keys() == {"mse", "mse_prefix_16", "mse_prefix_32"}
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    for name in want_grads:
+        assert torch.allclose(got_grads[name], want_grads[name], rtol=1e-6, atol=1e-7), name
+
+
+# --- a non-finite step is skipped on the device; the host learns at the next read -----------
+
+
+def _snapshot(member: Member) -> dict[str, torch.Tensor]:
+    state = {f"sae.{k}": v.clone() for k, v in member.sae.state_dict().items()}
+    for i, s in enumerate(member.optimizer.state.values()):
+        state.update({f"opt{i}.{k}": v.clone() for k, v in s.items()})
+    state["tokens_since_fired"] = member.tokens_since_fired.clone()
+    return state
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: set[str] = frozenset()) -> list[str]:
+    """Names whose tensors differ (NaN equals NaN)."""
+    return [k for k in a if k not in skip and not torch.equal(a[k].nan_to_num(), b[k].nan_to_num())]
+
+
+def test_a_nonfinite_step_changes_nothing_and_is_made_up_after_the_next_read(tmp_path, gpu_choices, caplog):
+    member = make_member(tmp_path, "batchtopk", total_steps=100, log_every=4)
+    good = batches(5)
+    bad = good[1].clone()
+    bad[3, 2] = float("nan")
+    member.train_step(good[0], good[0], lambda: 1.0)
+    before = _snapshot(member)
+    with caplog.at_level(logging.WARNING):
+        member.train_step(bad, bad, lambda: 1.0)
+        # Nothing changed on the device: weights, Adam's moments and step, threshold, counters
+        # (the SAE's own firing counter is the exception: it counts every batch it sees).
+        assert _same(before, _snapshot(member), skip={"sae.steps_since_fired"}) == []
+        assert member.step == 2 and not caplog.records  # the host does not know yet
+        member.train_step(good[2], good[2], lambda: 1.0)
+        member.train_step(good[3], good[3], lambda: 1.0)  # host step 4: a logging step reads back
+    assert member.step == 3  # three applied: the skipped one is made up
+    assert member.scheduler.last_epoch == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "step 1: non-finite loss (nan) or gradient norm (nan); step skipped (1 in a row)"
+    ]
+    assert not (tmp_path / "metrics.jsonl").read_text()  # true step 3 logs nothing
+    member.train_step(good[4], good[4], lambda: 1.0)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"step": 4' in lines[0] and member.error is None
+
+
+def test_a_diverged_member_is_frozen_until_the_read_that_ends_it(tmp_path, gpu_choices):
+    member = make_member(tmp_path, "topk", total_steps=100, log_every=4, max_nonfinite_steps=2)
+    good = batches(2)
+    bad = torch.full((BATCH, D_IN), float("inf"))
+    member.train_step(good[0], good[0], lambda: 1.0)
+    after_one = _snapshot(member)
+    member.train_step(bad, bad, lambda: 1.0)
+    member.train_step(bad, bad, lambda: 1.0)
+    # Diverged on the device: this finite step must not be applied either.
+    member.train_step(good[1], good[1], lambda: 1.0)
+    assert isinstance(member.error, UserError)
+    assert "training diverged: 2 steps in a row had a non-finite loss or gradient (at step 1)" in str(member.error)
+    assert member.step == 1
+    assert _same(after_one, _snapshot(member), skip={"sae.steps_since_fired"}) == []
+
+
+def test_settle_reads_back_before_a_checkpoint_and_fails_a_diverged_member(tmp_path, gpu_choices, reads):
+    calls, _ = reads
+    member = make_member(tmp_path, "standard", total_steps=100, log_every=50, max_nonfinite_steps=1)
+    x = batches(1)[0]
+    member.train_step(x, x, lambda: 1.0)
+    member.settle()
+    assert calls == [3] and member.step == 1 and member.error is None  # [applied, loss, norm] of 1 step
+    member.settle()
+    assert calls == [3]  # nothing new: no read
+    bad = torch.full((BATCH, D_IN), float("nan"))
+    member.train_step(bad, bad, lambda: 1.0)
+    member.settle()
+    assert isinstance(member.error, UserError) and member.step == 1

@@ -8,7 +8,7 @@ A field declares its domain with `in_domain`:
 `check_domains` walks a typed config (nested dataclasses) and refuses the first value
 outside its field's domain with one line naming the key, the domain and the value:
 
-    config key 'eval.rows': must be >= 1 or null (all), got -1
+    config key 'eval.rows': must be > 0 or null (all), got -1
 
 A value with a special meaning gets its own spelling (null, with what it means), never a
 number that slicing or a comparison happens to accept. Relations between keys (a batch no
@@ -37,8 +37,9 @@ DOMAIN = "domain"  # the dataclass field metadata key
 class Choice(str, enum.Enum):
     """A closed choice: a schema field typed with a subclass accepts only its members' names,
     and OmegaConf refuses anything else, naming the key and the valid values. A member is
-    its spelling everywhere else: it equals, prints and pickles as that plain string, so
-    code compares it with "auto", and checkpoints and JSON hold plain strings."""
+    its spelling everywhere else: it equals, hashes, prints, formats, serialises to JSON and
+    unpickles as that plain string, so code compares it with "auto". Checkpoint data goes
+    through `plain` (torch's weights-only loader refuses even that pickle's str call)."""
 
     def __str__(self) -> str:
         return self.value
@@ -153,6 +154,8 @@ class Items(Domain):
         return f"must be {count}, each {self.item.describe().removeprefix('must be ')}{self.or_null()}"
 
     def problem(self, value: Any) -> Optional[str]:
+        if not isinstance(value, (list, tuple)):
+            return ""
         items = list(value)
         if (len(items) != self.length) if self.length is not None else not items:
             return ""
@@ -179,9 +182,9 @@ class Folder(Domain):
         return f"must be {what}{self.or_null()}"
 
     def problem(self, value: Any) -> Optional[str]:
-        path = Path(str(value)).expanduser()
         if not str(value):
             return " (empty)"
+        path = Path(str(value)).expanduser()
         if path.exists():
             if self.new:
                 return " (it exists)"
@@ -220,14 +223,6 @@ def in_domain(default: Any, domain: Domain) -> Any:
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={DOMAIN: domain})
     return dataclasses.field(default=default, metadata={DOMAIN: domain})
-
-
-def domain_of(cls: type, name: str) -> Optional[Domain]:
-    """The domain declared on field `name` of dataclass `cls` (None if it declares none)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get(DOMAIN)
-    raise KeyError(name)
 
 
 @functools.cache

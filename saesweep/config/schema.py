@@ -93,11 +93,6 @@ class DatasetConfig:
 WINDOW_TOKEN_KEYS = ("begin_batch_token", "begin_sequence_token", "sequence_separator_token")
 
 
-def check_model(m: ModelConfig) -> None:
-    """Model values that can be judged before anything loads (train, evaluate, pretokenize)."""
-    check_domains(m, "model.")
-
-
 def check_dataset(d: DatasetConfig) -> None:
     """Dataset values that can be judged before any tokenizer loads."""
     check_domains(d, "dataset.")

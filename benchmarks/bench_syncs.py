@@ -165,6 +165,11 @@ def main() -> None:
         f"d_sae {args.d_sae}, k {args.k}, batch {args.batch}; {args.steps} steps after {args.warmup}, "
         f"logging every {args.log_every}. Load: `{result['uptime']}`.",
         "",
+        "Syncs are the ops of saesweep/training/sync_counter.py. `cuda`: a GPU's choices forced on the",
+        "CPU (`KERNELS.as_on('cuda')`). A logging step's one batched read-back (`.tolist()` of a CPU",
+        "tensor) runs no aten op here and is not in its counts; a checkout from before it read its",
+        "metrics with one `float()` each, and those are.",
+        "",
         "| architecture | choices | members | ops/step | syncs/step | logging: ops/step | logging: syncs/step |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]

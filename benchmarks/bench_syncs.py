@@ -13,7 +13,8 @@ read-back is not counted as a sync (it is the one it is allowed).
     python benchmarks/bench_syncs.py --code /tmp/main --out benchmarks/results/syncs_cpu_before
 
 `--code DIR` measures another checkout's saesweep (e.g. `git archive main`) with this
-tree's counter; its members have no batched read-back, so logging steps' reads count there.
+tree's counter; its members read metrics back one float() at a time, and those count. The
+batched read-back of a logging step is not seen here (`.tolist()` of a CPU tensor runs no op).
 """
 
 from __future__ import annotations
@@ -83,11 +84,19 @@ def count(arch: str, n: int, choices: str, args: argparse.Namespace, counter_cla
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(args.batch, args.d_in, generator=g) for _ in range(args.steps + args.warmup)]
     steady: dict[str, list] = {"logging": [], "other": []}
+    import saesweep.training.member as member_module
+
+    read_back = getattr(member_module, "read_back", None)  # a checkpoint from before it reads in the step
     for i, x in enumerate(data):
         counter = counter_class()
         with counter:
             for member in members:
-                member.train_step(x, x, lambda: 1.0)
+                if read_back:
+                    member.train_step(x, x)
+                else:
+                    member.train_step(x, x, lambda: 1.0)
+            if read_back:
+                read_back(members, lambda: 1.0)
         failed = [m.error for m in members if m.error is not None]
         if failed:
             raise SystemExit(f"{arch}: {failed[0]!r}")
@@ -109,6 +118,7 @@ def count(arch: str, n: int, choices: str, args: argparse.Namespace, counter_cla
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", type=Path, help="measure the saesweep of this checkout instead")
+    parser.add_argument("--code-commit", help="the commit --code is a copy of (a `git archive` has no .git)")
     parser.add_argument("--out", type=Path, default=RESULTS / "syncs_cpu", help="results path, without suffix")
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--d-in", type=int, default=64)
@@ -139,7 +149,7 @@ def main() -> None:
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code": str(Path(saesweep.__file__).parent),
-        "commit": commit.stdout.strip() or None,
+        "commit": args.code_commit or commit.stdout.strip() or None,
         "torch": torch.__version__,
         "platform": platform.platform(),
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
@@ -154,6 +164,11 @@ def main() -> None:
         f"Code: `{result['code']}` ({result['commit']}); torch {result['torch']}; d_in {args.d_in}, "
         f"d_sae {args.d_sae}, k {args.k}, batch {args.batch}; {args.steps} steps after {args.warmup}, "
         f"logging every {args.log_every}. Load: `{result['uptime']}`.",
+        "",
+        "Syncs are the ops of saesweep/training/sync_counter.py. `cuda`: a GPU's choices forced on the",
+        "CPU (`KERNELS.as_on('cuda')`). A logging step's one batched read-back (`.tolist()` of a CPU",
+        "tensor) runs no aten op here and is not in its counts; a checkout from before it read its",
+        "metrics with one `float()` each, and those are.",
         "",
         "| architecture | choices | members | ops/step | syncs/step | logging: ops/step | logging: syncs/step |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -1,10 +1,10 @@
 """A training step never waits on the device: no host sync in a steady step, one batched
-read-back on a logging step (issue 17, item 1).
+read-back on a logging step, for the whole group (issue 17, item 1).
 
 There is no GPU here, so the test counts, under a TorchDispatchMode, the aten ops that would
-make a GPU's host wait (saesweep.training.sync_counter), with the choices a GPU makes forced on the CPU: the
-kernels and fixed-size selections of `KERNELS.as_on("cuda")`, and the fused optimizer (which
-the CPU takes too). Two things a CPU run cannot see, so the code routes them elsewhere:
+make a GPU's host wait (saesweep.training.sync_counter), with the choices a GPU makes forced
+on the CPU: the kernels and fixed-size selections of `KERNELS.as_on("cuda")`, and the fused
+optimizer (which the CPU takes too). Two things a CPU run cannot see, so the code routes them elsewhere:
 copies to the host (`.tolist()`, `.cpu()` of a CUDA tensor) go only through
 `saesweep.training.readback.to_host`, which the test counts; and syncs inside a CUDA kernel
 (below the dispatcher), which only `torch.cuda.set_sync_debug_mode` on a GPU catches
@@ -28,7 +28,7 @@ from saesweep.errors import UserError
 from saesweep.sae import ARCHITECTURES, sparse
 from saesweep.sae.matryoshka import MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKSAEConfig
 from saesweep.sae.topk import TopKSAE, TopKSAEConfig
-from saesweep.training.member import Member
+from saesweep.training.member import Member, read_back
 from saesweep.training.sync_counter import SyncCounter
 
 D_IN, D_SAE, BATCH = 16, 64, 64
@@ -40,6 +40,7 @@ EXTRA = {  # small enough for D_SAE; TopK family: AuxK on, with latents dead aft
 
 
 def make_member(run_dir: Path, arch: str, total_steps: int, log_every: int, **training: Any) -> Member:
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     cfg = TrainConfig()
     cfg.sae = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=D_SAE, **EXTRA.get(arch, {}))
@@ -52,6 +53,12 @@ def make_member(run_dir: Path, arch: str, total_steps: int, log_every: int, **tr
     first = torch.randn(8 * BATCH, D_IN)
     member.start(SimpleNamespace(d_in=D_IN, d_out=D_IN), torch.device("cpu"), total_steps, (first, first))
     return member
+
+
+def step(member: Member, x: torch.Tensor) -> None:
+    """A step as the loop takes it: the step, then the group's read-back (a no-op unless due)."""
+    member.train_step(x, x)
+    read_back([member], lambda: 1.0)
 
 
 def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
@@ -88,12 +95,12 @@ def test_steady_steps_never_sync_and_logging_steps_read_back_once(tmp_path, arch
     member = make_member(tmp_path, arch, total_steps=100, log_every=log_every, autocast=autocast)
     data = batches(steps + 2)
     for x in data[:2]:  # the first steps build lazy state (optimizer moments)
-        member.train_step(x, x, lambda: 1.0)
+        step(member, x)
     for x in data[2:]:
         before = len(calls)
         with SyncCounter() as mode:
             counter["mode"] = mode
-            member.train_step(x, x, lambda: 1.0)
+            step(member, x)
         assert member.error is None, member.error
         assert mode.ops > 0 and not mode.syncs, (member.step, dict(mode.syncs))
         logging = member.step % log_every == 0
@@ -107,9 +114,9 @@ def test_the_counter_sees_what_would_sync(tmp_path):
     step that would sync a GPU cannot pass the test above."""
     member = make_member(tmp_path, "matryoshka_batchtopk", total_steps=100, log_every=100)
     x = torch.randn(4096, D_IN)  # past the sampled-cutoff threshold of batch_topk_indices
-    member.train_step(x, x, lambda: 1.0)
+    step(member, x)
     with SyncCounter() as mode:
-        member.train_step(x, x, lambda: 1.0)
+        step(member, x)
     assert mode.syncs["nonzero"] >= 2 and mode.syncs["index with a bool mask"] >= 1, mode.syncs
     with SyncCounter() as mode:
         float(x.sum())
@@ -214,23 +221,23 @@ def test_a_nonfinite_step_changes_nothing_and_is_made_up_after_the_next_read(tmp
     good = batches(5)
     bad = good[1].clone()
     bad[3, 2] = float("nan")
-    member.train_step(good[0], good[0], lambda: 1.0)
+    step(member, good[0])
     before = _snapshot(member)
     with caplog.at_level(logging.WARNING):
-        member.train_step(bad, bad, lambda: 1.0)
+        step(member, bad)
         # Nothing changed on the device: weights, Adam's moments and step, threshold, counters
         # (the SAE's own firing counter is the exception: it counts every batch it sees).
         assert _same(before, _snapshot(member), skip={"sae.steps_since_fired"}) == []
         assert member.step == 2 and not caplog.records  # the host does not know yet
-        member.train_step(good[2], good[2], lambda: 1.0)
-        member.train_step(good[3], good[3], lambda: 1.0)  # host step 4: a logging step reads back
+        step(member, good[2])
+        step(member, good[3])  # host step 4: a logging step reads back
     assert member.step == 3  # three applied: the skipped one is made up
     assert member.scheduler.last_epoch == 3
     assert [r.getMessage() for r in caplog.records] == [
         "step 1: non-finite loss (nan) or gradient norm (nan); step skipped (1 in a row)"
     ]
     assert not (tmp_path / "metrics.jsonl").read_text()  # true step 3 logs nothing
-    member.train_step(good[4], good[4], lambda: 1.0)
+    step(member, good[4])
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"step": 4' in lines[0] and member.error is None
 
@@ -239,28 +246,65 @@ def test_a_diverged_member_is_frozen_until_the_read_that_ends_it(tmp_path, gpu_c
     member = make_member(tmp_path, "topk", total_steps=100, log_every=4, max_nonfinite_steps=2)
     good = batches(2)
     bad = torch.full((BATCH, D_IN), float("inf"))
-    member.train_step(good[0], good[0], lambda: 1.0)
+    step(member, good[0])
     after_one = _snapshot(member)
-    member.train_step(bad, bad, lambda: 1.0)
-    member.train_step(bad, bad, lambda: 1.0)
+    step(member, bad)
+    step(member, bad)
     # Diverged on the device: this finite step must not be applied either.
-    member.train_step(good[1], good[1], lambda: 1.0)
+    step(member, good[1])
     assert isinstance(member.error, UserError)
     assert "training diverged: 2 steps in a row had a non-finite loss or gradient (at step 1)" in str(member.error)
     assert member.step == 1
     assert _same(after_one, _snapshot(member), skip={"sae.steps_since_fired"}) == []
 
 
-def test_settle_reads_back_before_a_checkpoint_and_fails_a_diverged_member(tmp_path, gpu_choices, reads):
+def test_before_a_checkpoint_everything_is_read_back_and_a_diverged_member_fails(tmp_path, gpu_choices, reads):
     calls, _ = reads
     member = make_member(tmp_path, "standard", total_steps=100, log_every=50, max_nonfinite_steps=1)
     x = batches(1)[0]
-    member.train_step(x, x, lambda: 1.0)
-    member.settle()
+    step(member, x)
+    assert calls == []  # not a logging step
+    assert read_back([member], lambda: 1.0, everything=True) == []
     assert calls == [3] and member.step == 1 and member.error is None  # [applied, loss, norm] of 1 step
-    member.settle()
+    read_back([member], lambda: 1.0, everything=True)
     assert calls == [3]  # nothing new: no read
     bad = torch.full((BATCH, D_IN), float("nan"))
-    member.train_step(bad, bad, lambda: 1.0)
-    member.settle()
+    step(member, bad)
+    assert read_back([member], lambda: 1.0, everything=True) == [member]
     assert isinstance(member.error, UserError) and member.step == 1
+
+
+def test_a_group_reads_back_once_per_logging_step(tmp_path, gpu_choices, reads):
+    """Members of a group on the same logging step share one transfer; each gets its own
+    values (its metrics line equals the one it writes alone)."""
+    calls, counter = reads
+    archs = ["batchtopk", "jumprelu", "topk"]
+    group = [make_member(tmp_path / a, a, total_steps=100, log_every=2) for a in archs]
+    data = batches(4)
+    for x in data:
+        with SyncCounter() as mode:
+            counter["mode"] = mode
+            for member in group:
+                member.train_step(x, x)
+            read_back(group, lambda: 1.0)
+        assert not mode.syncs, dict(mode.syncs)
+    assert len(calls) == 2  # steps 2 and 4
+    alone = make_member(tmp_path / "alone", "jumprelu", total_steps=100, log_every=2)
+    for x in data:
+        step(alone, x)
+    assert (tmp_path / "jumprelu" / "metrics.jsonl").read_text() == (tmp_path / "alone" / "metrics.jsonl").read_text()
+
+
+def test_without_a_fused_optimizer_the_host_skips_the_step(tmp_path):
+    """Devices with no fused Adam (found_inf): a non-finite step is skipped on the host."""
+    member = make_member(tmp_path, "standard", total_steps=100, log_every=50)
+    member.optimizer.defaults["fused"] = None
+    for group in member.optimizer.param_groups:
+        group["fused"] = None
+    x = batches(1)[0]
+    step(member, x)
+    before = _snapshot(member)
+    step(member, torch.full((BATCH, D_IN), float("nan")))
+    assert _same(before, _snapshot(member)) == [] and not hasattr(member.optimizer, "found_inf")
+    step(member, x)
+    assert "sae.W_enc" in _same(before, _snapshot(member))

@@ -42,7 +42,7 @@ from saesweep.lm.shape import check_sae_against_shape
 from saesweep.training.allocator import keep_freed_memory
 from saesweep.training.checkpoint import CHECKPOINT_NAME, StopSignals, save_checkpoints
 from saesweep.training.distributed import SINGLE, Ranks, resolve_device
-from saesweep.training.member import Member, autocast, stream_position
+from saesweep.training.member import Member, autocast, read_back, stream_position
 from saesweep.training.run_record import RunRecord
 
 log = logging.getLogger(__name__)
@@ -220,9 +220,11 @@ def train_together(
                 batch = buffer.next_batch()
             batches += 1
             for member in training:
-                member.train_step(batch[0], batch[-1], elapsed)
+                member.train_step(batch[0], batch[-1])
                 if member.error is not None:
                     save([member])  # its last good state: bad steps were never applied
+            for member in read_back(training, elapsed):  # logging steps: one transfer for all
+                save([member])  # diverged: as above
             # L0 is known from the first logging step on (it costs a host sync to read). The
             # bar redraws at most every 0.1 s (in update), not at every step's postfix.
             known = not all(math.isnan(m.last_l0) for m in members)
@@ -235,14 +237,14 @@ def train_together(
 
             crossed = every > 0 and (batches * batch_size) // every > ((batches - 1) * batch_size) // every
             healthy = [m for m in members if m.error is None]
-            # A member's step count is the host's guess until it catches up with the device
+            # A member's step count is the host's guess until it has read back from the device
             # (at its logging steps, its last step among them, and here before a checkpoint).
             done = all(m.step == total_steps for m in healthy)
             # A signal reaches the ranks at different steps: all act on it at the same one.
             stopping = ranks.max_int(stop.received or 0) if ranks.active else stop.received
             if crossed or stopping or done:
-                for member in healthy:
-                    member.settle()  # one found diverged is saved too: its last good state
+                # One found diverged here is saved too: its state is the last good one.
+                read_back(healthy, elapsed, everything=True)
                 save(healthy)
                 healthy = [m for m in healthy if m.error is None]
             if batches == crash_at and not crash_where:

@@ -112,7 +112,7 @@ class Member:
         self.optimizer = build_optimizer(self.sae.param_groups(), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.scheduler)
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
-        # Consecutive skipped steps, counted on the device; the host reads it in `catch_up`.
+        # Consecutive skipped steps, counted on the device; the host learns them in `read_back`.
         self.nonfinite = torch.zeros((), dtype=torch.long, device=device)
         main = self.ranks.is_main  # the one rank that writes the run dir
         if main:
@@ -139,6 +139,7 @@ class Member:
         # read, and per step since then [applied, loss, gradient norm] on the device.
         self.read_step, self.read_nonfinite = self.step, 0
         self.pending: list[torch.Tensor] = []
+        self.due: dict[str, torch.Tensor] | None = None  # a logging step's metrics, until `read_back`
         self.ranks.broadcast_module(self.sae)  # DDP: every replica starts as rank 0's
         self.ranks.check_state(self.sae)
         self.metrics = MetricsLog(self.run_dir, cfg.logger, cfg) if main else NullMetricsLog()
@@ -165,11 +166,11 @@ class Member:
         finally:
             self.rng_state = torch.get_rng_state()
 
-    def train_step(self, x: torch.Tensor, target: torch.Tensor, elapsed: Callable[[], float]) -> None:
+    def train_step(self, x: torch.Tensor, target: torch.Tensor) -> None:
         """One optimizer step on this batch, or a skipped one; any error ends this member only."""
         try:
             with self.own_rng(), self.ranks.running_state(self.sae):
-                self._step(x, target, elapsed)
+                self._step(x, target)
         except Exception as e:
             self.fail(e)
             self.metrics.close()
@@ -181,8 +182,9 @@ class Member:
         if self.named:
             self.log.error("%s: %s", type(error).__name__, error, exc_info=not isinstance(error, UserError))
 
-    def _step(self, x: torch.Tensor, target: torch.Tensor, elapsed: Callable[[], float]) -> None:
-        """One step that reads nothing back from the device, except on logging steps."""
+    def _step(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """One step that reads nothing back from the device; on a logging step it leaves its
+        metrics in `due`, for the group's `read_back`."""
         cfg, sae = self.cfg, self.sae
         with self.amp():
             out = self.forward(x, target, self.step)
@@ -195,14 +197,14 @@ class Member:
         # still get their norm for the finiteness check below.
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm or float("inf"))
         # A NaN/Inf step would poison Adam's moments for good: it is skipped, on the device;
-        # the host learns of it at the next logging step (`catch_up`). Under DDP a step is
+        # the host learns of it at the next logging step (`read_back`). Under DDP a step is
         # skipped on every rank or on none. A member with max_nonfinite_steps skipped in a
         # row has diverged: it changes nothing more until the host sees that and ends it.
         finite = self.ranks.all_true(torch.isfinite(loss.detach() + grad_norm))
         applied = finite & (self.nonfinite < cfg.training.max_nonfinite_steps)
         self.nonfinite = torch.where(applied, 0, self.nonfinite + 1)
         self._optimizer_step(applied)
-        self.scheduler.step()  # as if applied; `catch_up` winds it back over skipped steps
+        self.scheduler.step()  # as if applied; `caught_up` winds it back over skipped steps
         sae.after_step(applied)
         # Fired anywhere in the global batch of len(x) x world tokens.
         fired = self.ranks.any(out.fired)
@@ -212,14 +214,13 @@ class Member:
         self.pending.append(torch.stack([applied, loss.detach(), grad_norm]))  # promoted to a float dtype
 
         if self.step % cfg.training.log_every == 0 or self.step == self.total_steps:
-            measured = {
+            self.due = {
                 "loss": loss.detach(),
                 **{f"loss/{k}": v.detach() for k, v in out.losses.items()},
                 "l0": out.l0,
                 "explained_variance": explained_variance(target, out.recon.detach()),
                 "dead_features": (self.tokens_since_fired >= cfg.training.dead_after_tokens).sum(),
             }
-            self.catch_up(measured, elapsed)
 
     def _optimizer_step(self, applied: torch.Tensor) -> None:
         if self.optimizer.defaults.get("fused"):
@@ -229,22 +230,21 @@ class Member:
         elif applied:  # no fused kernel on this device: the host decides (a sync)
             self.optimizer.step()
 
-    def catch_up(
-        self, measured: dict[str, torch.Tensor] | None = None, elapsed: Callable[[], float] | None = None
-    ) -> None:
-        """Learn, in one transfer, what the device did since the last read: the steps it
-        skipped (each warned about, as it happened), hence the true step count, and on a
-        logging step the metrics, which are logged if that step was applied. Raises the
-        divergence error once max_nonfinite_steps were skipped in a row."""
-        if not self.pending:
-            return
-        cfg = self.cfg
+    def read_request(self) -> torch.Tensor:
+        """What the host must learn (see `caught_up`), as one tensor on the device."""
         parts = [torch.stack(self.pending).flatten()]
-        if measured is not None:
-            parts.append(torch.stack(list(measured.values())))  # promoted to float64, EV's dtype
-        values = to_host(torch.cat(parts))  # cat promotes too: one tensor, one copy
+        if self.due is not None:
+            parts.append(torch.stack(list(self.due.values())))  # promoted to float64, EV's dtype
+        return torch.cat(parts)  # cat promotes too
+
+    def caught_up(self, values: list[float], elapsed: Callable[[], float]) -> None:
+        """Take the host's copy of `read_request`: the steps the device skipped (each warned
+        about, as it happened), hence the true step count, and on a logging step the metrics,
+        logged if that step was applied. Raises the divergence error once
+        max_nonfinite_steps were skipped in a row."""
+        cfg, measured = self.cfg, self.due
         steps = [values[i : i + 3] for i in range(0, 3 * len(self.pending), 3)]
-        self.pending = []
+        self.pending, self.due = [], None
         step, nonfinite = self.read_step, self.read_nonfinite
         for applied, loss, grad_norm in steps:
             if applied:
@@ -287,17 +287,6 @@ class Member:
                 "tokens_per_second": tokens / elapsed(),
             }
         )
-
-    def settle(self) -> None:
-        """Bring the host up to date before a checkpoint; a member found diverged fails here
-        (its state is the last good one: the device applied nothing since)."""
-        if self.error is not None:
-            return
-        try:
-            self.catch_up()
-        except Exception as e:
-            self.fail(e)
-            self.metrics.close()
 
     def state(self, shared: dict[str, Any]) -> dict[str, Any]:
         """This member's checkpoint: the shared stream state plus its own; a single run's format."""
@@ -356,6 +345,28 @@ class Member:
         # eval.json now marks the run finished; the checkpoint (buffer included) is dead weight.
         (self.run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
         self.result = result
+
+
+def read_back(members: list[Member], elapsed: Callable[[], float], everything: bool = False) -> list[Member]:
+    """The group's one transfer from the device: for the members on a logging step, or with
+    `everything` (before a checkpoint) for all with steps the host has not seen. A member
+    found diverged fails (its state is the last good one: the device applied nothing since);
+    those are returned."""
+    asking = [m for m in members if m.error is None and (m.due is not None or (everything and m.pending))]
+    if not asking:
+        return []
+    requests = [m.read_request() for m in asking]
+    values = to_host(torch.cat(requests))
+    failed, start = [], 0
+    for member, request in zip(asking, requests):
+        try:
+            member.caught_up(values[start : start + request.numel()], elapsed)
+        except Exception as e:
+            member.fail(e)
+            member.metrics.close()
+            failed.append(member)
+        start += request.numel()
+    return failed
 
 
 class MemberLog(logging.LoggerAdapter):

@@ -3,9 +3,9 @@
 A GPU step that reads a value back (`float(loss)`, `bool(flag)`, a count that sizes a
 tensor) makes the host wait until the device has finished all queued work, and the
 device then idles until the host has queued the next step. So the loop reads nothing
-back in its steady steps; on a logging step a member stacks what it needs (metrics,
-its record of skipped steps) into one tensor and fetches it here, with one copy.
-tests/test_sync_free.py counts the calls.
+back in its steady steps; on a logging step each member stacks what it needs (metrics,
+its record of skipped steps) into one tensor, and the group fetches them all here, with
+one copy (saesweep.training.member.read_back). tests/test_sync_free.py counts the calls.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 
 from saesweep.cli import run, user_errors
 from saesweep.config import CONF_DIR
@@ -25,7 +26,7 @@ def main(cfg: Any) -> None:
     from saesweep.training.distributed import resolve_device
 
     with user_errors():  # one line, and no job end for the sweep report to record
-        typed = validate(cfg)
+        typed = validate(cfg, HydraConfig.get().overrides.task)
         keep_freed_memory()
         model = load_model_checked(typed, resolve_device(typed.training.device, "training.device"))
         for hook in typed.activations.cache_hooks:

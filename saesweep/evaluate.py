@@ -208,7 +208,7 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
         with user_errors():
-            typed = validate_evaluate(cfg)
+            typed = validate_evaluate(cfg, hydra_cfg.overrides.task)
             out_dir = Path(typed.out_dir).expanduser() if typed.out_dir else Path(hydra_cfg.runtime.output_dir)
             result = run_evaluation(typed, out_dir)
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from saesweep import __version__
@@ -171,7 +172,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         with user_errors():
-            pretokenize(validate_pretokenize(cfg))
+            pretokenize(validate_pretokenize(cfg, HydraConfig.get().overrides.task))
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)

@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     name_wandb_run(cfg, hydra_cfg)
     try:
         with user_errors():
-            typed = validate(cfg)
+            typed = validate(cfg, hydra_cfg.overrides.task)
             # heavy imports only after the config is known good
             from saesweep.training.distributed import process_group, shared_run_dir
             from saesweep.training.loop import train
@@ -56,7 +56,7 @@ def main_group(cfgs: list[DictConfig], hydra_cfgs: list[DictConfig]) -> list[Any
     for cfg, hydra_cfg in zip(cfgs, hydra_cfgs):
         name_wandb_run(cfg, hydra_cfg)
         try:
-            typed.append(check_not_distributed(validate(cfg)))
+            typed.append(check_not_distributed(validate(cfg, hydra_cfg.overrides.task)))
         except UserError as e:  # this member fails, the others train
             typed.append(e)
     valid = [i for i, t in enumerate(typed) if not isinstance(t, UserError)]

@@ -40,6 +40,7 @@ CASES = [
     Case("override syntax error", ["sae.k=[1"], "cannot parse the override 'sae.k=[1'"),
     Case("wrong type", ["training.batch_size=abc"], "config key 'training.batch_size'"),
     Case("float for an integer", ["training.total_tokens=1e6"], "config key 'training.total_tokens'"),
+    Case("a number for a boolean", ["dataset.shuffle=2"], "config key 'dataset.shuffle': valid: true, false"),
     Case("k <= 0", ["sae.k=0"], "config key 'sae.k': must be > 0"),
     Case("k > d_sae", ["sae.d_sae=16", "sae.k=32"], "config key 'sae.k'"),
     Case(

@@ -50,9 +50,9 @@ def define_toy() -> type[SAE]:
             return {"toy_l1": self.cfg.toy_l1 * acts.abs().sum(-1).mean()}
 
         @torch.no_grad()
-        def after_step(self) -> None:
-            super().after_step()
-            self.steps_taken += 1
+        def after_step(self, applied: torch.Tensor | None = None) -> None:
+            super().after_step(applied)  # `applied`: false on a skipped non-finite step, kept on the device
+            self.steps_taken += 1 if applied is None else applied.long()
 
     return ToyReLUSAE
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -328,8 +328,22 @@ def _merge(schema: Any, node: Any, where: str) -> Any:
         raise UserError(omegaconf_error(e, where)) from None
 
 
-def validate(cfg: DictConfig) -> TrainConfig:
-    """Check the composed config against the schema; return typed dataclasses."""
+def check_spelled_booleans(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a command-line value for a boolean key that is not true or false.
+
+    OmegaConf turns any integer into a bool as Hydra composes (2 becomes true, and 'yes'
+    or 'on' too), so only the override as typed shows the mistake."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if sep and isinstance(OmegaConf.select(cfg, key, default=None), bool):
+            if value.strip().lower() not in ("true", "false"):
+                raise UserError(f"config key '{key}': valid: true, false; got {value!r}")
+
+
+def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Check the composed config against the schema; return typed dataclasses.
+    `overrides`: the command line's, as Hydra records them (hydra.overrides.task)."""
+    check_spelled_booleans(cfg, overrides)
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw = {k: v for k, v in raw.items() if k != "hydra"}
     sae_node = raw.pop("sae", None) or {}
@@ -410,8 +424,9 @@ class EvaluateConfig:
     cache_dir: Optional[str] = in_domain(None, CACHE_ROOT)
 
 
-def validate_evaluate(cfg: DictConfig) -> EvaluateConfig:
+def validate_evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> EvaluateConfig:
     """Check a composed conf/evaluate.yaml against EvaluateConfig, naming any bad key."""
+    check_spelled_booleans(cfg, overrides)
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw = {k: v for k, v in raw.items() if k != "hydra"}
     typed: EvaluateConfig = _merge(EvaluateConfig, raw, "")
@@ -453,8 +468,9 @@ class PretokenizeConfig:
     cache_dir: Optional[str] = in_domain(None, CACHE_ROOT)
 
 
-def validate_pretokenize(cfg: DictConfig) -> PretokenizeConfig:
+def validate_pretokenize(cfg: DictConfig, overrides: Sequence[str] = ()) -> PretokenizeConfig:
     """Check a composed conf/pretokenize.yaml against PretokenizeConfig, naming any bad key."""
+    check_spelled_booleans(cfg, overrides)
     raw = OmegaConf.to_container(cfg, resolve=True)
     typed: PretokenizeConfig = _merge(PretokenizeConfig, {k: v for k, v in raw.items() if k != "hydra"}, "")
     p = typed.pretokenize

@@ -46,6 +46,14 @@ def run_cli(
     )
 
 
+def composed(config_name: str, overrides: list[str]):
+    """conf/<config_name>.yaml with `overrides`, composed in this process as the CLI would."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
 def run_in_process(cli: Callable[[], object], argv: list[str], cwd: Path | None = None) -> tuple[int, str]:
     """A command's `cli()` called in this process with `argv` as its arguments: its exit code
     and what it printed (stdout and stderr together, where a traceback would show). Costs a

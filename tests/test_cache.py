@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_RUN, metrics_without_timing, run_cli, weights
+from conftest import TINY_RUN, composed, metrics_without_timing, run_cli, weights
 
 from saesweep.activations.cache import (
     activation_spec,
@@ -28,8 +28,19 @@ from saesweep.activations.cache import (
 from saesweep.config.schema import TrainConfig
 from saesweep.errors import UserError
 
-SHARDS = ["activations.shard_mb=4"]  # ~2,000 tokens a shard: 5 shards for 8,192 tokens
-RUN = [*TINY_RUN, "training.checkpoint_every_tokens=2048", "sae.k=16"]
+# The CLI tests run on the tiny model (conftest.tiny_lm): ~2,000 of its tokens a shard, so
+# 8,192 tokens make 5 shards.
+SHARDS = ["activations.shard_mb=0.25"]
+
+
+@pytest.fixture(scope="module")
+def cli(tiny_lm) -> list[str]:
+    return [*tiny_lm, *TINY_RUN]
+
+
+@pytest.fixture(scope="module")
+def run(cli) -> list[str]:
+    return [*cli, "training.checkpoint_every_tokens=2048", "sae.k=16"]
 
 
 def tiny_config(acts_dir) -> TrainConfig:
@@ -49,11 +60,11 @@ def only_cache(path):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(cli, tmp_path_factory):
     """A cache built with `python -m saesweep.cache`, and what the CLI printed."""
     root = tmp_path_factory.mktemp("cache-cli")
     acts = root / "acts"
-    proc = run_cli("saesweep.cache", *TINY_RUN, *SHARDS, f"activations.cache_dir={acts}", cwd=root)
+    proc = run_cli("saesweep.cache", *cli, *SHARDS, f"activations.cache_dir={acts}", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cache built" in proc.stdout + proc.stderr
     return only_cache(acts), proc.stdout
@@ -74,11 +85,11 @@ def tiny_rows(smollm2):
 
 
 @pytest.fixture(scope="module")
-def cache_run(built, tmp_path_factory):
+def cache_run(run, built, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cache-run")
     proc = run_cli(
         "saesweep.train",
-        *RUN,
+        *run,
         "activations.source=cache",
         f"activations.cache_dir={built[0].parent}",
         f"hydra.run.dir={run_dir}",
@@ -92,11 +103,16 @@ def cache_run(built, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cli_prints_the_dir_and_key_and_the_manifest_lists_checksummed_shards(built, built_here):
+def test_cli_prints_the_dir_and_key_and_the_manifest_lists_checksummed_shards(cli, built, tiny_model):
+    from saesweep.config.schema import validate
+    from saesweep.data.rows import load_token_rows
+
     path, stdout = built
     assert f"cache dir: {path}" in stdout and f"key: {path.name}" in stdout
     # The CLI (another process) got the key this process computes for the same config.
-    assert path.name == built_here.key
+    cfg = validate(composed("train", [*cli, *SHARDS, f"activations.cache_dir={path.parent}"]))
+    rows = load_token_rows(cfg.dataset, tiny_model.tokenizer, cfg.eval.rows, cfg.training.seed)
+    assert path.name == ensure_cache(cfg, tiny_model, rows, build=False).key
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["key"] == path.name == cache_key(manifest["spec"])
     assert len(manifest["shards"]) == 5
@@ -253,12 +269,12 @@ def test_one_pass_caches_several_hooks_and_they_equal_live_activations(smollm2, 
 
 
 @pytest.mark.slow
-def test_training_from_the_cache_reaches_the_live_ev(cache_run, built, tmp_path):
+def test_training_from_the_cache_reaches_the_live_ev(run, cache_run, built, tmp_path):
     run_dir, output = cache_run
     assert "cache hit" in output and "building activation cache" not in output
     cached = json.loads((run_dir / "eval.json").read_text())
     assert cached["activation_source"] == f"cache:{built[0].name}"
-    live = run_cli("saesweep.train", *RUN, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    live = run_cli("saesweep.train", *run, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert live.returncode == 0, live.stderr[-3000:]
     live_result = json.loads((tmp_path / "eval.json").read_text())
     assert live_result["activation_source"] == "live"
@@ -266,8 +282,8 @@ def test_training_from_the_cache_reaches_the_live_ev(cache_run, built, tmp_path)
 
 
 @pytest.mark.slow
-def test_killed_cache_run_resumes_to_the_same_weights(cache_run, built, tmp_path):
-    args = [*RUN, "activations.source=cache", f"activations.cache_dir={built[0].parent}", f"hydra.run.dir={tmp_path}"]
+def test_killed_cache_run_resumes_to_the_same_weights(run, cache_run, built, tmp_path):
+    args = [*run, "activations.source=cache", f"activations.cache_dir={built[0].parent}", f"hydra.run.dir={tmp_path}"]
     crashed = run_cli("saesweep.train", *args, cwd=tmp_path, env={"SAESWEEP_CRASH_AT_STEP": "3"})
     assert crashed.returncode == -signal.SIGKILL
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -285,7 +301,7 @@ def test_killed_cache_run_resumes_to_the_same_weights(cache_run, built, tmp_path
 
 
 @pytest.mark.slow
-def test_corrupt_shard_is_a_one_line_error_naming_the_file(built, tmp_path):
+def test_corrupt_shard_is_a_one_line_error_naming_the_file(run, built, tmp_path):
     acts = tmp_path / "acts"
     shutil.copytree(built[0], acts / built[0].name)
     shard = acts / built[0].name / "shard-00002.safetensors"
@@ -294,7 +310,7 @@ def test_corrupt_shard_is_a_one_line_error_naming_the_file(built, tmp_path):
     shard.write_bytes(bytes(data))
     proc = run_cli(
         "saesweep.train",
-        *RUN,
+        *run,
         "activations.source=cache",
         f"activations.cache_dir={acts}",
         f"hydra.run.dir={tmp_path / 'run'}",
@@ -310,8 +326,8 @@ def test_corrupt_shard_is_a_one_line_error_naming_the_file(built, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_build_resumes_from_its_finished_shards(built, tmp_path):
-    args = [*TINY_RUN, *SHARDS, f"activations.cache_dir={tmp_path / 'acts'}"]
+def test_killed_build_resumes_from_its_finished_shards(cli, built, tmp_path):
+    args = [*cli, *SHARDS, f"activations.cache_dir={tmp_path / 'acts'}"]
     crashed = run_cli("saesweep.cache", *args, cwd=tmp_path, env={"SAESWEEP_CACHE_CRASH_AFTER_SHARDS": "2"})
     assert crashed.returncode == -signal.SIGKILL
     path = tmp_path / "acts" / built[0].name
@@ -328,7 +344,7 @@ def test_killed_build_resumes_from_its_finished_shards(built, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_racing_build_once_and_both_train(built, tmp_path):
+def test_two_runs_racing_build_once_and_both_train(run, built, tmp_path):
     """Both runs queue on the build lock (held here), then race for it when it is released."""
     key_dir = tmp_path / "acts" / built[0].name
     key_dir.mkdir(parents=True)
@@ -340,7 +356,7 @@ def test_two_runs_racing_build_once_and_both_train(built, tmp_path):
             log_path = tmp_path / f"run{i}.log"
             logs.append(log_path)
             args = [
-                *RUN,
+                *run,
                 *SHARDS,
                 "activations.source=cache",
                 f"activations.cache_dir={tmp_path / 'acts'}",

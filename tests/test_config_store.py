@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
+from conftest import CONF_DIR, composed
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -32,11 +31,6 @@ from saesweep.config.schema import (
 )
 from saesweep.errors import UserError
 from saesweep.sae import ARCHITECTURES
-
-
-def composed(config_name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
 
 
 def defaults_of(cls: type) -> dict[str, Any]:

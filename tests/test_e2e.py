@@ -1,4 +1,6 @@
-"""The CLI end to end on the embedded model and corpus, a few thousand tokens per run."""
+"""The CLI end to end on the embedded model and corpus, a few thousand tokens per run, for
+the default architecture. Every architecture's run, export and SAELens reload is in
+test_train_tiny.py (tiny model) and test_export.py (the encode and decode maths)."""
 
 from __future__ import annotations
 
@@ -11,18 +13,18 @@ from conftest import TINY_RUN, run_cli
 pytestmark = pytest.mark.slow  # end-to-end CLI runs
 
 
-@pytest.fixture(scope="module", params=["standard", "topk", "batchtopk"])
-def trained_run(request, tmp_path_factory):
-    arch = request.param
-    run_dir = tmp_path_factory.mktemp(f"run-{arch}")
-    extra = ["sae.l1_coefficient=0.5"] if arch == "standard" else ["sae.k=16"]
-    proc = run_cli("saesweep.train", f"architecture={arch}", *TINY_RUN, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir)
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run-batchtopk")
+    proc = run_cli(
+        "saesweep.train", "architecture=batchtopk", *TINY_RUN, "sae.k=16", f"hydra.run.dir={run_dir}", cwd=run_dir
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return arch, run_dir
+    return run_dir
 
 
 def test_run_dir_has_the_contract_files(trained_run):
-    arch, run_dir = trained_run
+    run_dir = trained_run
     for name in (".hydra/config.yaml", "metrics.jsonl", "eval.json", "sae/cfg.json", "sae/sae_weights.safetensors"):
         assert (run_dir / name).exists(), name
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -53,10 +55,10 @@ def test_sae_lens_loads_it_and_computes_the_same(trained_run):
     from sae_lens import SAE as LensSAE
     from safetensors.torch import load_file
 
-    arch, run_dir = trained_run
+    run_dir = trained_run
     lens = LensSAE.load_from_disk(str(run_dir / "sae"))
     cfg = json.loads((run_dir / "sae" / "cfg.json").read_text())
-    assert cfg["architecture"] == {"standard": "standard", "topk": "topk", "batchtopk": "jumprelu"}[arch]
+    assert cfg["architecture"] == "jumprelu"  # BatchTopK exports as JumpReLU
     assert cfg["metadata"]["hook_name"] == "blocks.6.hook_resid_post"
 
     # Random inputs at the scale of real activations (norm ~100).
@@ -65,13 +67,7 @@ def test_sae_lens_loads_it_and_computes_the_same(trained_run):
     weights = load_file(str(run_dir / "sae" / "sae_weights.safetensors"))
     pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
     feats = lens.encode(x)
-    if arch == "standard":
-        want = pre.relu()
-    elif arch == "topk":
-        v, i = pre.topk(cfg["k"], dim=-1)
-        want = torch.zeros_like(pre).scatter(-1, i, v.relu())
-    else:
-        want = pre * (pre > weights["threshold"])
+    want = pre * (pre > weights["threshold"])
     assert torch.allclose(feats, want, atol=1e-5)
     assert torch.allclose(lens.decode(feats), want @ weights["W_dec"] + weights["b_dec"], atol=1e-4)
 
@@ -84,7 +80,7 @@ def test_sae_lens_gives_eval_json_l0_and_ev(trained_run, smollm2):
     from saesweep.data.rows import load_token_rows
     from saesweep.evaluation.held_out import reconstruction_metrics
 
-    arch, run_dir = trained_run
+    run_dir = trained_run
     lens = LensSAE.load_from_disk(str(run_dir / "sae"))
     lens.W_enc.requires_grad_(False)
 
@@ -106,9 +102,7 @@ def test_sae_lens_gives_eval_json_l0_and_ev(trained_run, smollm2):
 def test_batchtopk_exported_as_jumprelu_keeps_its_l0_on_held_out_tokens(trained_run):
     """The exported JumpReLU's threshold, calibrated on training activations, gives about k
     active latents per held-out token too (within 10 %), as the trained BatchTopK does."""
-    arch, run_dir = trained_run
-    if arch != "batchtopk":
-        pytest.skip("BatchTopK only")
+    run_dir = trained_run
     assert json.loads((run_dir / "sae" / "cfg.json").read_text())["architecture"] == "jumprelu"
     assert json.loads((run_dir / "eval.json").read_text())["l0"] == pytest.approx(16, rel=0.10)
 
@@ -116,9 +110,7 @@ def test_batchtopk_exported_as_jumprelu_keeps_its_l0_on_held_out_tokens(trained_
 def test_bf16_autocast_and_compile_train_to_the_fp32_result(trained_run, tmp_path):
     """training.autocast=bf16 (LM and SAE forward) with training.compile=true: the same
     BatchTopK run as the fp32 fixture ends within a small margin of its EV and L0."""
-    arch, fp32_dir = trained_run
-    if arch != "batchtopk":
-        pytest.skip("BatchTopK only")
+    fp32_dir = trained_run
     proc = run_cli(
         "saesweep.train",
         "architecture=batchtopk",

@@ -95,20 +95,27 @@ def test_config_composes_with_the_training_groups(dataset):
 
 
 @pytest.mark.slow
-def test_pretokenized_shakespeare_trains_to_the_same_sae_as_the_text(tmp_path):
-    """The CLI end to end: pretokenize, then the same tiny run from the text and from the rows."""
-    out = tmp_path / "shakespeare-128"
+def test_pretokenized_shakespeare_trains_to_the_same_sae_as_the_text(tmp_path, tiny_lm):
+    """The CLI end to end: pretokenize (the embedded model's tokenizer), then the same run
+    from the text and from the rows, on the tiny model (it shares that tokenizer)."""
+    out = tmp_path / "shakespeare-64"
     proc = run_cli(
-        "saesweep.pretokenize", f"pretokenize.output_path={out}", f"hydra.run.dir={tmp_path / 'pt'}", cwd=tmp_path
+        "saesweep.pretokenize",
+        f"pretokenize.output_path={out}",
+        "dataset.context_size=64",  # the tiny model's context
+        f"hydra.run.dir={tmp_path / 'pt'}",
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    model = [o for o in tiny_lm if o.startswith("model")]
     runs = {}
     for name, dataset in (
         ("text", []),
         ("rows", ["dataset.source=hf", f"dataset.path={out}", "dataset.is_tokenized=true"]),
     ):
         runs[name] = tmp_path / name
-        proc = run_cli("saesweep.train", *TINY_RUN, *dataset, f"hydra.run.dir={runs[name]}", cwd=tmp_path)
+        argv = [*model, *TINY_RUN, "dataset.context_size=64", *dataset, f"hydra.run.dir={runs[name]}"]
+        proc = run_cli("saesweep.train", *argv, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     def metrics(run_dir):

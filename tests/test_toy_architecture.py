@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
+from conftest import composed
 from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 
@@ -134,11 +133,6 @@ def model_and_data(model_dir: Path, data: Path) -> list[str]:
         "eval.batch_rows=4",
         "activations.batch_rows=8",
     ]
-
-
-def composed(config_name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
 
 
 def test_a_toy_architecture_trains_exports_and_reloads(toy, tiny_model, tiny_data, tmp_path):

@@ -54,6 +54,28 @@ def composed(config_name: str, overrides: list[str]):
         return compose(config_name=config_name, overrides=overrides)
 
 
+def sae_lens_l0_and_ev(sae_dir: Path, model, hook_point: str, rows) -> dict:
+    """L0 and EV of the SAE in `sae_dir` as SAELens loads it (its own encode and decode) on
+    `rows` at `hook_point`: what a run's eval.json must agree with."""
+    from sae_lens import SAE as LensSAE
+
+    from saesweep.activations.source import ActivationSource
+    from saesweep.evaluation.held_out import reconstruction_metrics
+
+    lens = LensSAE.load_from_disk(str(sae_dir))
+    lens.W_enc.requires_grad_(False)
+
+    class Adapter:  # what reconstruction_metrics needs of an SAE
+        W_enc = lens.W_enc
+        d_out = lens.cfg.d_in
+        d_sae = lens.cfg.d_sae
+        encode = staticmethod(lens.encode)
+        decode = staticmethod(lens.decode)
+
+    source = ActivationSource(model, hook_point, None, exclude_bos=True)
+    return reconstruction_metrics(Adapter, source, rows, batch_rows=8)
+
+
 def run_in_process(cli: Callable[[], object], argv: list[str], cwd: Path | None = None) -> tuple[int, str]:
     """A command's `cli()` called in this process with `argv` as its arguments: its exit code
     and what it printed (stdout and stderr together, where a traceback would show). Costs a

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, run_cli, sae_lens_l0_and_ev
 
 pytestmark = pytest.mark.slow  # end-to-end CLI runs
 
@@ -73,27 +73,12 @@ def test_sae_lens_loads_it_and_computes_the_same(trained_run):
 
 
 def test_sae_lens_gives_eval_json_l0_and_ev(trained_run, smollm2):
-    from sae_lens import SAE as LensSAE
-
-    from saesweep.activations.source import ActivationSource
     from saesweep.config.schema import DatasetConfig
     from saesweep.data.rows import load_token_rows
-    from saesweep.evaluation.held_out import reconstruction_metrics
 
     run_dir = trained_run
-    lens = LensSAE.load_from_disk(str(run_dir / "sae"))
-    lens.W_enc.requires_grad_(False)
-
-    class Adapter:  # what reconstruction_metrics needs of an SAE
-        W_enc = lens.W_enc
-        d_out = lens.cfg.d_in
-        d_sae = lens.cfg.d_sae
-        encode = staticmethod(lens.encode)
-        decode = staticmethod(lens.decode)
-
     rows = load_token_rows(DatasetConfig(), smollm2.tokenizer, eval_rows=24, seed=42).eval_rows
-    source = ActivationSource(smollm2, "blocks.6.hook_resid_post", None, exclude_bos=True)
-    got = reconstruction_metrics(Adapter, source, rows[:24], batch_rows=8)
+    got = sae_lens_l0_and_ev(run_dir / "sae", smollm2, "blocks.6.hook_resid_post", rows[:24])
     want = json.loads((run_dir / "eval.json").read_text())
     assert got["l0"] == pytest.approx(want["l0"], rel=1e-4)
     assert got["explained_variance"] == pytest.approx(want["explained_variance"], abs=1e-4)

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from conftest import ctrl_c_after_step, metrics_without_timing, run_in_process, weights
+from conftest import composed, ctrl_c_after_step, metrics_without_timing, run_in_process, sae_lens_l0_and_ev, weights
 
 import saesweep.train
 from saesweep.sae import ARCHITECTURES
@@ -76,39 +76,19 @@ def test_every_architecture_trains_into_a_complete_run_dir(runs, arch):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_sae_lens_loads_the_export_and_measures_eval_jsons_l0_and_ev(runs, arch):
+def test_sae_lens_loads_the_export_and_measures_eval_jsons_l0_and_ev(runs, arch, tiny_model):
     """SAELens's own encode/decode on the run's held-out rows give the L0 and EV that
     eval.json reports: the export and the metrics agree."""
-    from hydra import compose, initialize_config_dir
-    from sae_lens import SAE as LensSAE
+    import yaml
 
-    from saesweep.activations.source import ActivationSource
-    from saesweep.config import CONF_DIR
     from saesweep.config.schema import validate
     from saesweep.data.rows import load_token_rows
-    from saesweep.evaluation.held_out import reconstruction_metrics
-    from saesweep.lm.model import load_model
 
     run_dir = runs[arch]
-    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        import yaml
-
-        cfg = validate(compose("train", yaml.safe_load(overrides)))
-    model = load_model(cfg.model, torch.device("cpu"), None)
+    cfg = validate(composed("train", yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())))
+    model = tiny_model  # the runs' model
     rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed).eval_rows
-    lens = LensSAE.load_from_disk(str(run_dir / "sae"))
-    lens.W_enc.requires_grad_(False)
-
-    class Adapter:  # what reconstruction_metrics needs of an SAE
-        W_enc = lens.W_enc
-        d_out = lens.cfg.d_in
-        d_sae = lens.cfg.d_sae
-        encode = staticmethod(lens.encode)
-        decode = staticmethod(lens.decode)
-
-    source = ActivationSource(model, cfg.model.hook_point, None, exclude_bos=True)
-    got = reconstruction_metrics(Adapter, source, rows[: cfg.eval.rows], batch_rows=8)
+    got = sae_lens_l0_and_ev(run_dir / "sae", model, cfg.model.hook_point, rows[: cfg.eval.rows])
     want = json.loads((run_dir / "eval.json").read_text())
     assert got["l0"] == pytest.approx(want["l0"], rel=1e-4)
     assert got["explained_variance"] == pytest.approx(want["explained_variance"], abs=1e-4)

@@ -264,6 +264,28 @@ class SAE(nn.Module):
             else:
                 self.W_dec.copy_(torch.where(applied, self.W_dec / norm, self.W_dec))
 
+    # --- several members of a sweep as one batched model (saesweep.sae.stack) ---------------
+
+    def stack_key(self) -> Optional[tuple[Any, ...]]:
+        """What SAEs must share to train as one stack (class, shapes, anything their batched
+        maths needs equal), or None: this one trains on its own. An architecture that returns a
+        key implements `forward_stacked` and `after_step_stacked`, and draws no random numbers
+        in a training step (a stack has no per-member RNG)."""
+        return None
+
+    @classmethod
+    def forward_stacked(cls, stack: Any, x: torch.Tensor, target: torch.Tensor) -> StepOutput:
+        """`forward` of every member of `stack` (an SAEStack of this class) on one batch."""
+        raise NotImplementedError(f"{cls.__name__} has no stacked forward")
+
+    @classmethod
+    @torch.no_grad()
+    def after_step_stacked(cls, stack: Any, applied: torch.Tensor) -> None:
+        """`after_step` of every member; `applied` [M] bool."""
+        if cls.unit_norm_decoder:
+            norm = stack.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            stack.W_dec.copy_(torch.where(applied.view(-1, 1, 1), stack.W_dec / norm, stack.W_dec))
+
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
         """Called on a sample of recent training inputs before evaluation and export."""
@@ -288,7 +310,8 @@ class SAE(nn.Module):
 
 def mse_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over the feature dimension, averaged over tokens (SAELens)."""
-    return (recon - target).pow(2).sum(-1).mean()
+    # Over the last two dims only: a stack's [M, batch, d] gives each member's own loss.
+    return (recon - target).pow(2).sum(-1).mean(-1)
 
 
 def geometric_median(points: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:

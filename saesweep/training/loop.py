@@ -44,6 +44,7 @@ from saesweep.training.checkpoint import CHECKPOINT_NAME, StopSignals, save_chec
 from saesweep.training.distributed import SINGLE, Ranks, resolve_device
 from saesweep.training.member import Member, autocast, read_back, stream_position
 from saesweep.training.run_record import RunRecord
+from saesweep.training.stacked import Steppers
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,8 @@ def train_together(
         for member in members:
             member.start(source, device, total_steps)
 
+    steppers = Steppers()
+
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - segment_start
 
@@ -219,8 +222,10 @@ def train_together(
             with amp():
                 batch = buffer.next_batch()
             batches += 1
+            # Members that share an SAE class and shapes step as one stacked model, the others alone.
+            for stepper in steppers.covering(training):
+                stepper.train_step(batch[0], batch[-1])
             for member in training:
-                member.train_step(batch[0], batch[-1])
                 if member.error is not None:
                     save([member])  # its last good state: bad steps were never applied
             for member in read_back(training, elapsed):  # logging steps: one transfer for all

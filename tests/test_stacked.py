@@ -5,6 +5,7 @@ most twice the ops of one member."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -133,20 +134,29 @@ def test_per_member_k_in_one_stack(tmp_path):
                 torch.testing.assert_close(state(g)[name], want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=(arch, name))
 
 
-def test_a_stacked_step_by_hand(tmp_path):
-    """The stacked forward's numbers, against each member's own SAE on the same tensors: the
-    loss terms, L0 per member, which latents fired, and the reconstruction."""
-    group = [make_member(tmp_path / f"m{i}", "topk", **{"sae.k": k}) for i, k in enumerate((1, 3))]
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_a_stacked_forward_and_backward_against_each_members_own(tmp_path, arch):
+    """One stacked pass against copies of the members' SAEs on the same batch: loss terms, L0
+    and firing per member, the reconstruction, and every parameter's gradient, bit for bit
+    (the CPU's kernels); with latents dead (AuxK)."""
+    group = [make_member(tmp_path / f"m{i}", arch, **{"optimizer.lr": 1e-3 * (i + 1), "sae.k": 1}) for i in range(3)]
+    x = batches(5)
+    train(group, x[:4], stacked=False)  # a few steps: latents die, the members drift apart
+    own = [copy.deepcopy(m.sae) for m in group]
     stack = MemberStack(group)
-    x = batches(1)[0]
-    out = stack.sae(x, x)
-    for i, member in enumerate(group):
-        member.sae.eval()  # its own pass, without touching the running counters
-        own = member.sae(x, x, 0)
-        torch.testing.assert_close(out.losses["mse"][i], own.losses["mse"])
-        assert float(out.l0[i]) == member.cfg.sae.k == float(own.l0)  # every token keeps k > 0 here
-        assert torch.equal(out.fired[i], own.fired)
-        torch.testing.assert_close(out.recon[i], own.recon)
+    out = stack.sae(x[4], x[4])
+    sum(out.losses.values()).sum().backward()
+    for i, sae in enumerate(own):
+        mine = sae(x[4], x[4], 0)
+        sum(mine.losses.values()).backward()
+        assert out.losses.keys() == mine.losses.keys() == {"mse", "auxk"} and float(mine.losses["auxk"].detach()) > 0
+        for name in out.losses:
+            assert torch.equal(out.losses[name][i], mine.losses[name]), name
+        assert torch.equal(out.l0[i], mine.l0) and torch.equal(out.fired[i], mine.fired)
+        assert torch.equal(out.recon[i], mine.recon)
+        for name, p in sae.named_parameters():
+            assert torch.equal(getattr(stack.sae, name).grad[i], p.grad), name
+        assert torch.equal(stack.sae.steps_since_fired[i], sae.steps_since_fired)
 
 
 def test_a_diverging_member_fails_alone_and_leaves_the_stack(tmp_path):

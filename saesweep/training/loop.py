@@ -4,7 +4,8 @@ A group is several SAEs that differ only in their own, optimizer and scheduler
 settings: they share the LM, the token rows, the activation feed and the buffer, so
 the LM runs once for all of them, while each member keeps its own SAE, optimizer,
 scheduler, dead-latent counters, metrics log, checkpoint and run dir. A single run
-is a group of one.
+is a group of one. Members whose SAEs can stack (one class and shape) step as one batched
+model (saesweep.training.stacked), each still with all of the above its own.
 
 The SAE returns a dict of named loss terms; the loop sums them, steps the
 optimizer, logs, and at the end evaluates on held-out rows and exports.

@@ -84,12 +84,18 @@ SWEEP = [
 def sweep(arch: str, settings: list[dict]) -> list[dict]:
     if arch == "batchtopk":
         return settings
+    if arch == "standard":  # its own knob instead: the L1 coefficient
+        return [
+            {"sae.l1_coefficient": 5.0 / (i + 1), **{k: v for k, v in s.items() if not k.startswith("sae.")}}
+            for i, s in enumerate(settings)
+        ]
     return [{k: v for k, v in s.items() if k != "sae.threshold_lr"} for s in settings]
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+@pytest.mark.parametrize("autocast", ["none", "bf16"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "standard"])
 @pytest.mark.parametrize("choices", ["cpu", "cuda"])
-def test_stacked_members_equal_their_separate_runs(tmp_path, monkeypatch, arch, choices):
+def test_stacked_members_equal_their_separate_runs(tmp_path, monkeypatch, arch, choices, autocast):
     """With the CPU's kernels bit for bit, with and without dead latents (AuxK); with a GPU's
     forced, to float rounding (the batched AuxK, as a GPU run's fixed-size one, rounds its
     sums in another order). Metrics logged and skipped steps included."""
@@ -97,7 +103,10 @@ def test_stacked_members_equal_their_separate_runs(tmp_path, monkeypatch, arch, 
         monkeypatch.setattr(sparse, "KERNELS", sparse.KERNELS.as_on("cuda"))
     settings = sweep(arch, SWEEP)
     for dead in (False, True):
-        extra = {} if dead else {"sae.dead_steps_threshold": 1000}
+        extra = {
+            "training.autocast": autocast,
+            **({} if dead or arch == "standard" else {"sae.dead_steps_threshold": 1000}),
+        }
         alone = [make_member(tmp_path / f"{dead}-alone{i}", arch, **{**s, **extra}) for i, s in enumerate(settings)]
         group = [make_member(tmp_path / f"{dead}-group{i}", arch, **{**s, **extra}) for i, s in enumerate(settings)]
         assert [type(s) for s in form_stacks(group)] == [MemberStack]

@@ -275,8 +275,30 @@ class SAE(nn.Module):
 
     @classmethod
     def forward_stacked(cls, stack: Any, x: torch.Tensor, target: torch.Tensor) -> StepOutput:
-        """`forward` of every member of `stack` (an SAEStack of this class) on one batch."""
-        raise NotImplementedError(f"{cls.__name__} has no stacked forward")
+        """`forward` of every member of `stack` (an SAEStack of this class) on one batch: here
+        the dense ReLU pass with `loss_terms_stacked`; an architecture with another activation
+        overrides it. Batched products that give each member a separate run's bits."""
+        n = stack.n_members
+        target = target * stack.target_scale.view(n, 1, 1)
+        x = x * stack.input_scale.view(n, 1, 1)
+        if stack.configs[0].apply_b_dec_to_input:
+            x = x - stack.b_dec.unsqueeze(1)
+        pre = x @ stack.W_enc + stack.b_enc.unsqueeze(1)
+        acts = torch.relu(pre)
+        recon = acts @ stack.W_dec + stack.b_dec.unsqueeze(1)
+        losses = {"mse": mse_loss(recon, target), **cls.loss_terms_stacked(stack, pre, acts)}
+        active = acts.detach() != 0
+        return StepOutput(
+            recon=recon / stack.target_scale.view(n, 1, 1),
+            losses=losses,
+            l0=active.sum(-1).float().mean(-1),
+            fired=active.any(1),
+        )
+
+    @classmethod
+    def loss_terms_stacked(cls, stack: Any, pre: torch.Tensor, acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`loss_terms` of every member ([M] each), for the dense `forward_stacked`."""
+        return {}
 
     @classmethod
     @torch.no_grad()

@@ -306,7 +306,11 @@ def decode_active(active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tenso
         out = active.to_dense() @ W_dec  # a matrix product: autocast runs it in bf16
     else:
         # The gather is cheap in fp32, and embedding_bag wants one dtype (autocast gives bf16 values).
-        out = _DecodeActive.apply(active.values.to(W_dec.dtype), W_dec, active.rows, active.cols, active.offsets())
+        values, offsets = active.values.to(W_dec.dtype), active.offsets()
+        if W_dec.device.type == "cpu":  # a stack's members get their separate runs' bits (see _DecodeActive)
+            out = _DecodeActive.apply(values, W_dec, active.rows, active.cols, offsets)
+        else:  # not yet timed on a GPU: embedding_bag's own backward, as before stacks
+            out = F.embedding_bag(active.cols, W_dec, offsets, mode="sum", per_sample_weights=values)
     return out if b_dec is None else out + b_dec
 
 

@@ -1,4 +1,4 @@
-"""A group's members that can, train as one stacked model (issue 17, item 2).
+"""Members of a group that can train as one stacked model do (issue 17, item 2).
 
 Members whose SAEs share a stack key (saesweep.sae.SAE.stack_key: class and shapes) take one
 batched forward and backward (saesweep.sae.stack.SAEStack), so a group of 8 dispatches about

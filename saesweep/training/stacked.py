@@ -15,6 +15,7 @@ Every other member steps alone (`Member.train_step`), as before stacks existed.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Union
 
 import torch
@@ -22,6 +23,8 @@ import torch
 from saesweep.sae.base import StepOutput
 from saesweep.sae.stack import SAEStack
 from saesweep.training.member import Member, since_fired, skip_decision
+
+log = logging.getLogger(__name__)
 
 
 class MemberStack:
@@ -45,6 +48,12 @@ class MemberStack:
         self.grads = [p.grad for m in members for p in m.sae.parameters()]
         self.amp = members[0].amp
         self.settings = members[0].cfg.training  # the members share it (the grouped launcher checks)
+        log.info(
+            "%d members train as one stacked %s: %s",
+            len(members),
+            type(self.sae.saes[0]).__name__,
+            ", ".join(m.run_dir.name for m in members),
+        )
 
     def train_step(self, x: torch.Tensor, target: torch.Tensor) -> None:
         """One step of every member on this batch; an error ends every member of the stack."""

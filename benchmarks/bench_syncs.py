@@ -3,7 +3,8 @@
 
 Each architecture trains as `saesweep.training.member.Member` steps it, on synthetic
 activations (no LM: its ops would drown the SAE's), alone and in a group of `--group`
-members on the same batches (as `train_together` steps a grouped sweep), under
+members on the same batches (as `train_together` steps a grouped sweep: members that can
+stack as one stacked model, saesweep.training.stacked; each with its own lr), under
 saesweep.training.sync_counter.SyncCounter. Two sets of choices: the CPU's own, and a GPU's
 forced on the CPU (`KERNELS.as_on("cuda")`: kernels and fixed-size selections). Steps are
 counted apart on logging steps (every `--log-every`) and the others; a logging step's batched
@@ -52,7 +53,8 @@ def build_group(arch: str, n: int, args: argparse.Namespace, work: Path) -> list
     members = []
     for i in range(n):
         cfg = TrainConfig()
-        extra = {"k": args.k, "dead_steps_threshold": 2} if "topk" in arch else {}
+        # The sweep: k = k/2, k, 2k, 4k, and each member its own lr.
+        extra = {"k": args.k // 2 * 2 ** (i % 4), "dead_steps_threshold": 2} if "topk" in arch else {}
         if arch == "matryoshka_batchtopk":
             extra["matryoshka_widths"] = [args.d_sae // 8, args.d_sae // 2]
         cfg.sae = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=args.d_sae, **extra)
@@ -87,10 +89,16 @@ def count(arch: str, n: int, choices: str, args: argparse.Namespace, counter_cla
     import saesweep.training.member as member_module
 
     read_back = getattr(member_module, "read_back", None)  # a checkpoint from before it reads in the step
+    try:  # as train_together steps a group: stacks where members can stack (a checkout from before: alone)
+        from saesweep.training.stacked import Steppers
+
+        steppers = Steppers().covering
+    except ImportError:
+        steppers = list
     for i, x in enumerate(data):
         counter = counter_class()
         with counter:
-            for member in members:
+            for member in steppers(members):
                 if read_back:
                     member.train_step(x, x)
                 else:
@@ -162,13 +170,17 @@ def main() -> None:
         f"# Ops and GPU host syncs per steady step, counted on a CPU ({result['date']})",
         "",
         f"Code: `{result['code']}` ({result['commit']}); torch {result['torch']}; d_in {args.d_in}, "
-        f"d_sae {args.d_sae}, k {args.k}, batch {args.batch}; {args.steps} steps after {args.warmup}, "
+        f"d_sae {args.d_sae}, k {args.k} (TopK family: member i has k/2 x 2^(i mod 4)), batch {args.batch}; "
+        f"{args.steps} steps after {args.warmup}, "
         f"logging every {args.log_every}. Load: `{result['uptime']}`.",
         "",
         "Syncs are the ops of saesweep/training/sync_counter.py. `cuda`: a GPU's choices forced on the",
         "CPU (`KERNELS.as_on('cuda')`). A logging step's one batched read-back (`.tolist()` of a CPU",
         "tensor) runs no aten op here and is not in its counts; a checkout from before it read its",
         "metrics with one `float()` each, and those are.",
+        "",
+        "A group steps as `train_together` steps it: members of one class and shape (TopK, BatchTopK)",
+        "as one stacked model (saesweep.training.stacked), the others alone, one after another.",
         "",
         "| architecture | choices | members | ops/step | syncs/step | logging: ops/step | logging: syncs/step |",
         "|---|---|---:|---:|---:|---:|---:|",

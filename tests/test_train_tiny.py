@@ -134,3 +134,38 @@ def test_a_grouped_sweeps_members_equal_their_separate_runs(runs, tiny_lm, tmp_p
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=(arch, name))
     assert "2 members: 2 done" in (sweep / "report.md").read_text()
+
+
+def test_a_grouped_sweep_of_one_architecture_trains_as_a_stack_equal_to_separate_runs(runs, tiny_lm, tmp_path):
+    """Two BatchTopK members of different k and lr share one stacked model; the k=8 one ends
+    bit for bit where its separate run ended: weights, metrics and eval."""
+    sweep = tmp_path / "sweep"
+    code, output = train(
+        [
+            "--multirun",
+            "hydra/launcher=grouped",
+            *tiny_lm,
+            *(o for o in RUN if not o.startswith("optimizer.lr=")),
+            "architecture=batchtopk",
+            "sae.k=8,16",
+            "optimizer.lr=4e-3,1e-3",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert code == 0, output[-3000:]
+    assert "4 members train as one stacked BatchTopKSAE: 0, 1, 2, 3" in output
+    same = next(d for d in sweep.iterdir() if d.is_dir() and "sae.k=8\n" in _overrides(d) and "=0.004" in _overrides(d))
+    want, got = weights(runs["batchtopk"]), weights(same)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert metrics_without_timing(same) == metrics_without_timing(runs["batchtopk"])
+    eval_stack, eval_alone = (json.loads((d / "eval.json").read_text()) for d in (same, runs["batchtopk"]))
+    assert eval_stack["explained_variance"] == eval_alone["explained_variance"]
+    assert "4 members: 4 done" in (sweep / "report.md").read_text()
+
+
+def _overrides(run_dir) -> str:
+    import yaml
+
+    return "".join(f"{o}\n" for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()))

@@ -264,6 +264,50 @@ class SAE(nn.Module):
             else:
                 self.W_dec.copy_(torch.where(applied, self.W_dec / norm, self.W_dec))
 
+    # --- several members of a sweep as one batched model (saesweep.sae.stack) ---------------
+
+    def stack_key(self) -> Optional[tuple[Any, ...]]:
+        """What SAEs must share to train as one stack (class, shapes, anything their batched
+        maths needs equal), or None: this one trains on its own. An architecture that returns a
+        key implements `forward_stacked` and `after_step_stacked`, and draws no random numbers
+        in a training step (a stack has no per-member RNG)."""
+        return None
+
+    @classmethod
+    def forward_stacked(cls, stack: Any, x: torch.Tensor, target: torch.Tensor) -> StepOutput:
+        """`forward` of every member of `stack` (an SAEStack of this class) on one batch: here
+        the dense ReLU pass with `loss_terms_stacked`; an architecture with another activation
+        overrides it. Batched products that give each member a separate run's bits."""
+        n = stack.n_members
+        target = target * stack.target_scale.view(n, 1, 1)
+        x = x * stack.input_scale.view(n, 1, 1)
+        if stack.configs[0].apply_b_dec_to_input:
+            x = x - stack.b_dec.unsqueeze(1)
+        pre = x @ stack.W_enc + stack.b_enc.unsqueeze(1)
+        acts = torch.relu(pre)
+        recon = acts @ stack.W_dec + stack.b_dec.unsqueeze(1)
+        losses = {"mse": mse_loss(recon, target), **cls.loss_terms_stacked(stack, pre, acts)}
+        active = acts.detach() != 0
+        return StepOutput(
+            recon=recon / stack.target_scale.view(n, 1, 1),
+            losses=losses,
+            l0=active.sum(-1).float().mean(-1),
+            fired=active.any(1),
+        )
+
+    @classmethod
+    def loss_terms_stacked(cls, stack: Any, pre: torch.Tensor, acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`loss_terms` of every member ([M] each), for the dense `forward_stacked`."""
+        return {}
+
+    @classmethod
+    @torch.no_grad()
+    def after_step_stacked(cls, stack: Any, applied: torch.Tensor) -> None:
+        """`after_step` of every member; `applied` [M] bool."""
+        if cls.unit_norm_decoder:
+            norm = stack.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            stack.W_dec.copy_(torch.where(applied.view(-1, 1, 1), stack.W_dec / norm, stack.W_dec))
+
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
         """Called on a sample of recent training inputs before evaluation and export."""
@@ -288,7 +332,8 @@ class SAE(nn.Module):
 
 def mse_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over the feature dimension, averaged over tokens (SAELens)."""
-    return (recon - target).pow(2).sum(-1).mean()
+    # Over the last two dims only: a stack's [M, batch, d] gives each member's own loss.
+    return (recon - target).pow(2).sum(-1).mean(-1)
 
 
 def geometric_median(points: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:

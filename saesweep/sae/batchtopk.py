@@ -12,12 +12,13 @@ buffer) - the running mean lags while the encoder is still moving.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from saesweep.config.domain import Range, in_domain
 from saesweep.sae.registry import register_architecture
-from saesweep.sae.sparse import ActiveLatents, batch_topk_indices, cutoff_floor
+from saesweep.sae.sparse import ActiveLatents, batch_topk_indices, cutoff_floor, stacked_batch_topk_indices
 from saesweep.sae.topk import TopKFamilySAE, TopKSAEConfig
 
 
@@ -124,6 +125,33 @@ class BatchTopKSAE(TopKFamilySAE):
             updated = self.threshold_ema * (1 - lr) + lr * smallest.double()
             self.threshold_ema.copy_(torch.where(seen, updated, self.threshold_ema))
             self.threshold_updates += seen.long()
+
+    @classmethod
+    def select_stacked(cls, pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return (*stacked_batch_topk_indices(pre, ks), None)
+
+    @classmethod
+    @torch.no_grad()
+    def on_active_stacked(cls, stack: Any, active: ActiveLatents) -> None:
+        if not stack.training:
+            return
+        values = active.values.detach()
+        member = active.rows.div(active.n_rows // stack.n_members, rounding_mode="floor")
+        smallest = torch.full((stack.n_members,), torch.inf, dtype=values.dtype, device=values.device)
+        stack.smallest_survivor = smallest.scatter_reduce(0, member, torch.where(values > 0, values, torch.inf), "amin")
+
+    @classmethod
+    @torch.no_grad()
+    def after_step_stacked(cls, stack: Any, applied: torch.Tensor) -> None:
+        super().after_step_stacked(stack, applied)
+        smallest = getattr(stack, "smallest_survivor", None)
+        stack.smallest_survivor = None
+        if smallest is not None:
+            seen = torch.isfinite(smallest) & applied
+            lr = stack.per_member("threshold_lr", lambda sae: sae.cfg.threshold_lr, torch.float64)
+            updated = stack.threshold_ema * (1 - lr) + lr * smallest.double()
+            stack.threshold_ema.copy_(torch.where(seen, updated, stack.threshold_ema))
+            stack.threshold_updates += seen.long()
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         tensors = super().export_tensors()

@@ -57,6 +57,9 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             widths.append(self.d_sae)
         self.widths: tuple[int, ...] = tuple(widths)
 
+    def stack_key(self) -> None:
+        return None  # its nested reconstruction has no stacked form yet: it trains alone
+
     def reconstruct(self, active: ActiveLatents, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Decode level by level, each adding its latents to the previous prefix."""
         prefix_losses = {}

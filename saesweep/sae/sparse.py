@@ -145,10 +145,11 @@ def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return chosen // d_sae, chosen % d_sae
 
 
-def _first_winners(values: torch.Tensor, cutoff: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Mask of exactly n_keep entries: those above the cutoff, then the first that equal it."""
+def _first_winners(values: torch.Tensor, cutoff: torch.Tensor, n_keep: int | torch.Tensor) -> torch.Tensor:
+    """Mask of exactly n_keep entries of each last-dim row: those above the cutoff, then the
+    first that equal it (cutoff and n_keep broadcast against the rows: one per member of a stack)."""
     above, at = values > cutoff, values == cutoff
-    return above | (at & (at.cumsum(0) <= n_keep - above.sum()))
+    return above | (at & (at.cumsum(-1) <= n_keep - above.sum(-1, keepdim=True)))
 
 
 SAMPLE_SIZE = 65536
@@ -194,6 +195,8 @@ class _GatherPreActs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, W_enc, rows, cols = ctx.saved_tensors
+        if W_enc.ndim == 3:
+            return _stacked_backward(ctx, grad, x, W_enc, rows, cols)
         d_sae = W_enc.shape[1]
         _, _, want_W, want_b, want_b_dec, _, _ = ctx.needs_input_grad
         grad = grad.to(W_enc.dtype)
@@ -201,7 +204,9 @@ class _GatherPreActs(torch.autograd.Function):
         if want_b or want_b_dec:
             grad_b = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
             if want_b_dec:
-                grad_b_dec = -(W_enc @ grad_b)
+                # A row vector times W_enc^T, not W_enc @ grad_b: the batched form of this product
+                # (a stack's) gives each member these very bits, a batched mv does not.
+                grad_b_dec = -(grad_b.unsqueeze(0) @ W_enc.T).squeeze(0)
         if want_W and KERNELS.dense("encoder_backward", grad.device):
             # G[row, latent] = grad, built at the forward's precision: grad_W_enc = x^T G.
             dt = ctx.compute_dtype
@@ -214,9 +219,42 @@ class _GatherPreActs(torch.autograd.Function):
         return None, None, grad_W, grad_b if want_b else None, grad_b_dec, None, None
 
 
+def _stacked_backward(ctx, grad, x, W_enc, rows, cols):  # type: ignore[no-untyped-def]
+    """`_GatherPreActs.backward` for a stack of M SAEs (saesweep.sae.stack): W_enc [M, d_in, d_sae],
+    x [M * batch, d_in], rows and cols global ([0, M * batch) and [0, M * d_sae)). Member m's
+    entries only meet its own rows and latents, so each sum runs over the entries a separate run
+    sums, in the same order: the sparse path gives its bits exactly."""
+    n_members, _, d_sae = W_enc.shape
+    _, _, want_W, want_b, want_b_dec, _, _ = ctx.needs_input_grad
+    grad = grad.to(W_enc.dtype)
+    grad_W = grad_b = grad_b_dec = None
+    if want_b or want_b_dec:
+        grad_b = torch.zeros(n_members * d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+        grad_b = grad_b.view(n_members, d_sae)
+        if want_b_dec:
+            grad_b_dec = -(grad_b.unsqueeze(1) @ W_enc.transpose(1, 2)).squeeze(1)
+    if want_W and KERNELS.dense("encoder_backward", grad.device):
+        dt = ctx.compute_dtype
+        batch = x.shape[0] // n_members
+        local = cols - rows.div(batch, rounding_mode="floor") * d_sae
+        G = torch.zeros(x.shape[0], d_sae, dtype=dt, device=grad.device).index_put_((rows, local), grad.to(dt))
+        xs = x.to(dt).view(n_members, batch, -1)
+        grad_W = torch.bmm(xs.transpose(1, 2), G.view(n_members, batch, d_sae)).to(W_enc.dtype)
+    elif want_W:
+        S = torch.sparse_coo_tensor(
+            torch.stack([cols, rows]), grad, (n_members * d_sae, x.shape[0]), check_invariants=False
+        )
+        grad_W = torch.sparse.mm(S, x.to(grad.dtype)).view(n_members, d_sae, -1).transpose(1, 2)
+    return None, None, grad_W, grad_b if want_b else None, grad_b_dec, None, None
+
+
 def dense_pre_acts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
-    """All pre-activations, outside autograd: used only to rank latents."""
+    """All pre-activations, outside autograd: used only to rank latents. Of a stack too:
+    x [M, batch, d_in], W_enc [M, d_in, d_sae], b_enc [M, d_sae] (each member's bits are an
+    addmm's)."""
     with torch.no_grad():
+        if W_enc.ndim == 3:
+            return torch.baddbmm(b_enc.unsqueeze(1), x, W_enc)
         return torch.addmm(b_enc, x, W_enc)
 
 
@@ -235,11 +273,21 @@ def gather_active(
 
     x is the encoder's input as a plain tensor; if it was centred as raw - b_dec, pass
     b_dec so that it gets its gradient through the encoder.
+
+    Of a stack (pre [M, batch, d_sae], x [M, batch, d_in]): rows are global (m * batch + b),
+    cols each member's own latent; the result numbers latents globally (m * d_sae + j).
     """
-    values = _GatherPreActs.apply(pre[rows, cols], x.detach(), W_enc, b_enc, b_dec, rows, cols)
+    if pre.ndim == 3:
+        n_members, batch, d_sae = pre.shape
+        values = pre.view(n_members * batch, d_sae)[rows, cols]
+        cols = cols + rows.div(batch, rounding_mode="floor") * d_sae
+        x = x.reshape(n_members * batch, -1)
+    else:
+        values = pre[rows, cols]
+    values = _GatherPreActs.apply(values, x.detach(), W_enc, b_enc, b_dec, rows, cols)
     if relu:
         values = values.relu()
-    return ActiveLatents(rows, cols, values, x.shape[0], W_enc.shape[1])
+    return ActiveLatents(rows, cols, values, x.shape[0], b_enc.numel())
 
 
 def topk_among(pre: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,10 +306,38 @@ def decode_active(active: ActiveLatents, W_dec: torch.Tensor, b_dec: torch.Tenso
         out = active.to_dense() @ W_dec  # a matrix product: autocast runs it in bf16
     else:
         # The gather is cheap in fp32, and embedding_bag wants one dtype (autocast gives bf16 values).
-        out = F.embedding_bag(
-            active.cols, W_dec, active.offsets(), mode="sum", per_sample_weights=active.values.to(W_dec.dtype)
-        )
+        values, offsets = active.values.to(W_dec.dtype), active.offsets()
+        if W_dec.device.type == "cpu":  # a stack's members get their separate runs' bits (see _DecodeActive)
+            out = _DecodeActive.apply(values, W_dec, active.rows, active.cols, offsets)
+        else:  # not yet timed on a GPU: embedding_bag's own backward, as before stacks
+            out = F.embedding_bag(active.cols, W_dec, offsets, mode="sum", per_sample_weights=values)
     return out if b_dec is None else out + b_dec
+
+
+class _DecodeActive(torch.autograd.Function):
+    """embedding_bag's sum over the active decoder rows, with the decoder's gradient as a sparse
+    [d_sae, batch] x [batch, d_out] product (embedding_bag's own backward sorts the entries in
+    an order of its own, so a stack of SAEs would not get a separate run's bits; this sum runs
+    over each latent's entries in row order, stacked or not)."""
+
+    @staticmethod
+    def forward(ctx, values, W_dec, rows, cols, offsets):  # type: ignore[override]
+        ctx.save_for_backward(values, W_dec, rows, cols, offsets)
+        return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        values, W_dec, rows, cols, offsets = ctx.saved_tensors
+        want_values, want_W, _, _, _ = ctx.needs_input_grad
+        grad_values = grad_W = None
+        if want_values:  # what embedding_bag's backward gives per_sample_weights (rows: each entry's bag)
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, W_dec, cols, offsets, rows, 0)
+        if want_W:
+            S = torch.sparse_coo_tensor(
+                torch.stack([cols, rows]), values, (W_dec.shape[0], grad.shape[0]), check_invariants=False
+            )
+            grad_W = torch.sparse.mm(S, grad)
+        return grad_values, grad_W, None, None, None
 
 
 def latents_in(active: ActiveLatents, lo: int, hi: int) -> ActiveLatents:
@@ -273,3 +349,99 @@ def latents_in(active: ActiveLatents, lo: int, hi: int) -> ActiveLatents:
     if KERNELS.fixed_size(active.cols.device):
         return ActiveLatents(active.rows, active.cols, active.values * keep, active.n_rows, active.d_sae)
     return ActiveLatents(active.rows[keep], active.cols[keep], active.values[keep], active.n_rows, active.d_sae)
+
+
+# --- a stack of M SAEs of one shape (saesweep.sae.stack) ------------------------------------
+# Pre-activations are [M, batch, d_sae]; an ActiveLatents of the stack numbers rows m * batch + b
+# and latents m * d_sae + j, so decoding is one embedding_bag over the stacked decoder seen as
+# [M * d_sae, d_out], and the encoder's backward is `_stacked_backward`.
+
+
+def member_l0(active: ActiveLatents, n_members: int) -> torch.Tensor:
+    """[M] mean active latents per token of each member of a stack's `active`."""
+    batch = active.n_rows // n_members
+    nonzero = (active.values.detach() != 0).long()
+    member = active.rows.div(batch, rounding_mode="floor")
+    counts = torch.zeros(n_members, dtype=torch.long, device=nonzero.device).index_add_(0, member, nonzero)
+    return counts / batch
+
+
+def stacked_topk_indices(pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(rows, cols, keep) of each member's per-row top ks[m]: rows global, cols the member's
+    own. One top-k at the largest k; where the ks differ, it is sorted and `keep` (a 0/1 weight
+    per entry) drops each row's entries past the member's k."""
+    n_members, batch, _ = pre.shape
+    k_max = max(ks)
+    differ = len(set(ks)) > 1
+    cols = pre.topk(k_max, dim=-1, sorted=differ).indices.flatten()
+    rows = row_of_each(n_members * batch, k_max, pre.device)
+    if not differ:
+        return rows, cols, None
+    k = torch.tensor(ks, device=pre.device)
+    keep = torch.arange(k_max, device=pre.device) < k[:, None, None]  # [M, 1, k_max]
+    return rows, cols, keep.expand(n_members, batch, k_max).flatten()
+
+
+def stacked_batch_topk_indices(pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of each member's `batch_topk_indices(pre[m], ks[m])`: the same entries in
+    the same order, rows global and sorted, cols the member's own.
+
+    Fixed-size selections (GPUs): one top-k over all members, at the largest count, gives each
+    member's cutoff, and one `nonzero_static` lists the winners. Compact ones (CPUs, where a
+    host read costs nothing, and a top-k over the whole batch 3.3x the time of the sampled
+    cutoff): `_stacked_compact_selection`, or where it cannot, each member's own."""
+    n_members, batch, d_sae = pre.shape
+    keeps = [min(k * batch, batch * d_sae) for k in ks]
+    if not KERNELS.fixed_size(pre.device):
+        stacked = _stacked_compact_selection(pre, keeps)
+        if stacked is not None:
+            return stacked
+        picks = [batch_topk_indices(p, k) for p, k in zip(pre, ks)]
+        rows = torch.cat([r + m * batch for m, (r, _) in enumerate(picks)])
+        return rows, torch.cat([c for _, c in picks])
+    ranked = pre.view(n_members, -1).nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    n_keep = torch.tensor(keeps, device=pre.device)[:, None]
+    top = ranked.topk(max(keeps), dim=1, sorted=len(set(keeps)) > 1).values
+    cutoff = top.gather(1, n_keep - 1) if len(set(keeps)) > 1 else top.amin(1, keepdim=True)
+    winners = _first_winners(ranked, cutoff, n_keep)
+    chosen = torch.nonzero_static(winners.flatten(), size=sum(keeps)).squeeze(1)
+    return chosen.div(d_sae, rounding_mode="floor"), chosen % d_sae
+
+
+def _stacked_compact_selection(pre: torch.Tensor, keeps: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`batch_topk_indices`'s compact path for every member at once: each member's floor from
+    its strided sample (as `cutoff_floor`), one pass listing every member's entries above its
+    floor, each member's exact cutoff (a kthvalue of its candidates) and the first winners.
+    A member whose floor is not sampled (a small or dense batch) has every entry a candidate,
+    NaN too, as alone. None where a sampled floor misled (too few candidates): then each
+    member takes its own path, as a separate run would."""
+    n_members, batch, d_sae = pre.shape
+    flat = pre.view(n_members, -1)
+    n, margin = flat.shape[1], 1.5
+    sampled = [n > SAMPLE_SIZE and 4 * margin * keep < 3 * n for keep in keeps]
+    if any(sampled):
+        sample = flat[:, :: (n // SAMPLE_SIZE) | 1]
+        ranks = [min(sample.shape[1], int(margin * keep * sample.shape[1] / n) + 1) for keep in keeps]
+        top = sample.topk(max(ranks), dim=1, sorted=True).values
+        beyond = torch.arange(max(ranks), device=pre.device) >= torch.tensor(ranks, device=pre.device)[:, None]
+        floor = top.masked_fill(beyond, torch.inf).amin(1, keepdim=True)  # NaN if a member's top ranks hold one
+        candidate = flat >= floor
+        if not all(sampled):
+            candidate |= ~torch.tensor(sampled, device=pre.device)[:, None]
+    else:
+        candidate = torch.ones_like(flat, dtype=torch.bool)
+    member, index = candidate.nonzero().unbind(1)  # by member, then in row order
+    counts = torch.bincount(member, minlength=n_members).tolist()  # the host read a compact selection makes
+    if any(count < keep for count, keep in zip(counts, keeps)):
+        return None
+    values = flat[member, index]
+    cutoff = torch.stack([v.kthvalue(len(v) - keep + 1).values for v, keep in zip(values.split(counts), keeps)])
+    # `_first_winners` within each member: above its cutoff, then its first entries equal to it.
+    at, above = values == cutoff[member], values > cutoff[member]
+    n_above = torch.zeros(n_members, dtype=torch.long, device=pre.device).index_add_(0, member, above.long())
+    n_at = torch.zeros(n_members, dtype=torch.long, device=pre.device).index_add_(0, member, at.long())
+    at_so_far = at.long().cumsum(0) - (n_at.cumsum(0) - n_at)[member]  # within the member
+    room = torch.tensor(keeps, device=pre.device) - n_above
+    winners = above | (at & (at_so_far <= room[member]))
+    member, index = member[winners], index[winners]
+    return member * batch + index.div(d_sae, rounding_mode="floor"), index % d_sae

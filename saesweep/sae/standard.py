@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -33,3 +34,15 @@ class StandardSAE(SAE):
     def loss_terms(self, pre: torch.Tensor, acts: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         weighted = acts * self.W_dec.norm(dim=1)
         return {"l1": self.l1_coefficient(step) * weighted.sum(-1).mean()}
+
+    def stack_key(self) -> Optional[tuple[Any, ...]]:
+        # The L1 coefficient may differ per member; a warm-up would need the host's step.
+        if self.cfg.l1_warm_up_steps > 0:
+            return None
+        return (type(self), self.d_in, self.d_out, self.d_sae, self.cfg.apply_b_dec_to_input)
+
+    @classmethod
+    def loss_terms_stacked(cls, stack: Any, pre: torch.Tensor, acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        weighted = acts * stack.W_dec.norm(dim=-1).unsqueeze(1)
+        coefficient = stack.per_member("l1_coefficient", lambda sae: sae.cfg.l1_coefficient)
+        return {"l1": coefficient * weighted.sum(-1).mean(-1)}

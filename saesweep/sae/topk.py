@@ -37,7 +37,9 @@ from saesweep.sae.sparse import (
     decode_active,
     dense_pre_acts,
     gather_active,
+    member_l0,
     row_of_each,
+    stacked_topk_indices,
     topk_among,
     topk_indices,
 )
@@ -247,6 +249,80 @@ class TopKFamilySAE(SAE):
     def on_active(self, active: Any) -> None:
         """Hook for running statistics of the selected activations."""
 
+    # --- a stack of members (saesweep.sae.stack): the same maths, batched --------------------
+
+    def stack_key(self) -> Optional[tuple[Any, ...]]:
+        # k, the AuxK coefficient and the dead window may differ per member; a k schedule would
+        # need the host's step in the batched selection, so those members train alone.
+        if self.cfg.initial_k is not None:
+            return None
+        return (type(self), self.d_in, self.d_out, self.d_sae, self.cfg.apply_b_dec_to_input, self.aux_k)
+
+    @classmethod
+    def select_stacked(cls, pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """`select` of each member of a stack: (rows, cols, keep), see sparse.stacked_topk_indices."""
+        raise NotImplementedError
+
+    @classmethod
+    def forward_stacked(cls, stack: Any, x: torch.Tensor, target: torch.Tensor) -> StepOutput:
+        n, batch = stack.n_members, x.shape[0]
+        x = x * stack.input_scale.view(n, 1, 1)
+        target = target * stack.target_scale.view(n, 1, 1)
+        centre = stack.b_dec if stack.configs[0].apply_b_dec_to_input else None
+        if centre is not None:
+            x = x - centre.detach().unsqueeze(1)
+        pre = dense_pre_acts(x, stack.W_enc, stack.b_enc)
+        rows, cols, keep = cls.select_stacked(pre, [c.k for c in stack.configs])
+        active = gather_active(pre, x, stack.W_enc, stack.b_enc, rows, cols, b_dec=centre)
+        if keep is not None:
+            active.values = active.values * keep
+        W_dec = stack.W_dec.view(n * stack.d_sae, stack.d_out)
+        recon = decode_active(active, W_dec).view(n, batch, stack.d_out) + stack.b_dec.unsqueeze(1)
+        losses = {"mse": mse_loss(recon, target)}
+        if stack.saes[0].aux_k > 0:
+            residual = (target - recon).detach()
+            losses["auxk"] = cls.auxk_loss_stacked(stack, pre, x, residual, centre)
+        fired = active.fired().view(n, stack.d_sae)
+        cls.on_active_stacked(stack, active)
+        if stack.training:
+            with torch.no_grad():
+                stack.steps_since_fired.add_(1).masked_fill_(fired, 0)
+        return StepOutput(
+            recon=recon / stack.target_scale.view(n, 1, 1), losses=losses, l0=member_l0(active, n), fired=fired
+        )
+
+    @classmethod
+    def auxk_loss_stacked(
+        cls, stack: Any, pre: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, centre: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`auxk_loss` of each member ([M]). Fixed-size selections (GPUs) batch it; with compact
+        ones (CPUs) each member takes its own, which costs nothing while no latent is dead (the
+        fixed form gathers and decodes aux_k latents per token regardless: twice a CPU step)."""
+        n, batch, d_sae = pre.shape
+        window = stack.per_member("dead_steps_threshold", lambda sae: sae.cfg.dead_steps_threshold, torch.long)
+        dead = stack.steps_since_fired >= window[:, None]
+        if not kernels.KERNELS.fixed_size(pre.device):
+            # Each member's own tensors are views of the stack's and its grads slices of the
+            # stack's grads, so its own AuxK's gradient lands in the stack's.
+            centres = centre if centre is not None else [None] * n
+            return torch.stack(
+                [sae.auxk_loss(*args) for sae, *args in zip(stack.saes, pre, x, residual, dead, centres)]
+            )
+        aux_k = stack.saes[0].aux_k
+        k_aux = min(aux_k, d_sae)
+        cols = pre.masked_fill(~dead.unsqueeze(1), -torch.inf).topk(k_aux, dim=-1, sorted=False).indices.flatten()
+        rows = row_of_each(n * batch, k_aux, pre.device)
+        aux = gather_active(pre, x, stack.W_enc, stack.b_enc, rows, cols, relu=False, b_dec=centre)
+        aux.values = aux.values * dead.flatten()[aux.cols]
+        recon = decode_active(aux, stack.W_dec.view(n * d_sae, stack.d_out)).view(n, batch, -1)
+        scale = (dead.sum(1) / aux_k).clamp(max=1.0)
+        coefficient = stack.per_member("aux_k_coefficient", lambda sae: sae.cfg.aux_k_coefficient)
+        return coefficient * scale * mse_loss(recon, residual)
+
+    @classmethod
+    def on_active_stacked(cls, stack: Any, active: ActiveLatents) -> None:
+        """`on_active` of each member of a stack."""
+
 
 @register_architecture("topk")
 class TopKSAE(TopKFamilySAE):
@@ -258,6 +334,10 @@ class TopKSAE(TopKFamilySAE):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_per_row(pre, self.cfg.k)
+
+    @classmethod
+    def select_stacked(cls, pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        return stacked_topk_indices(pre, ks)
 
     def export_config(self) -> dict[str, Any]:
         return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

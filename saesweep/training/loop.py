@@ -4,7 +4,8 @@ A group is several SAEs that differ only in their own, optimizer and scheduler
 settings: they share the LM, the token rows, the activation feed and the buffer, so
 the LM runs once for all of them, while each member keeps its own SAE, optimizer,
 scheduler, dead-latent counters, metrics log, checkpoint and run dir. A single run
-is a group of one.
+is a group of one. Members whose SAEs can stack (one class and shape) step as one batched
+model (saesweep.training.stacked), each still with all of the above its own.
 
 The SAE returns a dict of named loss terms; the loop sums them, steps the
 optimizer, logs, and at the end evaluates on held-out rows and exports.
@@ -44,6 +45,7 @@ from saesweep.training.checkpoint import CHECKPOINT_NAME, StopSignals, save_chec
 from saesweep.training.distributed import SINGLE, Ranks, resolve_device
 from saesweep.training.member import Member, autocast, read_back, stream_position
 from saesweep.training.run_record import RunRecord
+from saesweep.training.stacked import Steppers
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,8 @@ def train_together(
         for member in members:
             member.start(source, device, total_steps)
 
+    steppers = Steppers()
+
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - segment_start
 
@@ -219,8 +223,10 @@ def train_together(
             with amp():
                 batch = buffer.next_batch()
             batches += 1
+            # Members that share an SAE class and shapes step as one stacked model, the others alone.
+            for stepper in steppers.covering(training):
+                stepper.train_step(batch[0], batch[-1])
             for member in training:
-                member.train_step(batch[0], batch[-1])
                 if member.error is not None:
                     save([member])  # its last good state: bad steps were never applied
             for member in read_back(training, elapsed):  # logging steps: one transfer for all

@@ -24,7 +24,7 @@ from saesweep.config.schema import TrainConfig
 from saesweep.errors import UserError
 from saesweep.evaluation.held_out import evaluate
 from saesweep.evaluation.metrics import explained_variance
-from saesweep.sae import build_sae
+from saesweep.sae import StepOutput, build_sae
 from saesweep.sae_format.write import save_sae
 from saesweep.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from saesweep.training.distributed import SINGLE, Ranks
@@ -92,6 +92,16 @@ class Member:
         self.error: Exception | None = None
         self.result: dict[str, Any] = {}
         self.last_l0 = float("nan")
+        self.stacked = False  # trains in a stack (saesweep.training.stacked): its tensors are views
+
+    def stack_key(self) -> tuple[Any, ...] | None:
+        """Members with equal keys can train as one stacked model; None: this one steps alone
+        (an architecture with no stacked maths, a compiled forward, DDP, or an optimizer with
+        no fused kernel, which the stack's per-member skip relies on)."""
+        if self.cfg.training.compile or self.ranks.active or not self.optimizer.defaults.get("fused"):
+            return None
+        key = self.sae.stack_key()
+        return None if key is None else (key, self.sae.W_enc.device, self.sae.W_enc.dtype)
 
     def start(
         self,
@@ -196,31 +206,36 @@ class Member:
         # With no clipping the max norm is inf: the gradients stay as they are, but we
         # still get their norm for the finiteness check below.
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.training.grad_clip_norm or float("inf"))
-        # A NaN/Inf step would poison Adam's moments for good: it is skipped, on the device;
-        # the host learns of it at the next logging step (`read_back`). Under DDP a step is
-        # skipped on every rank or on none. A member with max_nonfinite_steps skipped in a
-        # row has diverged: it changes nothing more until the host sees that and ends it.
+        # A non-finite step is skipped on the device (`skip_decision`); the host learns of it
+        # at the next logging step (`read_back`). Under DDP a step is skipped on every rank or on none.
         finite = self.ranks.all_true(torch.isfinite(loss.detach() + grad_norm))
-        applied = finite & (self.nonfinite < cfg.training.max_nonfinite_steps)
-        self.nonfinite = torch.where(applied, 0, self.nonfinite + 1)
+        applied, self.nonfinite = skip_decision(finite, self.nonfinite, cfg.training.max_nonfinite_steps)
         self._optimizer_step(applied)
         self.scheduler.step()  # as if applied; `caught_up` winds it back over skipped steps
         sae.after_step(applied)
         # Fired anywhere in the global batch of len(x) x world tokens.
         fired = self.ranks.any(out.fired)
-        grown = torch.where(fired, 0, self.tokens_since_fired + len(x) * self.ranks.world)
-        self.tokens_since_fired = torch.where(applied, grown, self.tokens_since_fired)
-        self.step += 1
-        self.pending.append(torch.stack([applied, loss.detach(), grad_norm]))  # promoted to a float dtype
+        self.tokens_since_fired = since_fired(self.tokens_since_fired, fired, applied, len(x) * self.ranks.world)
+        if self.stepped(torch.stack([applied, loss.detach(), grad_norm])):
+            self.measure(out, target)
 
-        if self.step % cfg.training.log_every == 0 or self.step == self.total_steps:
-            self.due = {
-                "loss": loss.detach(),
-                **{f"loss/{k}": v.detach() for k, v in out.losses.items()},
-                "l0": out.l0,
-                "explained_variance": explained_variance(target, out.recon.detach()),
-                "dead_features": (self.tokens_since_fired >= cfg.training.dead_after_tokens).sum(),
-            }
+    def stepped(self, record: torch.Tensor) -> bool:
+        """Count a step taken on the device (`record`: [applied, loss, gradient norm]); whether
+        it is a logging step, whose metrics `measure` must leave for `read_back`."""
+        self.step += 1
+        self.pending.append(record)
+        return self.step % self.cfg.training.log_every == 0 or self.step == self.total_steps
+
+    def measure(self, out: StepOutput, target: torch.Tensor) -> None:
+        """A logging step's metrics, from `out` (this member's pass), kept on the device."""
+        losses = {k: v.detach() for k, v in out.losses.items()}
+        self.due = {
+            "loss": sum(losses.values()),
+            **{f"loss/{k}": v for k, v in losses.items()},
+            "l0": out.l0,
+            "explained_variance": explained_variance(target, out.recon.detach()),
+            "dead_features": (self.tokens_since_fired >= self.cfg.training.dead_after_tokens).sum(),
+        }
 
     def _optimizer_step(self, applied: torch.Tensor) -> None:
         if self.optimizer.defaults.get("fused"):
@@ -294,10 +309,11 @@ class Member:
             "config": resumable_config(self.cfg),
             "step": self.step,
             **shared,  # stream position (batches, feed position, buffer) and elapsed time
-            "sae": self.sae.state_dict(),
+            # A stacked member's tensors are views of the stack's: torch.save would write all of it.
+            "sae": {k: v.clone() for k, v in self.sae.state_dict().items()} if self.stacked else self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "tokens_since_fired": self.tokens_since_fired,
+            "tokens_since_fired": self.tokens_since_fired.clone() if self.stacked else self.tokens_since_fired,
             "torch_rng": self.rng_state,
         }
 
@@ -345,6 +361,25 @@ class Member:
         # eval.json now marks the run finished; the checkpoint (buffer included) is dead weight.
         (self.run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
         self.result = result
+
+
+def skip_decision(
+    finite: torch.Tensor, nonfinite: torch.Tensor, max_nonfinite: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(applied, skipped in a row after this step), per member (any shape), on the device.
+
+    A NaN/Inf step would poison Adam's moments for good: it is skipped. A member with
+    max_nonfinite skipped in a row has diverged: it changes nothing more until the host
+    sees that (`Member.caught_up`) and ends it."""
+    applied = finite & (nonfinite < max_nonfinite)
+    return applied, torch.where(applied, 0, nonfinite + 1)
+
+
+def since_fired(counts: torch.Tensor, fired: torch.Tensor, applied: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Tokens since each latent last fired ([..., d_sae]), after a step of `tokens` tokens that
+    counts only where `applied` ([...]) is true."""
+    grown = torch.where(fired, 0, counts + tokens)
+    return torch.where(applied.unsqueeze(-1), grown, counts)
 
 
 def read_back(members: list[Member], elapsed: Callable[[], float], everything: bool = False) -> list[Member]:

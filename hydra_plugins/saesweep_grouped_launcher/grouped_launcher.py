@@ -67,6 +67,11 @@ class GroupedLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        return self.run_members(list(enumerate(job_overrides, start=initial_job_idx)))
+
+    def run_members(self, numbered: Sequence[tuple[int, Sequence[str]]]) -> list[JobReturn]:
+        """Train these (member number, overrides) together in this process; their JobReturns.
+        Also what each job of hydra/launcher=slurm_grouped runs."""
         from saesweep.errors import UserError
 
         setup_globals()
@@ -74,10 +79,10 @@ class GroupedLauncher(Launcher):
         group_task = self._group_task()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        log.info("Launching %d jobs as one group (one LM pass)", len(job_overrides))
+        log.info("Launching %d jobs as one group (one LM pass)", len(numbered))
 
         configs = []
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+        for idx, overrides in numbered:
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(config):

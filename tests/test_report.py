@@ -72,7 +72,7 @@ def make_member(
 
 @pytest.fixture
 def sweep(tmp_path) -> Path:
-    """4 members, 2 architectures: 0 and 1 done, 2 failed (a Traceback in its log), 3 unfinished."""
+    """4 members, 2 architectures: 0 and 1 done, 2 failed (a Traceback in its log), 3 running (a log, no eval.json)."""
     s = tmp_path / "multirun" / "2026-11-23" / "14-00-00"
     info = "[2026-11-23 14:00:01,000][saesweep.training.loop][INFO] - training topk\n"
     make_member(s, "0", ["architecture=topk", "sae.k=16", "training.total_tokens=1000000"], "topk", EVAL_0, info)
@@ -112,7 +112,7 @@ def test_load_sweep_status_and_fields(sweep):
         ("0", "done", "topk"),
         ("1", "done", "batchtopk"),
         ("2", "failed", "topk"),
-        ("3", "unfinished", "batchtopk"),
+        ("3", "running", "batchtopk"),
     ]
     assert members[0].metrics == {k: float(v) for k, v in EVAL_0.items() if k != "ce_clean"}
     assert members[2].reason == "train.log: RuntimeError: CUDA out of memory"
@@ -156,8 +156,8 @@ def test_members_sorted_numerically_and_odd_entries_tolerated(tmp_path):
     [
         ("[2026-11-23 14:00:00,000][saesweep][ERROR] - disk full\n", "failed"),
         ("error: 'sae.k' must be a positive integer\n", "failed"),
-        ("[2026-11-23 14:00:00,000][saesweep][INFO] - reconstruction error 0.1\n", "unfinished"),
-        ("", "unfinished"),
+        ("[2026-11-23 14:00:00,000][saesweep][INFO] - reconstruction error 0.1\n", "running"),
+        ("", "pending"),
     ],
 )
 def test_status_from_log(tmp_path, log, status):
@@ -189,11 +189,11 @@ def test_csv_and_md(sweep, tmp_path):
         "0,done,topk,16,,16,0.71,0.0123,0.05,0.82,1000000,12345.6,\n"
         "1,done,batchtopk,32,1e-3,32.5,0.8,0.009,0,0.9,1000000,11000,\n"
         "2,failed,topk,64,,,,,,,,,train.log: RuntimeError: CUDA out of memory\n"
-        "3,unfinished,batchtopk,128,,,,,,,,,\n"
+        "3,running,batchtopk,128,,,,,,,,,\n"
     )
     md = (out / "report.md").read_text().splitlines()
     assert md[0] == f"# Sweep report: {sweep}"
-    assert md[2] == "4 members: 2 done, 1 failed, 1 unfinished"
+    assert md[2] == "4 members: 2 done, 1 failed, 1 running, 0 pending"
     assert md[4] == (
         "| member | status | architecture | sae.k | optimizer.lr | l0 | "
         "explained_variance | mse | dead_fraction | ce_loss_score | tokens_trained | tokens_per_second "
@@ -226,7 +226,7 @@ def test_no_finished_runs_still_writes_everything(tmp_path):
     s = tmp_path / "sweep"
     make_member(s, "0", ["sae.k=1"], "topk")
     write_report(s)
-    assert "1 members: 0 done, 0 failed, 1 unfinished" in (s / "report.md").read_text()
+    assert "1 members: 0 done, 0 failed, 0 running, 1 pending" in (s / "report.md").read_text()
     png_size(s / "pareto.png")
 
 
@@ -299,7 +299,9 @@ def test_callback_in_a_real_multirun(tmp_path):
     )
     assert proc.returncode == 1 and "x=2 is bad" in proc.stderr  # the sweep itself still fails
     assert (tmp_path / "sw" / "1" / "status.json").exists()  # member 1 ran x=2
-    assert (tmp_path / "sw" / "report.md").read_text().splitlines()[2] == "3 members: 2 done, 1 failed, 0 unfinished"
+    assert (tmp_path / "sw" / "report.md").read_text().splitlines()[
+        2
+    ] == "3 members: 2 done, 1 failed, 0 running, 0 pending"
     assert "1,failed,,2,,,,,,,,status.json: ValueError: x=2 is bad" in (tmp_path / "sw" / "report.csv").read_text()
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR
+import torch
+from conftest import CONF_DIR, TINY_RUN, wait_until_training, weights
 
 from saesweep.sweep.jobs import (
     GB,
@@ -143,3 +147,148 @@ LAUNCHER = [
     "hydra.launcher.gpus_per_node=null",
 ]
 TIMEOUT_S = 900
+# The acceptance grid: 3 k x 2 hook points (members 0, 1: k=4 at either hook; ...), planned
+# as 2 jobs of 3 members: by members_per_job where hook points may share an LM pass, by
+# hook point where they may not.
+GRID = ["sae.k=4,8,16", "model.hook_point=blocks.0.hook_resid_post,blocks.1.hook_resid_post"]
+
+
+def hooks_share_a_pass() -> bool:
+    from hydra_plugins.saesweep_grouped_launcher.grouped_launcher import GroupedLauncherConf
+
+    return "model.hook_point" in GroupedLauncherConf().may_differ
+
+
+LONGER = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + [
+    "training.total_tokens=65536",  # long enough to be requeued mid-run
+    "training.checkpoint_every_tokens=8192",
+]
+
+
+def sweep_cmd(sweep_dir: Path, tiny_lm: list[str], *args: str) -> list[str]:
+    lm = [o for o in tiny_lm if not o.startswith("model.hook_point=")]
+    return [sys.executable, "-m", "saesweep.train", "--multirun", *LAUNCHER, f"hydra.sweep.dir={sweep_dir}", *lm, *args]
+
+
+def run_sweep(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def plan_of(sweep_dir: Path) -> dict:
+    return json.loads((sweep_dir / "slurm_grouped_plan.json").read_text())
+
+
+def job_logs(sweep_dir: Path, slurm_job_id: str) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(sweep_dir.glob(f".submitit/{slurm_job_id}/*_log.*")))
+
+
+def members_of(sweep_dir: Path) -> list[Path]:
+    return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+def test_a_layer_by_k_grid_runs_as_the_planned_jobs_and_a_requeued_job_resumes_exactly(tmp_path, tiny_lm):
+    from test_slurm import submitit_logs
+
+    # Uninterrupted: 6 members in the 2 planned jobs, each job one LM pass for its 3 members.
+    plain = tmp_path / "plain"
+    args = [*GRID, *LONGER, "hydra.launcher.members_per_job=3"]
+    proc = run_sweep(sweep_cmd(plain, tiny_lm, *args), tmp_path)
+    assert proc.returncode == 0, (proc.stderr[-3000:], submitit_logs(plain)[-3000:])
+    assert "slurm_grouped plan: 6 member(s) in 2 job(s)" in proc.stdout + proc.stderr
+    plan = plan_of(plain)
+    want = [[0, 1, 2], [3, 4, 5]] if hooks_share_a_pass() else [[0, 2, 4], [1, 3, 5]]
+    assert [job["members"] for job in plan["jobs"]] == want
+    ids = [job["slurm_job_id"] for job in plan["jobs"]]
+    array = {i.split("_")[0] for i in ids}
+    assert len(array) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1"]  # one array, two tasks
+    sacct = subprocess.run(
+        ["sacct", "-o", "JobID,State", "--parsable2", "-j", array.pop()], capture_output=True, text=True
+    ).stdout
+    assert sorted(line for line in sacct.splitlines()[1:] if "." not in line) == sorted(f"{i}|COMPLETED" for i in ids)
+    for job_id in ids:
+        log = job_logs(plain, job_id)
+        assert log.count("Launching 3 jobs as one group (one LM pass)") == 1, log[-3000:]
+        assert log.count("training 3 SAE(s)") == 1, log[-3000:]
+    report = subprocess.run(
+        [sys.executable, "-m", "saesweep.report", str(plain)], capture_output=True, text=True, timeout=300
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    rows = [r.split(",") for r in (plain / "report.csv").read_text().splitlines()]
+    assert len(rows) == 7 and all(r[1] == "done" and r[rows[0].index("l0")] for r in rows[1:]), rows
+
+    # The same sweep, its first job requeued (scontrol requeue: SIGTERM, then requeued) mid-run.
+    sweep = tmp_path / "requeued"
+    job_id = None
+    process = subprocess.Popen(
+        sweep_cmd(sweep, tiny_lm, *args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until_training(process, sweep / "0" / "metrics.jsonl")
+        job_id = plan_of(sweep)["jobs"][0]["slurm_job_id"]
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        # The report works while jobs run: every planned member, each pending, running or done.
+        report = subprocess.run(
+            [sys.executable, "-m", "saesweep.report", str(sweep)], capture_output=True, text=True, timeout=300
+        )
+        assert report.returncode == 0, report.stderr[-2000:]
+        statuses = [r.split(",")[1] for r in (sweep / "report.csv").read_text().splitlines()[1:]]
+        assert len(statuses) == 6 and set(statuses) <= {"pending", "running", "done"}, statuses
+        out, err = process.communicate(timeout=TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id])
+    assert process.returncode == 0, (err[-3000:], submitit_logs(sweep)[-3000:])
+    job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in job, job
+    log = job_logs(sweep, job_id)
+    assert "stopping on signal 15" in log and "SIGTERM: ending this job" in log, log[-3000:]
+    for member in map(str, plan["jobs"][0]["members"]):
+        assert "resuming" in (sweep / member / "train.log").read_text(), member
+    for member in members_of(plain):
+        want, got = weights(member), weights(sweep / member.name)
+        assert want.keys() == got.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=0, rtol=0, msg=f"{member.name} {name}")
+
+    # Rerun of the finished sweep: nothing left to submit.
+    again = run_sweep(sweep_cmd(sweep, tiny_lm, *args), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert plan_of(sweep)["jobs"] == [] and plan_of(sweep)["finished"] == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+def test_a_diverging_member_fails_alone_and_a_rerun_resubmits_only_it(tmp_path, tiny_lm):
+    from test_slurm import submitit_logs
+
+    # Member 0 diverges (lr 1e30; two skipped steps end it), member 1 trains, in one job.
+    sweep = tmp_path / "sweep"
+    run = [o for o in TINY_RUN if not o.startswith("optimizer.lr=")]
+    args = [
+        *run,
+        "sae.k=8",
+        "training.grad_clip_norm=null",
+        "training.max_nonfinite_steps=2",
+        "optimizer.lr=1e30,4e-3",
+    ]
+    proc = run_sweep(sweep_cmd(sweep, tiny_lm, "model.hook_point=blocks.1.hook_resid_post", *args), tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "training diverged" in errors[0], (
+        proc.stderr[-3000:],
+        submitit_logs(sweep)[-3000:],
+    )
+    (job,) = plan_of(sweep)["jobs"]
+    assert job["members"] == [0, 1]
+    assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "failed"
+    assert json.loads((sweep / "1" / "eval.json").read_text())["tokens_trained"] == 8192
+    assert "1 done, 1 failed" in (sweep / "report.md").read_text()
+
+    rerun = run_sweep(sweep_cmd(sweep, tiny_lm, "model.hook_point=blocks.1.hook_resid_post", *args), tmp_path)
+    assert rerun.returncode == 2 and "training diverged" in rerun.stderr, rerun.stderr[-3000:]
+    plan = plan_of(sweep)
+    assert [j["members"] for j in plan["jobs"]] == [[0]] and plan["finished"] == [1]
+    assert "finished already (eval.json), not submitted: 1" in rerun.stdout + rerun.stderr

@@ -21,6 +21,8 @@ import copy
 import json
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -37,8 +39,6 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from hydra_plugins.saesweep_grouped_launcher.grouped_launcher import GroupedLauncher, GroupedLauncherConf, _dotted
 
 log = logging.getLogger(__name__)
-
-PLAN_NAME = "slurm_grouped_plan.json"
 
 
 @dataclass
@@ -74,6 +74,11 @@ class SlurmGroupedLauncher(SlurmLauncher):
     # ------------------------------------------------------------------ in the SLURM job
     def __call__(self, numbered: List[Tuple[int, List[str]]], singleton_state: Dict[Any, Any]) -> List[JobReturn]:
         Singleton.set_state(singleton_state)
+        # `scontrol requeue` (and scancel) send SIGTERM, then SIGKILL after KillWait; submitit
+        # ignores SIGTERM. The trainer checkpoints every member on it and hands it on to this
+        # handler, which ends the job: SLURM has requeued it already, and training on would
+        # only be killed mid-way.
+        signal.signal(signal.SIGTERM, _end_on_sigterm)
         grouped = _InJob(self.group_task, self.may_differ)
         grouped.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
         return grouped.run_members(numbered)
@@ -84,7 +89,7 @@ class SlurmGroupedLauncher(SlurmLauncher):
 
         from saesweep.atomic import atomic_write_text
         from saesweep.errors import UserError
-        from saesweep.sweep.jobs import GB, PlanError, plan_jobs, plan_record, plan_text
+        from saesweep.sweep.jobs import GB, PLAN_NAME, PlanError, plan_jobs, plan_record, plan_text
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
@@ -208,6 +213,11 @@ def _only_differing(members: List[Any]) -> List[Any]:
         dataclasses.replace(m, overrides=tuple(o for o in m.overrides if o.split("=", 1)[0].lstrip("+~") in keys))
         for m in members
     ]
+
+
+def _end_on_sigterm(signum: int, frame: Any) -> None:
+    log.warning("SIGTERM: ending this job (requeued by SLURM, or cancelled); checkpoints written")
+    sys.exit(128 + signum)
 
 
 class _InJob(GroupedLauncher):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GB = 1024**3
+PLAN_NAME = "slurm_grouped_plan.json"  # in the sweep dir; the sweep report reads its members
 FP32 = 4
 
 

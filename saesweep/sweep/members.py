@@ -8,7 +8,11 @@ A member is a numerically named subdirectory of the sweep dir (Hydra's default
               since Hydra records the exception nowhere in the member dir); or a `*.log`
               in the member dir has a `Traceback (most recent call last)` line, an
               `[ERROR]`/`[CRITICAL]` log record, or a line starting with `error:`;
-  unfinished  anything else: still running, or killed without a trace.
+  running     anything else that has started: metrics.jsonl, checkpoint.pt or a non-empty
+              log (training, queued again after a preemption, or killed without a trace);
+  pending     nothing written yet: a member dir without any of those, or a member that
+              hydra/launcher=slurm_grouped planned (slurm_grouped_plan.json) and whose job
+              has not started, so it has no dir at all.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ FAILURE_LINE = re.compile(r"Traceback \(most recent call last\)|\]\[(ERROR|CRITI
 class MemberResult:
     name: str
     path: Path
-    status: str  # done | failed | unfinished
+    status: str  # done | failed | running | pending
     reason: str = ""
     # None when .hydra/overrides.yaml is absent or unreadable: unknown, not empty.
     overrides: dict[str, str] | None = None
@@ -108,6 +112,8 @@ def _failure_reason(member_dir: Path) -> str | None:
     return None
 
 
+STATUSES = ("done", "failed", "running", "pending")
+
 # What a run leaves in its dir: a refused rerun writes nothing next to them.
 RUN_FILES = ("eval.json", "checkpoint.pt", "metrics.jsonl")
 
@@ -130,7 +136,7 @@ def load_member(member_dir: Path) -> MemberResult:
     member = MemberResult(
         name=member_dir.name,
         path=member_dir,
-        status="unfinished",
+        status="pending",
         overrides=parse_overrides(overrides_list) if isinstance(overrides_list, list) else None,
         architecture=_architecture(member_dir),
     )
@@ -151,7 +157,33 @@ def load_member(member_dir: Path) -> MemberResult:
             }
     elif (reason := _failure_reason(member_dir)) is not None:
         member.status, member.reason = "failed", reason
+    elif _started(member_dir):
+        member.status = "running"
     return member
+
+
+def _started(member_dir: Path) -> bool:
+    if any((member_dir / name).exists() for name in RUN_FILES):
+        return True
+    try:
+        return any(log.stat().st_size > 0 for log in member_dir.glob("*.log"))
+    except OSError:
+        return False
+
+
+def _planned(sweep_dir: Path) -> dict[str, list[str] | None]:
+    """Member name -> overrides, of the members slurm_grouped_plan.json lists ({} without one)."""
+    from saesweep.sweep.jobs import PLAN_NAME
+
+    try:
+        plan = json.loads((sweep_dir / PLAN_NAME).read_text())
+        entries = plan["members"]
+        return {
+            str(int(e["member"])): list(e["overrides"]) if isinstance(e.get("overrides"), list) else None
+            for e in entries
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def load_sweep(sweep_dir: Path) -> list[MemberResult]:
@@ -163,9 +195,16 @@ def load_sweep(sweep_dir: Path) -> list[MemberResult]:
     if not sweep_dir.is_dir():
         raise UserError(f"'{sweep_dir}' is not a directory; expected {expected}")
     member_dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    if not member_dirs:
+    members = [load_member(p) for p in member_dirs]
+    # Planned members whose job has not started yet have no dir.
+    names = {p.name for p in member_dirs}
+    for name, overrides in _planned(sweep_dir).items():
+        if name not in names:
+            parsed = parse_overrides(overrides) if overrides is not None else None
+            members.append(MemberResult(name, sweep_dir / name, "pending", "job not started", parsed))
+    if not members:
         raise UserError(f"'{sweep_dir}' has no member subdirectories; expected {expected}")
-    return sorted((load_member(p) for p in member_dirs), key=lambda m: m.number)
+    return sorted(members, key=lambda m: m.number)
 
 
 def differing_overrides(overrides: list[dict[str, str] | None]) -> list[str]:
@@ -193,10 +232,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def summary(members: list[MemberResult]) -> str:
-    counts = {s: sum(m.status == s for m in members) for s in ("done", "failed", "unfinished")}
-    return (
-        f"{len(members)} members: {counts['done']} done, {counts['failed']} failed, {counts['unfinished']} unfinished"
-    )
+    counts = {s: sum(m.status == s for m in members) for s in STATUSES}
+    return f"{len(members)} members: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
 
 
 def is_run_dir(path: Path) -> bool:

@@ -32,7 +32,7 @@ table.sortable th { cursor: pointer; user-select: none; }
 table.sortable th[aria-sort="ascending"]::after { content: " \\25B2"; font-size: 10px; }
 table.sortable th[aria-sort="descending"]::after { content: " \\25BC"; font-size: 10px; }
 .status-done { color: #1a7f37; font-weight: 600; } .status-failed { color: #c62828; font-weight: 600; }
-.status-unfinished { color: #b26a00; font-weight: 600; }
+.status-running { color: #b26a00; font-weight: 600; } .status-pending { color: #6e7781; font-weight: 600; }
 .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 8px 16px; }
 .plot { height: 380px; min-width: 0; }
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 4px; }

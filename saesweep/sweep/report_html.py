@@ -1,7 +1,7 @@
 """report.html for a sweep and run.html for one run: self-contained pages (saesweep.sweep.page).
 
 report.html, in the sweep dir beside report.md:
-- the members table, sortable by any column: status (done / failed / unfinished, and
+- the members table, sortable by any column: status (done / failed / running / pending, and
   why), the overrides that differ, the eval metrics, and each member's feature browser
   (its features.html, or the command that writes it);
 - L0 against explained variance and against CE loss score, points labelled by member
@@ -96,8 +96,8 @@ def series_of(members: list[MemberResult], names: dict[str, str]) -> list[Series
 
 
 def why(member: MemberResult, records: list[dict[str, Any]], config: dict[str, Any] | None) -> str:
-    """The failure, or how far an unfinished member got and what it has to resume from."""
-    if member.status != "unfinished":
+    """The failure, or how far a running member got and what it has to resume from."""
+    if member.status not in ("running", "pending") or not member.path.is_dir():
         return member.reason
     total = (config or {}).get("training.total_tokens")
     if records:

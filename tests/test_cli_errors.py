@@ -109,6 +109,30 @@ CASES = [
         ["hydra.mode=MULTIRUN", "hydra/launcher=grouped", "training.seed=1,2"],
         "config key 'training.seed': differs between grouped members",
     ),
+    Case(
+        "slurm_grouped: members_per_job below 1",
+        ["hydra.mode=MULTIRUN", "hydra/launcher=slurm_grouped", "hydra.launcher.members_per_job=0", "sae.k=8,16"],
+        "config key 'hydra.launcher.members_per_job': must be >= 1",
+    ),
+    Case(
+        "slurm_grouped: unknown launcher key",
+        ["hydra.mode=MULTIRUN", "hydra/launcher=slurm_grouped", "hydra.launcher.members_per_jbo=3", "sae.k=8"],
+        "config key 'hydra.launcher.members_per_jbo': not in the config",
+    ),
+    Case(
+        "slurm_grouped: a member that cannot fit device_memory_gb alone",
+        [
+            "hydra.mode=MULTIRUN",
+            "hydra/launcher=slurm_grouped",
+            "hydra.launcher.device_memory_gb=16",
+            "model=gpt2",
+            "model.name={dir}/big",
+            "model.hook_point=blocks.0.hook_resid_post",
+            "sae.k=8,16",
+        ],
+        "config key 'hydra.launcher.device_memory_gb': member 0 (sae.k=8) needs an estimated",
+        files={"big/config.json": '{"model_type": "gpt2", "n_layer": 32, "n_embd": 4096, "vocab_size": 50000}'},
+    ),
 ]
 
 

@@ -134,6 +134,41 @@ def test_the_preset_is_slurm_yaml_plus_the_grouped_launchers_rules(tmp_path):
     assert launcher["array_parallelism"] == 16 and launcher["timeout_min"] == 120
 
 
+def test_the_report_marks_members_of_running_jobs_pending_running_failed_or_done(tmp_path):
+    """While jobs run: done (eval.json), failed (the failure record the group writes), running
+    (metrics or a checkpoint, no eval.json), pending (planned, nothing written: no dir yet,
+    or a dir its job has only just made)."""
+    from saesweep.report import main as report
+    from saesweep.sweep.jobs import plan_record
+
+    sweep = tmp_path / "sweep"
+    members = [member(i, overrides=[f"sae.k={4 * 2**i}"]) for i in range(5)]
+    jobs = plan_jobs(members, members_per_job=3, device_memory_bytes=None, lm_bytes=0)
+    sweep.mkdir()
+    (sweep / "slurm_grouped_plan.json").write_text(json.dumps(plan_record(jobs, [], 16)))
+    for i in range(4):
+        (sweep / str(i) / ".hydra").mkdir(parents=True)
+        (sweep / str(i) / ".hydra" / "overrides.yaml").write_text(f"- sae.k={4 * 2**i}\n")
+    (sweep / "0" / "eval.json").write_text(json.dumps({"l0": 4.0, "explained_variance": 0.5}))
+    (sweep / "1" / "metrics.jsonl").write_text('{"step": 2, "tokens": 2048}\n')
+    (sweep / "2" / "checkpoint.pt").write_bytes(b"")
+    (sweep / "2" / "status.json").write_text(json.dumps({"status": "failed", "error": "UserError: training diverged"}))
+    # member 3: only its .hydra/ so far; member 4: its job has not started (no dir)
+    assert report([str(sweep)]) == 0
+    rows = [line.split(",") for line in (sweep / "report.csv").read_text().splitlines()]
+    columns = rows[0]
+    got = {r[0]: (r[1], r[columns.index("sae.k")]) for r in rows[1:]}
+    assert got == {
+        "0": ("done", "4"),
+        "1": ("running", "8"),
+        "2": ("failed", "16"),
+        "3": ("pending", "32"),
+        "4": ("pending", "64"),
+    }
+    assert "5 members: 1 done, 1 failed, 1 running, 2 pending" in (sweep / "report.md").read_text()
+    assert "training diverged" in (sweep / "report.csv").read_text()
+
+
 # ------------------------------------------------------------------------- on the cluster
 
 PARTITION = os.environ.get("SAESWEEP_SLURM_PARTITION", "debug")

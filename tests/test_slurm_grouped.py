@@ -195,8 +195,8 @@ def hooks_share_a_pass() -> bool:
 
 
 LONGER = [o for o in TINY_RUN if not o.startswith("training.total_tokens=")] + [
-    "training.total_tokens=65536",  # long enough to be requeued mid-run
-    "training.checkpoint_every_tokens=8192",
+    "training.total_tokens=32768",  # long enough to be requeued mid-run
+    "training.checkpoint_every_tokens=4096",
 ]
 
 

@@ -105,9 +105,9 @@ CASES = [
         "config key 'model.from_pretrained_kwargs': the loader refused them",
     ),
     Case(
-        "grouped members differ in a shared key",
-        ["hydra.mode=MULTIRUN", "hydra/launcher=grouped", "training.seed=1,2"],
-        "config key 'training.seed': differs between grouped members",
+        "grouped members differ in what one LM pass shares",
+        ["hydra.mode=MULTIRUN", "hydra/launcher=grouped", "dataset.context_size=64,128"],
+        "config key 'dataset.context_size': differs between grouped members",
     ),
     Case(
         "slurm_grouped: members_per_job below 1",

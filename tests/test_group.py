@@ -130,7 +130,9 @@ def test_a_finished_member_is_not_trained_again(tmp_path):
     assert train_group([TrainConfig()], [tmp_path]) == [{"l0": 3.0}]
 
 
-def test_group_members_may_differ_only_in_sae_optimizer_scheduler_objectives(monkeypatch):
+def test_group_members_may_differ_only_in_sae_optimizer_scheduler_objectives_and_hooks(monkeypatch):
+    """What cannot share one LM pass (another model, dataset, context size, seed) is refused,
+    naming the key; hook points may differ (one pass to the deepest)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
@@ -149,8 +151,21 @@ def test_group_members_may_differ_only_in_sae_optimizer_scheduler_objectives(mon
             check_group(configs("optimizer.lr=1e-3", "objectives=[l0]"), may_differ, UserError)
             with pytest.raises(UserError, match=r"config key 'training.seed': differs .*\(42 vs 7\).*grouped"):
                 check_group(configs("training.seed=42", "training.seed=7"), may_differ, UserError)
-            with pytest.raises(UserError, match=r"config key 'model.hook_point'"):
-                check_group(configs("sae.k=8", "model.hook_point=blocks.2.hook_resid_post"), may_differ, UserError)
+            check_group(configs("sae.k=8", "model.hook_point=blocks.2.hook_resid_post"), may_differ, UserError)
+            check_group(
+                configs("model.hook_point_out=blocks.3.hook_resid_post", "model.hook_point=blocks.2.hook_resid_post"),
+                may_differ,
+                UserError,
+            )
+            for key, a, b in [
+                ("model.name", "SmolLM2-135M-Instruct.Q4_1", "other-model"),
+                ("model.dtype", "float32", "bfloat16"),
+                ("dataset.context_size", 128, 64),
+                ("dataset.path", "shakespeare", "other-corpus"),
+                ("activations.exclude_bos", True, False),
+            ]:
+                with pytest.raises(UserError, match=rf"config key '{key}': differs .*\({a!r} vs {b!r}\)"):
+                    check_group(configs(f"{key}={a}", f"{key}={b}"), may_differ, UserError)
         finally:
             HydraConfig.instance().cfg = saved
 

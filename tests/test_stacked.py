@@ -25,7 +25,7 @@ D_IN, D_SAE, BATCH = 16, 64, 64
 
 
 def make_member(run_dir: Path, arch: str = "batchtopk", log_every: int = 3, **settings: Any) -> Member:
-    """A started member; settings: `sae.*`, `optimizer.*` or `training.*` keys."""
+    """A started member; settings: `sae.*`, `optimizer.*`, `training.*` or `model.*` keys."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig()
     sae = {"k": 4, "aux_k": 8, "dead_steps_threshold": 2} if "topk" in arch else {}
@@ -36,7 +36,7 @@ def make_member(run_dir: Path, arch: str = "batchtopk", log_every: int = 3, **se
     cfg.training.log_every = log_every
     for key, value in settings.items():
         group, _, name = key.partition(".")
-        if group in ("optimizer", "training"):
+        if group in ("optimizer", "training", "model"):
             setattr(getattr(cfg, group), name, value)
     member = Member(0, cfg, run_dir, named=False)
     first = torch.randn(8 * BATCH, D_IN, generator=torch.Generator().manual_seed(5))
@@ -237,6 +237,7 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
         make_member(tmp_path / "d", "batchtopk", **{"sae.initial_k": 8}),  # a k schedule
         make_member(tmp_path / "e", "batchtopk", **{"training.compile": True}),
         make_member(tmp_path / "f", "standard"),  # no stacked maths
+        make_member(tmp_path / "h", "batchtopk", **{"model.hook_point": "blocks.3.hook_resid_post"}),  # other data
         make_member(tmp_path / "g", "batchtopk", **{"sae.k": 8}),  # stacks with a
     ]
     steppers = form_stacks(kinds)

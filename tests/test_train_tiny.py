@@ -9,6 +9,7 @@ as subprocesses on the embedded model (test_e2e, test_resume, test_group).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -169,3 +170,162 @@ def _overrides(run_dir) -> str:
     import yaml
 
     return "".join(f"{o}\n" for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()))
+
+
+# --- a group over hook points: one LM pass to the deepest hook, each member at its own ----
+
+H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"  # tiny_lm's two layers
+
+
+def _eval(run_dir) -> dict:
+    result = json.loads((run_dir / "eval.json").read_text())
+    return {k: v for k, v in result.items() if k not in ("train_seconds", "tokens_per_second")}
+
+
+def _same_run(got, want) -> None:
+    """Bit for bit: weights, every logged metric, the evaluation."""
+    w, g = weights(want), weights(got)
+    assert w.keys() == g.keys()
+    for name in w:
+        assert torch.equal(g[name], w[name]), name
+    assert metrics_without_timing(got) == metrics_without_timing(want)
+    assert _eval(got) == _eval(want)
+
+
+@contextlib.contextmanager
+def lm_passes():
+    """Counts the LM's activation passes by the hooks they were asked for (evaluation's
+    SAE-independent parts forgotten first, so each run computes its own)."""
+    from collections import Counter
+
+    from saesweep.evaluation import held_out
+    from saesweep.lm.tl_backend import HookedLM
+
+    calls: Counter = Counter()
+    run_to_hooks = HookedLM.run_to_hooks
+
+    def counted(self, tokens, hooks):
+        calls[tuple(hooks)] += 1
+        return run_to_hooks(self, tokens, hooks)
+
+    held_out._SHARED.clear()
+    HookedLM.run_to_hooks = counted
+    try:
+        yield calls
+    finally:
+        HookedLM.run_to_hooks = run_to_hooks
+
+
+BATCHTOPK = [*RUN, *arch_overrides("batchtopk")]
+
+
+@pytest.fixture(scope="module")
+def alone_at_h0(tiny_lm, tmp_path_factory):
+    """The k=8 BatchTopK run at the first layer, trained alone, and the LM passes it took."""
+    run_dir = tmp_path_factory.mktemp("alone-h0")
+    with lm_passes() as calls:
+        code, output = train([*tiny_lm, *BATCHTOPK, f"model.hook_point={H0}", f"hydra.run.dir={run_dir}"])
+    assert code == 0, output[-3000:]
+    return run_dir, calls
+
+
+def _member(sweep, hook: str, k: int):
+    found = [d for d in sweep.iterdir() if d.is_dir() and f"model.hook_point={hook}\n" in _overrides(d)]
+    found = [d for d in found if f"sae.k={k}\n" in _overrides(d)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_sweep_over_hooks_and_k_runs_the_lm_once_and_each_member_equals_its_separate_run(
+    runs, alone_at_h0, tiny_lm, tmp_path
+):
+    """2 hooks x 2 k: one LM pass per chunk to the deeper hook feeds all four; the members at
+    each hook stack (and only those); each k=8 member ends bit for bit where its separate run
+    ended (weights, metrics, eval at its own hook), at the shallower hook too, where the group's
+    LM ran further than its own run's."""
+    alone, alone_calls = alone_at_h0
+    sweep = tmp_path / "sweep"
+    with lm_passes() as calls:
+        code, output = train(
+            [
+                "--multirun",
+                "hydra/launcher=grouped",
+                *tiny_lm,
+                *BATCHTOPK,
+                f"model.hook_point={H0},{H1}",
+                "sae.k=8,16",
+                f"hydra.sweep.dir={sweep}",
+            ]
+        )
+    assert code == 0, output[-3000:]
+    assert f"one LM pass per chunk feeds hooks {H0}, {H1}" in output
+    stacks = [line for line in output.splitlines() if "members train as one stacked BatchTopKSAE" in line]
+    assert len(stacks) == 2 and all("2 members" in line for line in stacks), stacks
+    # The training feed asked for both hooks at once, as often as the separate run asked for
+    # its one (its evaluation's passes are the rest); evaluation ran once at each hook.
+    assert set(calls) == {(H0, H1), (H0,), (H1,)}, calls
+    assert calls[(H0, H1)] + calls[(H0,)] == alone_calls[(H0,)], (calls, alone_calls)
+    assert calls[(H0, H1)] >= 3 and calls[(H0,)] == calls[(H1,)]
+    _same_run(_member(sweep, H0, 8), alone)
+    _same_run(_member(sweep, H1, 8), runs["batchtopk"])
+    assert json.loads((_member(sweep, H0, 16) / "sae" / "cfg.json").read_text())["metadata"]["hook_name"] == H0
+    assert "4 members: 4 done" in (sweep / "report.md").read_text()
+
+
+def test_a_sweep_over_hooks_builds_one_cache_that_serves_its_members(alone_at_h0, tiny_lm, tmp_path):
+    """activations.source=cache: the group builds one cache holding both hooks; a separate run
+    that asks for the same hooks (activations.cache_hooks) hits it and trains to the group
+    member's weights, and reads the same tokens as the live run (one shard)."""
+    cache = [f"activations.cache_dir={tmp_path / 'acts'}", "activations.source=cache"]
+    sweep = tmp_path / "sweep"
+    code, output = train(
+        [
+            "--multirun",
+            "hydra/launcher=grouped",
+            *tiny_lm,
+            *BATCHTOPK,
+            *cache,
+            f"model.hook_point={H0},{H1}",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert code == 0, output[-3000:]
+    assert output.count("building activation cache") == 1 and f"hooks {H0}, {H1}" in output, output[-3000:]
+    assert len(list((tmp_path / "acts").iterdir())) == 1
+    run_dir = tmp_path / "alone"
+    code, output = train(
+        [
+            *tiny_lm,
+            *BATCHTOPK,
+            *cache,
+            f"model.hook_point={H0}",
+            f"activations.cache_hooks=[{H1}]",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
+    assert code == 0 and "cache hit" in output and "building" not in output, output[-3000:]
+    _same_run(_member(sweep, H0, 8), run_dir)
+    # No activation is read but through the cache's manifest key.
+    assert _eval(run_dir)["activation_source"].startswith("cache:")
+
+
+def test_a_group_over_hooks_stopped_by_ctrl_c_resumes_each_member_exactly(alone_at_h0, tiny_lm, tmp_path):
+    """The checkpoint holds the feed's hooks and its buffer's column per hook: the rerun
+    resumes both members on that feed, and the first-layer member ends where its separate
+    run ended."""
+    argv = [
+        "--multirun",
+        "hydra/launcher=grouped",
+        *tiny_lm,
+        *BATCHTOPK,
+        f"model.hook_point={H0},{H1}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    with ctrl_c_after_step(2 * 3):  # three batches: each member steps alone (one per hook)
+        code, output = train(argv)
+    assert code == 130, output[-3000:]
+    checkpoint = torch.load(_member(tmp_path / "sweep", H0, 8) / "checkpoint.pt", weights_only=False)
+    assert checkpoint["hooks"] == [H0, H1] and len(checkpoint["buffer"]["columns"]) == 2
+    code, output = train(argv)
+    assert code == 0 and output.count("resuming") >= 2, output[-3000:]
+    _same_run(_member(tmp_path / "sweep", H0, 8), alone_at_h0[0])

@@ -3,8 +3,9 @@
 Hydra's basic launcher calls the task once per member (`hydra.core.utils.run_job`).
 This one does per member what run_job does around the task — output dir, `.hydra/`
 files, job callbacks before and after, a JobReturn — but calls the app's group task
-once with every member's config, so the members share one LM pass. What a member
-may vary is `may_differ` (the rest must be equal, or there is nothing to share).
+once with every member's config, so the members share one LM pass (to the deepest of
+their hook points). What a member may vary is `may_differ` (the rest must be equal, or
+there is nothing to share).
 """
 
 # No `from __future__ import annotations`: Hydra execs plugin modules without registering
@@ -45,7 +46,18 @@ class GroupedLauncherConf:
     # the task's return value, or the exception that failed it.
     group_task: str = "saesweep.train.main_group"
     # Config keys (or whole sections) members may set differently.
-    may_differ: list = field(default_factory=lambda: ["sae", "optimizer", "scheduler", "objectives", "logger.job_name"])
+    # Hook points may differ: the LM runs once, to the deepest of them, and feeds each its members.
+    may_differ: list = field(
+        default_factory=lambda: [
+            "sae",
+            "optimizer",
+            "scheduler",
+            "objectives",
+            "logger.job_name",
+            "model.hook_point",
+            "model.hook_point_out",
+        ]
+    )
 
 
 ConfigStore.instance().store(

@@ -31,7 +31,7 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -58,9 +58,10 @@ READ_CHUNK_TOKENS = 4096
 # --------------------------------------------------------------------------- keys
 
 
-def cache_hooks(cfg: TrainConfig) -> list[str]:
-    """The hook points stored: the run's own, plus `activations.cache_hooks` (one LM pass for all)."""
-    hooks = {cfg.model.hook_point, *cfg.activations.cache_hooks}
+def cache_hooks(cfg: TrainConfig, group_hooks: Sequence[str] = ()) -> list[str]:
+    """The hook points stored: the run's own, plus `activations.cache_hooks` and, for a grouped
+    sweep, every member's hooks (`group_hooks`): one LM pass and one cache for all."""
+    hooks = {cfg.model.hook_point, *cfg.activations.cache_hooks, *group_hooks}
     if cfg.model.hook_point_out is not None:
         hooks.add(cfg.model.hook_point_out)
     return sorted(hooks)
@@ -391,12 +392,15 @@ def tokens_for(rows: torch.Tensor, source: ActivationSource) -> int:
     return int(source.token_mask(rows).sum())
 
 
-def ensure_cache(cfg: TrainConfig, model: Any, rows: Any, build: bool = True) -> ActivationCache | None:
-    """The complete cache for this config: found ("cache hit") or built here ("cache built").
+def ensure_cache(
+    cfg: TrainConfig, model: Any, rows: Any, build: bool = True, group_hooks: Sequence[str] = ()
+) -> ActivationCache | None:
+    """The complete cache for this config (and a group's hooks, see `cache_hooks`): found
+    ("cache hit") or built here ("cache built").
 
     With build=False, returns None instead of building (or waiting for a builder).
     """
-    hooks = cache_hooks(cfg)
+    hooks = cache_hooks(cfg, group_hooks)
     bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
     token_rows = cache_token_rows(cfg, rows, bos)
     spec = activation_spec(cfg, model, token_rows, hooks)
@@ -554,6 +558,7 @@ def open_training_feed(
     rows: Any,
     checkpoint: dict[str, Any] | None,
     ranks: Ranks = SINGLE,
+    group_hooks: Sequence[str] = (),
 ) -> LiveFeed | CacheReader:
     """Where training activations come from: a live LM pass or the shared cache.
 
@@ -562,6 +567,8 @@ def open_training_feed(
     it), and a single run without a cache trains live (building a cache for one run
     would cost the same LM pass plus the disk). `checkpoint` holds this rank's feed
     position; under DDP every rank takes rank 0's choice and reads its own share.
+    `group_hooks`: every hook of a grouped sweep's members, so that the group builds and
+    reads one cache holding them all (each subgroup's `source` reads its own columns).
     """
     choice = cfg.activations.source
     saved = checkpoint.get("activation_cache") if checkpoint else None
@@ -573,7 +580,7 @@ def open_training_feed(
         check_hook(model, hook, "activations.cache_hooks")
     cache = None
     if choice == "auto":
-        cache = ensure_cache(cfg, model, rows, build=in_multirun())
+        cache = ensure_cache(cfg, model, rows, build=in_multirun(), group_hooks=group_hooks)
         choice = ranks.broadcast_object("cache" if cache is not None else "live")  # a cache may appear meanwhile
         log.info(
             "activations.source=auto: %s",
@@ -582,7 +589,7 @@ def open_training_feed(
     if choice == "live":
         start = checkpoint["rows_consumed"] if checkpoint and "rows_consumed" in checkpoint else 0
         return LiveFeed(source, rows, cfg.activations.batch_rows, start, ranks.rank, ranks.world)
-    cache = cache or ensure_cache(cfg, model, rows)
+    cache = cache or ensure_cache(cfg, model, rows, group_hooks=group_hooks)
     position = 0
     if saved:
         position = saved["position"]

@@ -17,6 +17,11 @@ from saesweep.lm.model import LanguageModel
 Columns = tuple[torch.Tensor, ...]
 
 
+def run_hooks(hook_in: str, hook_out: str | None) -> list[str]:
+    """A run's hooks, in column order: [input] for an SAE, [input, target] for a transcoder."""
+    return [hook_in] if hook_out in (None, hook_in) else [hook_in, hook_out]
+
+
 class ActivationSource:
     """Turns token rows into activations: (input,) for an SAE, (input, target) for a transcoder.
 
@@ -26,7 +31,7 @@ class ActivationSource:
 
     def __init__(self, model: LanguageModel, hook_in: str, hook_out: str | None, exclude_bos: bool):
         self.model = model
-        self.hooks = [hook_in] if hook_out in (None, hook_in) else [hook_in, hook_out]
+        self.hooks = run_hooks(hook_in, hook_out)
         self._setup(exclude_bos)
 
     @classmethod
@@ -36,6 +41,14 @@ class ActivationSource:
         source.model = model
         source.hooks = list(hooks)
         source._setup(exclude_bos)
+        return source
+
+    def subset(self, hooks: list[str]) -> "ActivationSource":
+        """A source for some of this one's hooks (a grouped member's own), on the same model,
+        its widths taken from this one's (no probe pass of its own)."""
+        widths = dict(zip(self.hooks, self.widths()))
+        source = ActivationSource.for_hooks(self.model, hooks, self.exclude_bos)
+        source._width_cache = [widths[h] for h in hooks]
         return source
 
     def _setup(self, exclude_bos: bool) -> None:

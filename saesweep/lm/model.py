@@ -196,6 +196,13 @@ def load_model_checked(cfg: TrainConfig, device: torch.device) -> LanguageModel:
     if shape is not None:
         check_model_against_shape(cfg, shape)
     model = load_model(cfg.model, device, cfg.cache_dir)
+    check_run_against_model(model, cfg)
+    return model
+
+
+def check_run_against_model(model: LanguageModel, cfg: TrainConfig) -> None:
+    """A run's hooks and context size against the loaded model; a grouped member's own hooks
+    are checked one member at a time, so a member with a bad hook fails alone."""
     check_hook(model, cfg.model.hook_point, "model.hook_point")
     if cfg.model.hook_point_out is not None:
         check_hook(model, cfg.model.hook_point_out, "model.hook_point_out")
@@ -209,4 +216,3 @@ def load_model_checked(cfg: TrainConfig, device: torch.device) -> LanguageModel:
         raise UserError(
             f"config key 'dataset.context_size': {cfg.dataset.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}"
         )
-    return model

@@ -1,8 +1,9 @@
 """The training loop: one loop for every architecture, and for a group of SAEs.
 
 A group is several SAEs that differ only in their own, optimizer and scheduler
-settings: they share the LM, the token rows, the activation feed and the buffer, so
-the LM runs once for all of them, while each member keeps its own SAE, optimizer,
+settings and their hook points: they share the LM, the token rows, the activation feed
+and the buffer, so the LM runs once for all of them (to the deepest hook; the buffer holds
+a column per hook, shuffled together, and each member reads its own), while each member keeps its own SAE, optimizer,
 scheduler, dead-latent counters, metrics log, checkpoint and run dir. A single run
 is a group of one. Members whose SAEs can stack (one class and shape) step as one batched
 model (saesweep.training.stacked), each still with all of the above its own.
@@ -38,8 +39,8 @@ from saesweep.config.schema import TrainConfig
 from saesweep.data.rows import load_token_rows
 from saesweep.errors import UserError
 from saesweep.evaluation.held_out import shared_key
-from saesweep.lm.model import load_model_checked, model_shape
-from saesweep.lm.shape import check_sae_against_shape
+from saesweep.lm.model import check_run_against_model, load_model, model_shape
+from saesweep.lm.shape import check_model_against_shape, check_sae_against_shape
 from saesweep.training.allocator import keep_freed_memory
 from saesweep.training.checkpoint import CHECKPOINT_NAME, StopSignals, save_checkpoints
 from saesweep.training.distributed import SINGLE, Ranks, resolve_device
@@ -77,12 +78,14 @@ def train_group(
 ) -> list[Outcome]:
     """Train one SAE per config on one shared activation stream, each into its own run dir.
 
-    The configs must agree on everything but sae, optimizer, scheduler, objectives and
-    logger (the grouped launcher checks that). A member that fails (bad checkpoint,
+    The configs must agree on everything but sae, optimizer, scheduler, objectives, logger
+    and the hook points (the grouped launcher checks that). The LM runs once per chunk to the
+    deepest hook of the group, and each member trains on its own hook's activations, in the
+    order it would see them alone. A member that fails (bad checkpoint,
     divergence, an error in its step) gets its exception as outcome; the others go on.
     Members whose checkpoints are at different points of the stream (a member added to
-    the sweep, a crash between two checkpoint renames) are trained one subgroup after
-    another, so each resumes exactly. `resume_hint` says how to rerun, for the stop message.
+    the sweep, a crash between two checkpoint renames), or of a feed over other hooks, are
+    trained one subgroup after another, so each resumes exactly. `resume_hint` says how to rerun, for the stop message.
     With several `ranks` (training.distributed=ddp) this process is one of them: one member only.
     `records`: each member's config as its run dir's `.hydra/` records it; a run dir holding
     a record of other settings refuses the member before anything loads or is written.
@@ -95,7 +98,8 @@ def train_group(
     run_dirs = [Path(d) for d in run_dirs]
     resume_hint = resume_hint or f"hydra.run.dir={run_dirs[0]}"
     outcomes: list[Outcome | None] = [None] * len(cfgs)
-    subgroups: dict[int | None, list[Member]] = {}  # by checkpoint position; None: not started
+    # By checkpoint position and the feed's hooks then; (None, None): not started.
+    subgroups: dict[tuple[int | None, tuple[str, ...] | None], list[Member]] = {}
     shape = model_shape(cfgs[0].model, cfgs[0].cache_dir)  # the members share the model
     for i, (cfg, run_dir, record) in enumerate(zip(cfgs, run_dirs, records or [None] * len(cfgs))):
         try:
@@ -103,13 +107,14 @@ def train_group(
             if finished is not None:
                 outcomes[i] = finished
                 continue
-            if shape is not None:
-                check_sae_against_shape(cfg, shape)  # before anything loads
+            if shape is not None:  # before anything loads
+                check_model_against_shape(cfg, shape)
+                check_sae_against_shape(cfg, shape)
             member = Member(i, cfg, run_dir, named=len(cfgs) > 1, ranks=ranks, record=record)
         except UserError as e:
             outcomes[i] = e
             continue
-        subgroups.setdefault(member.position, []).append(member)
+        subgroups.setdefault((member.position, member.feed_hooks), []).append(member)
     if not subgroups:
         return outcomes  # type: ignore[return-value]
 
@@ -117,13 +122,27 @@ def train_group(
     seed_everything(cfg.training.seed)
     device = resolve_device(cfg.training.device, "training.device", ranks)
     keep_freed_memory()  # before the model and the step's big temporaries are allocated
-    model = load_model_checked(cfg, device)
+    model = load_model(cfg.model, device, cfg.cache_dir)
+    for key, members in list(subgroups.items()):
+        subgroups[key] = []
+        for member in members:
+            try:
+                check_run_against_model(model, member.cfg)  # its own hooks: a bad one fails it alone
+            except UserError as e:
+                outcomes[member.index] = e
+                continue
+            subgroups[key].append(member)
+    subgroups = {key: members for key, members in subgroups.items() if members}
+    if not subgroups:
+        return outcomes  # type: ignore[return-value]
     rows = load_token_rows(
         cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.training.seed, total_tokens=cfg.training.total_tokens
     )
-    source = ActivationSource(model, cfg.model.hook_point, cfg.model.hook_point_out, cfg.activations.exclude_bos)
+    # Every hook of the group: a cache (activations.source=cache) holds them all, built once.
+    group_hooks = list(dict.fromkeys(h for members in subgroups.values() for m in members for h in m.hooks))
     for members in subgroups.values():
-        for member, outcome in zip(members, train_together(members, model, source, rows, device, resume_hint)):
+        together = train_together(members, model, rows, device, resume_hint, group_hooks)
+        for member, outcome in zip(members, together):
             outcomes[member.index] = outcome
     return outcomes  # type: ignore[return-value]
 
@@ -140,15 +159,27 @@ def finished_result(cfg: TrainConfig, run_dir: Path, record: RunRecord | None) -
 
 
 def train_together(
-    members: list[Member], model: Any, source: ActivationSource, rows: Any, device: torch.device, resume_hint: str
+    members: list[Member],
+    model: Any,
+    rows: Any,
+    device: torch.device,
+    resume_hint: str,
+    group_hooks: list[str] | None = None,
 ) -> list[Outcome]:
     """The loop: members at the same point of the same activation stream, one batch each step.
 
-    Under DDP each rank runs it on its own share of the stream and of every batch."""
+    The stream holds a column per hook of the members (the checkpoint's, when resuming): one
+    LM pass, or one cache read, feeds them all. Under DDP each rank runs it on its own share
+    of the stream and of every batch."""
     cfg, checkpoint, ranks = members[0].cfg, members[0].checkpoint, members[0].ranks
+    hooks = list(members[0].feed_hooks or dict.fromkeys(h for m in members for h in m.hooks))
+    source = ActivationSource.for_hooks(model, hooks, cfg.activations.exclude_bos)
+    for member in members:
+        member.columns = (hooks.index(member.hooks[0]), hooks.index(member.hooks[-1]))
+        member.source = source.subset(member.hooks)  # its own hooks, for its evaluation
     stream = rank_stream(checkpoint, ranks.rank)  # this rank's feed position and buffer
     # Live LM pass or the shared cache; either way the buffer gets chunks of activations.
-    feed = open_training_feed(cfg, model, source, rows, stream, ranks)
+    feed = open_training_feed(cfg, model, source, rows, stream, ranks, group_hooks or hooks)
     batch_size, every = cfg.training.batch_size, cfg.training.checkpoint_every_tokens
     total_steps = cfg.training.total_tokens // batch_size
     local_batch = batch_size // ranks.world  # divisible: checked when the ranks joined
@@ -169,12 +200,12 @@ def train_together(
         with amp():
             first = buffer.sample()
         for member in members:
-            member.start(source, device, total_steps, first)
+            member.start(member.source, device, total_steps, member.own(first))
     else:
         batches, elapsed_before = stream_position(checkpoint), checkpoint["elapsed"]
         buffer.load_state_dict(stream["buffer"])
         for member in members:
-            member.start(source, device, total_steps)
+            member.start(member.source, device, total_steps)
 
     steppers = Steppers()
 
@@ -191,22 +222,23 @@ def train_together(
         streams = ranks.gather(own)  # rank 0 writes every rank's stream state
         if not ranks.is_main:
             return
-        shared = {"batches": batches, "elapsed": elapsed(), **own}
+        shared = {"batches": batches, "elapsed": elapsed(), "hooks": hooks, **own}
         if ranks.active:
             shared.update(world_size=ranks.world, rank_streams=streams[1:])
         write = _die_mid_write if batches == crash_at and crash_where == "checkpoint" else torch.save
         save_checkpoints({m.run_dir / CHECKPOINT_NAME: m.state(shared) for m in to_save}, write)
 
     log.info(
-        "training %d SAE(s) (%s) d_in=%d for %d steps of %d tokens on %s%s",
+        "training %d SAE(s) (%s) for %d steps of %d tokens on %s%s",
         len(members),
-        ", ".join(f"{m.cfg.sae.architecture} d_sae={m.sae.d_sae}" for m in members),
-        source.d_in,
+        ", ".join(f"{m.cfg.sae.architecture} d_in={m.sae.d_in} d_sae={m.sae.d_sae} at {m.hooks[0]}" for m in members),
         total_steps,
         batch_size,
         device,
         f" x {ranks.world} ranks of {local_batch}" if ranks.active else "",
     )
+    if len(hooks) > 1:
+        log.info("one LM pass per chunk feeds hooks %s (the model runs to the deepest)", ", ".join(hooks))
     # The bar is closed however the loop ends, so an error message starts on its own line.
     with (
         StopSignals() as stop,
@@ -225,7 +257,7 @@ def train_together(
             batches += 1
             # Members that share an SAE class and shapes step as one stacked model, the others alone.
             for stepper in steppers.covering(training):
-                stepper.train_step(batch[0], batch[-1])
+                stepper.train_step(*stepper.own(batch))
             for member in training:
                 if member.error is not None:
                     save([member])  # its last good state: bad steps were never applied
@@ -261,7 +293,7 @@ def train_together(
                     # Ctrl-C is a person who wants to look at what they have; a preempted
                     # job (USR2/TERM) has seconds left and only needs the checkpoint.
                     for member in healthy:
-                        member.export_partial(buffer.sample()[0])
+                        member.export_partial(member.own(buffer.sample())[0])
                 log.warning(
                     "stopping on signal %d at step %d; checkpoint saved%s. To resume, rerun the same command with %s",
                     stop.received,
@@ -277,16 +309,17 @@ def train_together(
         ranks.barrier()  # rank 0 evaluates and writes the run's results
         return [m.error if m.error is not None else {} for m in members]
     log.info("trained on %d tokens in %.1f s; evaluating on held-out rows", total_steps * batch_size, train_seconds)
-    # Members (of this group, or of a sweep run one after another in this process) share
-    # the evaluation's SAE-independent parts: held-out activations, clean and ablated CE.
-    eval_key = shared_key(cfg.model, source.hooks, cfg.activations.exclude_bos, rows.eval_rows, cfg.eval.batch_rows)
-    outcomes: list[Outcome] = []
-    for member in members:
+    # Members at one hook (of this group, or of a sweep run one after another in this process)
+    # share the evaluation's SAE-independent parts: held-out activations, clean and ablated CE;
+    # hence one hook's members after another (each member is evaluated at its own hook).
+    for member in sorted(members, key=lambda m: [hooks.index(h) for h in m.hooks]):
         if member.error is None:
-            member.finish(source, rows, buffer.sample()[0], train_seconds, feed.name, eval_key)
-        outcomes.append(member.error if member.error is not None else member.result)
+            eval_key = shared_key(
+                member.cfg.model, member.source.hooks, cfg.activations.exclude_bos, rows.eval_rows, cfg.eval.batch_rows
+            )
+            member.finish(member.source, rows, member.own(buffer.sample())[0], train_seconds, feed.name, eval_key)
     ranks.barrier()
-    return outcomes
+    return [member.error if member.error is not None else member.result for member in members]
 
 
 def rank_stream(checkpoint: dict[str, Any] | None, rank: int) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from saesweep.activations.source import ActivationSource
+from saesweep.activations.source import ActivationSource, run_hooks
 from saesweep.atomic import atomic_write_text, stale_temps
 from saesweep.config.domain import plain
 from saesweep.config.schema import TrainConfig
@@ -89,19 +89,32 @@ class Member:
                 "--nproc_per_node or SLURM tasks), or use a new run dir"
             )
         self.position = stream_position(self.checkpoint) if self.checkpoint is not None else None
+        # Its own hooks ([input] or [input, target]); the feed's columns may hold more (a group
+        # over hooks reads them all from one LM pass): `columns` says where its own are.
+        self.hooks = run_hooks(cfg.model.hook_point, cfg.model.hook_point_out)
+        self.columns = (0, len(self.hooks) - 1)
+        # The feed's hooks when it was checkpointed (the buffer holds a column for each): a
+        # member resumes with the members that share them. A checkpoint from before groups
+        # over hooks holds the member's own.
+        self.feed_hooks = tuple(self.checkpoint.get("hooks", self.hooks)) if self.checkpoint is not None else None
         self.error: Exception | None = None
         self.result: dict[str, Any] = {}
         self.last_l0 = float("nan")
         self.stacked = False  # trains in a stack (saesweep.training.stacked): its tensors are views
 
     def stack_key(self) -> tuple[Any, ...] | None:
-        """Members with equal keys can train as one stacked model; None: this one steps alone
+        """Members with equal keys (and hooks) can train as one stacked model; None: this one steps alone
         (an architecture with no stacked maths, a compiled forward, DDP, or an optimizer with
         no fused kernel, which the stack's per-member skip relies on)."""
         if self.cfg.training.compile or self.ranks.active or not self.optimizer.defaults.get("fused"):
             return None
         key = self.sae.stack_key()
-        return None if key is None else (key, self.sae.W_enc.device, self.sae.W_enc.dtype)
+        # A stack takes one batch: members at other hooks train on other activations.
+        return None if key is None else (key, tuple(self.hooks), self.sae.W_enc.device, self.sae.W_enc.dtype)
+
+    def own(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target): this member's columns of the feed's batch."""
+        return batch[self.columns[0]], batch[self.columns[1]]
 
     def start(
         self,

@@ -1,6 +1,6 @@
 """Members of a group that can train as one stacked model do (issue 17, item 2).
 
-Members whose SAEs share a stack key (saesweep.sae.SAE.stack_key: class and shapes) take one
+Members whose SAEs share a stack key (saesweep.sae.SAE.stack_key: class and shapes) and hooks take one
 batched forward and backward (saesweep.sae.stack.SAEStack), so a group of 8 dispatches about
 the ops of one member instead of 8 times them. What stays per member is what differs per
 member: each keeps its own optimizer, stepped over its slices of the stacked tensors by the
@@ -54,6 +54,10 @@ class MemberStack:
             type(self.sae.saes[0]).__name__,
             ", ".join(m.run_dir.name for m in members),
         )
+
+    def own(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' columns of the feed's batch: one hook's (the stack key holds it)."""
+        return self.members[0].own(batch)
 
     def train_step(self, x: torch.Tensor, target: torch.Tensor) -> None:
         """One step of every member on this batch; an error ends every member of the stack."""

@@ -246,6 +246,9 @@ def test_a_layer_by_k_grid_runs_as_the_planned_jobs_and_a_requeued_job_resumes_e
         log = job_logs(plain, job_id)
         assert log.count("Launching 3 jobs as one group (one LM pass)") == 1, log[-3000:]
         assert log.count("training 3 SAE(s)") == 1, log[-3000:]
+        if hooks_share_a_pass():  # each job has members at both hooks: still one forward per chunk
+            (line,) = [x for x in log.splitlines() if "one LM pass per chunk feeds hooks" in x]
+            assert "blocks.0.hook_resid_post" in line and "blocks.1.hook_resid_post" in line, line
     report = subprocess.run(
         [sys.executable, "-m", "saesweep.report", str(plain)], capture_output=True, text=True, timeout=300
     )

@@ -83,7 +83,7 @@ RATES_0 = [-10.0, -3.0, -2.5, -2.0, -1.0, -10.0]
 
 @pytest.fixture
 def sweep(tmp_path) -> Path:
-    """0 and 1 done (seeds 0 and 1), 2 done (k=32), 3 unfinished with a checkpoint, 4 failed."""
+    """0 and 1 done (seeds 0 and 1), 2 done (k=32), 3 running (a checkpoint, no eval.json), 4 failed."""
     s = tmp_path / "multirun" / "2026-12-04" / "12-00-00"
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 4, generator=g)

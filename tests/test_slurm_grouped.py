@@ -131,7 +131,11 @@ def test_the_preset_is_slurm_yaml_plus_the_grouped_launchers_rules(tmp_path):
     assert launcher["_target_"].startswith("hydra_plugins.saesweep_slurm_grouped_launcher.")
     assert launcher["may_differ"] == GroupedLauncherConf().may_differ
     assert launcher["members_per_job"] == 3 and launcher["device_memory_gb"] is None
-    assert launcher["array_parallelism"] == 16 and launcher["timeout_min"] == 120
+    # Every SLURM field as slurm.yaml has it (the preset repeats them: a launcher preset
+    # cannot extend another of a different schema).
+    slurm = {k: v for k, v in compose_launcher(tmp_path, "hydra/launcher=slurm").items() if k != "_target_"}
+    assert "members_per_job" not in slurm and slurm["gpus_per_node"] == 1
+    assert {k: launcher[k] for k in slurm} == slurm
 
 
 def test_the_report_marks_members_of_running_jobs_pending_running_failed_or_done(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF_DIR, TINY_RUN, wait_until_training, weights
+from test_slurm import cluster  # noqa: F401  (the fixture: with SAESWEEP_SLURM=1 the cluster must answer)
 
 from saesweep.sweep.jobs import (
     GB,
@@ -227,6 +228,7 @@ def members_of(sweep_dir: Path) -> list[Path]:
 
 @pytest.mark.slurm
 @pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+@pytest.mark.usefixtures("cluster")
 def test_a_layer_by_k_grid_runs_as_the_planned_jobs_and_a_requeued_job_resumes_exactly(tmp_path, tiny_lm):
     from test_slurm import submitit_logs
 
@@ -304,6 +306,7 @@ def test_a_layer_by_k_grid_runs_as_the_planned_jobs_and_a_requeued_job_resumes_e
 
 @pytest.mark.slurm
 @pytest.mark.skipif(not ON_CLUSTER, reason="needs SAESWEEP_SLURM=1 and tests/slurm/cluster.sh start")
+@pytest.mark.usefixtures("cluster")
 def test_a_diverging_member_fails_alone_and_a_rerun_resubmits_only_it(tmp_path, tiny_lm):
     from test_slurm import submitit_logs
 

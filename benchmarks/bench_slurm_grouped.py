@@ -47,8 +47,11 @@ EXTRA = ["eval.rows=13", "eval.ce_rows=3", "architecture=batchtopk", "training.b
 
 
 def slurm_jobs(sweep_dir: Path) -> int:
-    """SLURM jobs the sweep ran: submitit's folders are one per array task."""
-    return len([p for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()])
+    """SLURM jobs the sweep ran: submitit keeps a folder per array task (`<array>_<task>`,
+    beside one for the array itself), or one `<job>` folder for a sweep of a single job."""
+    names = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()]
+    tasks = [n for n in names if "_" in n]
+    return len(tasks) if tasks else len(names)
 
 
 def run_arm(arm: str, tokens: int, work: Path) -> dict:

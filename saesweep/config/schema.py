@@ -121,7 +121,8 @@ class ActivationsConfig:
     batch_rows: int = in_domain(32, Range(gt=0))  # rows (of dataset.context_size tokens) per LM pass
     source: ActivationOrigin = ActivationOrigin.live
     # Each cache is a subdirectory named by its key; ~2.3 GB per 1M tokens of one d=576
-    # fp32 hook. Delete a subdirectory to rebuild it.
+    # fp32 hook (shards hold the LM's activation dtype: half that for bf16). Delete a
+    # subdirectory to rebuild it.
     cache_dir: Optional[str] = in_domain(None, Folder(null="<cache_dir>/activations"))
     # More hook points to store in the same LM pass, e.g. for a sweep over layers that sets
     # this to the same list in every member (they then share one cache).
@@ -132,6 +133,9 @@ class ActivationsConfig:
     cache_tokens: Optional[int] = in_domain(None, Range(gt=0, null="training.total_tokens"))
     # Shards are the unit of atomic writes, checksums and build resume.
     shard_mb: float = in_domain(32.0, Range(gt=0))
+    # Chunks (of 4,096 tokens) a cache reader reads ahead on a background thread, so the
+    # next shard's read and checksum overlap the training steps; 0 reads in the step.
+    prefetch_chunks: int = in_domain(4, Range(ge=0))
 
 
 @dataclass

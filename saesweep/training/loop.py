@@ -273,6 +273,8 @@ def train_together(
                 ranks.follow_main(f"stopped on signal {stopping}")  # DDP: go on only if rank 0 does
 
     train_seconds = elapsed()
+    if hasattr(feed, "close"):
+        feed.close()  # a cache reader's read-ahead thread: training reads no more
     if not ranks.is_main:
         ranks.barrier()  # rank 0 evaluates and writes the run's results
         return [m.error if m.error is not None else {} for m in members]

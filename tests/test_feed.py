@@ -201,3 +201,55 @@ def test_training_with_prefetched_cache_reads_equals_synchronous_reads(tiny_lm, 
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+# --------------------------------------------------------------------------- buffer.size_tokens=auto
+
+
+def test_auto_buffer_size_is_what_fits_at_the_refill_peak_in_whole_batches():
+    from saesweep.training.buffer_size import AUTO_MAX_TOKENS, auto_buffer_tokens
+
+    # (10 MB free - 2 MB of SAEs) x 3/4 headroom / 2.5 copies = 2.4 MB = 18,750 tokens of 128 B,
+    # rounded down to batches of 64: 292 x 64.
+    assert auto_buffer_tokens(10_000_000, 2_000_000, 128, 64, 10**9) == 18_688
+    # The run needs only 10,000 tokens: 157 batches hold them.
+    assert auto_buffer_tokens(10_000_000, 2_000_000, 128, 64, 10_000) == 10_048
+    # Nothing free after the SAEs: still two batches (the buffer's minimum).
+    assert auto_buffer_tokens(1_000_000, 2_000_000, 128, 64, 10**9) == 128
+    # Plenty of memory: at most AUTO_MAX_TOKENS.
+    assert auto_buffer_tokens(10**12, 0, 4, 64, 10**9) == AUTO_MAX_TOKENS
+
+
+def test_auto_buffer_sets_the_sae_state_aside_and_a_number_is_kept(tiny_config, monkeypatch):
+    from saesweep.training import buffer_size
+
+    cfg = dataclasses.replace(tiny_config, buffer=dataclasses.replace(tiny_config.buffer, size_tokens="auto"))
+    monkeypatch.setattr(buffer_size, "free_memory", lambda device: 64 * 2**20)
+    state = buffer_size.sae_state_bytes([cfg, cfg], 32, 32)
+    # Two d_in 32 x d_sae TopK SAEs: W_enc, W_dec, b_enc, b_dec in fp32, four copies each,
+    # plus a few per-latent buffers.
+    d_sae = 32 * cfg.sae.expansion_factor
+    weights = 32 * d_sae * 2 + d_sae + 32
+    assert 2 * weights * 4 * 4 <= state <= 2 * (weights * 4 * 4 + d_sae * 8 * 4)
+    got = buffer_size.buffer_capacity([cfg, cfg], [32], torch.device("cpu"), 1024, 8192)
+    assert got == buffer_size.auto_buffer_tokens(64 * 2**20, state, 32 * 4, 1024, 8192) == 8192
+    assert buffer_size.buffer_capacity([tiny_config], [32], torch.device("cpu"), 1024, 8192) == 65536
+
+
+def test_auto_is_a_valid_buffer_size_and_other_words_are_refused(tiny_lm):
+    from saesweep.errors import UserError
+
+    assert validate(composed("train", ["buffer.size_tokens=auto"])).buffer.size_tokens == "auto"
+    with pytest.raises(UserError) as refused:
+        validate(composed("train", ["buffer.size_tokens=big"]))
+    assert str(refused.value) == (
+        "config key 'buffer.size_tokens': must be > 0 or auto (from the training device's free memory), got 'big'"
+    )
+
+
+def test_a_run_with_an_auto_buffer_trains(tiny_lm, tmp_path):
+    from saesweep.training.loop import train
+
+    cfg = config(tiny_lm, tmp_path / "acts", "buffer.size_tokens=auto", "training.total_tokens=4096")
+    result = train(cfg, tmp_path)
+    assert result["explained_variance"] > 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -141,7 +141,8 @@ class ActivationsConfig:
 @dataclass
 class BufferConfig:
     # Activations held (and shuffled) on the training device; refilled when half read.
-    size_tokens: int = in_domain(65536, Range(gt=0))
+    # auto: sized from the device's free memory (saesweep.training.buffer_size).
+    size_tokens: Union[int, str] = in_domain(65536, Range(gt=0, auto="from the training device's free memory"))
 
 
 class OptimizerName(Choice):
@@ -386,7 +387,7 @@ def _check_values(cfg: TrainConfig) -> None:
         f"{t.total_tokens} is less than one batch (training.batch_size={t.batch_size})",
     )
     need(
-        cfg.buffer.size_tokens >= 2 * t.batch_size,
+        cfg.buffer.size_tokens == "auto" or cfg.buffer.size_tokens >= 2 * t.batch_size,
         "buffer.size_tokens",
         f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})",
     )

@@ -41,6 +41,7 @@ from saesweep.evaluation.held_out import shared_key
 from saesweep.lm.model import load_model_checked, model_shape
 from saesweep.lm.shape import check_sae_against_shape
 from saesweep.training.allocator import keep_freed_memory
+from saesweep.training.buffer_size import buffer_capacity
 from saesweep.training.checkpoint import CHECKPOINT_NAME, StopSignals, save_checkpoints
 from saesweep.training.distributed import SINGLE, Ranks, resolve_device
 from saesweep.training.member import Member, autocast, read_back, stream_position
@@ -154,7 +155,9 @@ def train_together(
     local_batch = batch_size // ranks.world  # divisible: checked when the ranks joined
     buffer = ActivationBuffer(
         feed,
-        capacity=max(2 * local_batch, cfg.buffer.size_tokens),
+        capacity=buffer_capacity(
+            [m.cfg for m in members], source.widths(), device, local_batch, total_steps * local_batch
+        ),
         batch_size=local_batch,
         device=device,
         generator=torch.Generator().manual_seed(cfg.training.seed),

@@ -162,6 +162,7 @@ def train_together(
         device=device,
         generator=torch.Generator().manual_seed(cfg.training.seed),
         limit=total_steps * local_batch,  # every step reads one batch; pull no more than that
+        overlap=True,  # refills pulled beside the steps (a side stream on a GPU)
     )
     # The LM runs inside the buffer's refills, so its forward is under autocast there too.
     amp = autocast(cfg, device)

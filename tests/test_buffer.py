@@ -178,3 +178,88 @@ def test_the_live_feed_runs_the_lm_only_on_the_rows_the_run_trains_on(smollm2):
     # A skipped step made up past the limit takes just the rows it needs too.
     buf.next_batch()
     assert feed.rows_consumed == int((kept < 6 * 64).sum()) + 1
+
+
+def budgeted_source(chunk: int, calls: list):
+    """A source that can stop short, like the live feed; records every call's budget."""
+
+    class Feed:
+        start = 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return self.next_chunk(None)
+
+        def next_chunk(self, budget):
+            calls.append(budget)
+            n = chunk if budget is None else min(chunk, budget)
+            x = torch.arange(self.start, self.start + n, dtype=torch.float32)[:, None]
+            self.start += n
+            return (x, -x)
+
+    return Feed()
+
+
+def overlapped(overlap: bool, calls: list, chunk: int = 5, limit: int | None = 203, capacity: int = 48):
+    return ActivationBuffer(
+        budgeted_source(chunk, calls),
+        capacity=capacity,
+        batch_size=8,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(3),
+        limit=limit,
+        overlap=overlap,
+    )
+
+
+@pytest.mark.parametrize("chunk, limit", [(5, 203), (13, None), (64, 200)])
+def test_refills_pulled_ahead_give_the_plain_buffers_batches_bit_for_bit(chunk, limit):
+    """The overlapped buffer (a refill's fresh half pulled while the other half is read; on a
+    GPU on a side stream) hands out the same batches from the same source calls, through
+    the last, shrinking refill before the limit and a batch made up past it."""
+    plain_calls, ahead_calls = [], []
+    plain, ahead = overlapped(False, plain_calls, chunk, limit), overlapped(True, ahead_calls, chunk, limit)
+    steps = 27  # past the limit of 203 tokens (25 batches): two made-up batches
+    for step in range(steps):
+        want, got = plain.next_batch(), ahead.next_batch()
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), step
+        assert torch.equal(got[0], -got[1])
+    # The same calls with the same budgets; the overlapped one may be pulling the next refill.
+    assert ahead_calls[: len(plain_calls)] == plain_calls
+    if limit is not None:
+        assert ahead_calls == plain_calls  # nothing beyond the limit and the made-up batches
+
+
+def test_a_refill_is_pulled_while_the_half_before_it_is_read():
+    plain_calls, ahead_calls = [], []
+    plain, ahead = overlapped(False, plain_calls, limit=None), overlapped(True, ahead_calls, limit=None)
+    for buf in (plain, ahead):
+        buf.next_batch()  # the first fill: 48 tokens
+    first = len(plain_calls)
+    assert len(ahead_calls) == first
+    for _ in range(2):  # 24 of 48 read: the next batch refills
+        plain.next_batch()
+        ahead.next_batch()
+    assert len(plain_calls) == first  # the plain buffer pulls only when the refill is due
+    assert sum(len(p[0]) for p in ahead._pending) >= 16  # the overlapped one has most of it already
+    assert ahead.pulled == plain.pulled  # counted once the refill takes it
+
+
+def test_a_buffer_resumed_with_chunks_pulled_ahead_hands_out_the_same_batches():
+    calls: list = []
+    straight = overlapped(True, calls)
+    want = [straight.next_batch() for _ in range(20)]
+    interrupted = overlapped(True, [])
+    for _ in range(6):  # mid-way through pulling a refill ahead
+        interrupted.next_batch()
+    assert interrupted._pending
+    state = interrupted.state_dict()
+    source_position = interrupted.source.start
+    resumed = overlapped(True, [])
+    resumed.source.start = source_position  # the feed resumes from its own checkpointed position
+    resumed.load_state_dict(state)
+    got = [resumed.next_batch() for _ in range(14)]
+    for a, b in zip(want[6:], got):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

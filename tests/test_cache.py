@@ -146,6 +146,7 @@ def test_key_is_stable_and_sensitive_to_every_field(smollm2, tiny_rows, tmp_path
         "transcoder target": key_with(model__hook_point_out="blocks.7.hook_resid_post"),
         "model name": key_with(model__name="other"),
         "dtype": key_with(model__dtype="bfloat16"),
+        "autocast": key_with(training__autocast="bf16"),
         "tokens": key_with(training__total_tokens=16384),
         "cache tokens": key_with(activations__cache_tokens=4096),
         "exclude_bos": key_with(activations__exclude_bos=False),

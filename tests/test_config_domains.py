@@ -50,7 +50,10 @@ TRAIN_CASES = [
         ["training.grad_clip_norm=0"],
         "config key 'training.grad_clip_norm': must be > 0 or null (no clipping), got 0.0",
     ),
-    (["buffer.size_tokens=0"], "config key 'buffer.size_tokens': must be > 0, got 0"),
+    (
+        ["buffer.size_tokens=0"],
+        "config key 'buffer.size_tokens': must be > 0 or auto (from the training device's free memory), got 0",
+    ),
     (["optimizer.lr=0"], "config key 'optimizer.lr': must be > 0, got 0.0"),
     (["optimizer.lr=-1e-3"], "config key 'optimizer.lr': must be > 0, got -0.001"),
     (["optimizer.lr=nan"], "config key 'optimizer.lr': must be > 0, got nan (not a finite number)"),
@@ -120,7 +123,13 @@ def test_a_training_value_outside_its_domain_is_one_line(overrides, line, a_file
 
 @pytest.mark.parametrize(
     "overrides",
-    [["eval.rows=null"], ["training.grad_clip_norm=null"], ["training.checkpoint_every_tokens=0"], ["eval.ce_rows=0"]],
+    [
+        ["eval.rows=null"],
+        ["training.grad_clip_norm=null"],
+        ["training.checkpoint_every_tokens=0"],
+        ["eval.ce_rows=0"],
+        ["buffer.size_tokens=auto"],
+    ],
 )
 def test_the_spellings_with_a_meaning_are_accepted(overrides):
     validate(composed("train", overrides))

@@ -9,15 +9,54 @@ refill takes only what is left and the buffer shrinks, and a source that can sto
 short (the live LM feed) computes only the rows that hold it, so no activation is
 computed that no step trains on; a batch asked for beyond it (a skipped step made up)
 is pulled fresh.
+
+With `overlap`, the next refill's fresh half is pulled while the current half is read: a
+chunk at a time at the start of `next_batch` (after the previous step is queued), paced so
+that it is complete when the refill is due, on a side CUDA stream whose work the refill
+waits for (its tensors marked as used by the training stream, so the allocator never hands
+their memory out early). On the CPU the stream is a no-op and the pulls happen earlier but
+in the same sequence with the same budgets, so the batches are bit for bit those of the
+plain buffer; a checkpoint carries what was pulled ahead.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
 Columns = tuple[torch.Tensor, ...]
+
+
+class SideStream:
+    """Where fresh activations are made: a CUDA side stream, or (on the CPU) nothing at all."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._started = False
+
+    def __call__(self) -> Any:
+        """A context in which work is queued on the side stream."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        if not self._started:
+            # Once, so that the LM's weights (placed by the training stream) are in place.
+            # Later pulls read nothing the training stream writes: they need not wait for
+            # its steps, and so run beside them.
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+            self._started = True
+        return torch.cuda.stream(self.stream)
+
+    def hand_over(self, tensors: list[torch.Tensor]) -> None:
+        """Make the training stream wait for the side stream's work on `tensors`, and keep
+        their memory from reuse until the training stream is done with them."""
+        if self.stream is None:
+            return
+        current = torch.cuda.current_stream(self.stream.device)
+        current.wait_stream(self.stream)
+        for t in tensors:
+            t.record_stream(current)
 
 
 class ActivationBuffer:
@@ -30,6 +69,7 @@ class ActivationBuffer:
         generator: torch.Generator,
         dtype: torch.dtype = torch.float32,
         limit: int | None = None,
+        overlap: bool = False,
     ):
         if capacity < 2 * batch_size:
             raise ValueError(f"buffer capacity {capacity} must hold two batches of {batch_size}")
@@ -43,7 +83,10 @@ class ActivationBuffer:
         self.columns: list[torch.Tensor] | None = None
         self.read = 0  # rows handed out since the last refill
         self.limit = limit
-        self.pulled = 0  # tokens taken from the source so far
+        self.pulled = 0  # tokens taken from the source so far (the pending ones once complete)
+        self.overlap = overlap
+        self._side = SideStream(device)
+        self._pending: list[Columns] = []  # the next refill's chunks, pulled ahead (overlap)
 
     def _room(self, n: int) -> int:
         return n if self.limit is None else min(n, self.limit - self.pulled)
@@ -53,17 +96,52 @@ class ActivationBuffer:
         parts: list[Columns] = []
         have = 0
         while have < n:
-            chunk = self._spill if self._spill is not None else self._next_chunk(have)
-            self._spill = None
-            chunk = tuple(c.to(self.device, self.dtype, non_blocking=True) for c in chunk)
-            need = n - have
-            if len(chunk[0]) > need:
-                self._spill = tuple(c[need:] for c in chunk)
-                chunk = tuple(c[:need] for c in chunk)
-            parts.append(chunk)
-            have += len(chunk[0])
+            parts.append(self._pull(n - have, have))
+            have += len(parts[-1][0])
         self.pulled += n
         return [torch.cat(col) for col in zip(*parts)]
+
+    def _pull(self, need: int, have: int) -> Columns:
+        """The source's next chunk (or the spill of the last), at most `need` tokens of it."""
+        chunk = self._spill if self._spill is not None else self._next_chunk(have)
+        self._spill = None
+        chunk = tuple(c.to(self.device, self.dtype, non_blocking=True) for c in chunk)
+        if len(chunk[0]) > need:
+            self._spill = tuple(c[need:] for c in chunk)
+            chunk = tuple(c[:need] for c in chunk)
+        return chunk
+
+    def _refill_point(self) -> int:
+        """Rows read when the next refill is due: the first count of whole batches that
+        reaches half the capacity. The refill takes that many tokens, within the limit."""
+        return -(-(self.capacity // 2) // self.batch_size) * self.batch_size
+
+    def _pending_tokens(self) -> int:
+        return sum(len(p[0]) for p in self._pending)
+
+    def _pull_ahead(self) -> None:
+        """Pull chunks of the next refill until the share due by now is in (overlap)."""
+        point = self._refill_point()
+        target = self._room(point)
+        due = target * min(1.0, (self.read + self.batch_size) / point)
+        with self._side():
+            while (have := self._pending_tokens()) < due:
+                self._pending.append(self._pull(target - have, have))
+
+    def _take_fresh(self, n: int) -> list[torch.Tensor]:
+        """The refill's n fresh tokens: what was pulled ahead, completed on the spot."""
+        if not self.overlap:
+            return self._take(n)
+        with self._side():
+            while (have := self._pending_tokens()) < n:
+                self._pending.append(self._pull(n - have, have))
+            fresh = [torch.cat(col) for col in zip(*self._pending)]
+        if self._pending_tokens() != n:
+            raise RuntimeError(f"pulled {self._pending_tokens()} tokens ahead for a refill of {n}")
+        self._side.hand_over(fresh)
+        self._pending = []
+        self.pulled += n
+        return fresh
 
     def _next_chunk(self, have: int) -> Columns:
         """The source's next chunk. A source that can stop short (the live LM feed) is told
@@ -80,13 +158,13 @@ class ActivationBuffer:
         elif (n := self._room(self.read)) == self.read:
             # The unread tail moves to the front; fresh activations fill the rest.
             keep = self.capacity - self.read
-            fresh = self._take(n)
+            fresh = self._take_fresh(n)
             for col, new in zip(self.columns, fresh):
                 col[:keep] = col[self.read :].clone()
                 col[keep:] = new
         else:
             # The last refill before the limit: the buffer shrinks to the unread tail plus what is left.
-            fresh = self._take(n)
+            fresh = self._take_fresh(n)
             self.columns = [torch.cat([col[self.read :], new]) for col, new in zip(self.columns, fresh)]
             self.capacity = len(self.columns[0])
         perm = torch.randperm(self.capacity, generator=self.generator).to(self.device)
@@ -100,13 +178,16 @@ class ActivationBuffer:
         return tuple(self.columns)
 
     def state_dict(self) -> dict:
-        """Contents, read position, leftover source chunk and generator: all a resume needs."""
+        """Contents, read position, leftover source chunk, what was pulled ahead and the
+        generator: all a resume needs."""
+        self._side.hand_over([])  # the side stream's pulls are complete before they are copied
         return {
             "columns": [c.cpu() for c in self.columns] if self.columns is not None else None,
             "read": self.read,
             "pulled": self.pulled,
             "spill": [c.cpu() for c in self._spill] if self._spill is not None else None,
             "generator": self.generator.get_state(),
+            "pending": [[c.cpu() for c in chunk] for chunk in self._pending],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -118,6 +199,7 @@ class ActivationBuffer:
         else:
             self.limit = None  # a checkpoint from before the limit: resume as it was running
         self._spill = tuple(state["spill"]) if state["spill"] is not None else None
+        self._pending = [tuple(c.to(self.device) for c in chunk) for chunk in state.get("pending", [])]
         self.generator.set_state(state["generator"])
 
     def next_batch(self) -> Columns:
@@ -128,6 +210,8 @@ class ActivationBuffer:
             self.limit, exhausted = self.pulled + self.batch_size, False
         if self.columns is None or (self.read >= self.capacity // 2 and not exhausted):
             self._refill()
+        elif self.overlap and not exhausted:
+            self._pull_ahead()
         i = self.read
         self.read += self.batch_size
         return tuple(col[i : i + self.batch_size] for col in self.columns)

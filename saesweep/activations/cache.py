@@ -20,6 +20,7 @@ Readers never take the lock: they only read caches whose manifest exists.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -35,6 +36,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from saesweep.activations.prefetch import Prefetcher
 from saesweep.activations.source import ActivationSource, Columns, LiveFeed
 from saesweep.atomic import atomic_write, atomic_write_text
 from saesweep.config.schema import TrainConfig, TrainingConfig
@@ -124,6 +126,27 @@ def weights_fingerprint(model: Any, hooks: list[str]) -> str:
     return digest.hexdigest()
 
 
+def lm_autocast(cfg: TrainConfig, model: Any) -> Any:
+    """The autocast context training runs the LM under (the cache is built under it too, so
+    that cached activations are the ones a live run trains on)."""
+    device = torch.device(model.cfg.device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.training.autocast == "bf16")
+
+
+def activation_dtype(cfg: TrainConfig, model: Any, hooks: list[str]) -> torch.dtype:
+    """The dtype the LM emits at the hooks as training runs it: model.dtype, or what
+    training.autocast makes of it there (a block's output under bf16 autocast, not the fp32
+    residual sum). Shards store this dtype, so a bf16 LM's cache takes half the disk of an
+    fp32 one; the buffer converts to the training dtype as it reads."""
+    probe = torch.zeros((1, 2), dtype=torch.long)
+    with lm_autocast(cfg, model):
+        dtypes = [a.dtype for a in ActivationSource.for_hooks(model, hooks, False).hook_activations(probe)]
+    widest = dtypes[0]
+    for dtype in dtypes[1:]:
+        widest = torch.promote_types(widest, dtype)
+    return widest
+
+
 def activation_spec(cfg: TrainConfig, model: Any, token_rows: torch.Tensor, hooks: list[str]) -> dict[str, Any]:
     """Everything that determines the cached activations, as plain JSON data.
 
@@ -154,7 +177,10 @@ def activation_spec(cfg: TrainConfig, model: Any, token_rows: torch.Tensor, hook
             "tokens_sha256": hashlib.sha256(token_rows.contiguous().numpy().tobytes()).hexdigest(),
         },
         "exclude_bos": cfg.activations.exclude_bos,
-        "store_dtype": str(model.cfg.dtype).removeprefix("torch."),
+        # Autocast changes the values even where it leaves the dtype (an fp32 residual sums
+        # bf16 block outputs); the stored dtype keeps fp32 and bf16 caches apart.
+        "autocast": str(cfg.training.autocast),
+        "store_dtype": str(activation_dtype(cfg, model, hooks)).removeprefix("torch."),
     }
 
 
@@ -249,7 +275,16 @@ class ActivationCache:
                 raise corrupt(path, self.path, "does not match manifest.json")
         return [tensors[h] for h in hooks]
 
-    def reader(self, hooks: list[str], seed: int, position: int = 0, rank: int = 0, world: int = 1) -> "CacheReader":
+    def reader(
+        self,
+        hooks: list[str],
+        seed: int,
+        position: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        prefetch: int = 0,
+        pin: bool = False,
+    ) -> "CacheReader":
         missing = [h for h in hooks if h not in self.manifest["hooks"]]
         if missing:
             raise UserError(f"activation cache {self.path} holds no {', '.join(missing)}")
@@ -258,7 +293,7 @@ class ActivationCache:
                 f"activation cache {self.path} holds {self.tokens} tokens, fewer than the {world} "
                 "data-parallel ranks; raise activations.cache_tokens"
             )
-        return CacheReader(self, hooks, seed, position, rank, world)
+        return CacheReader(self, hooks, seed, position, rank, world, prefetch, pin)
 
 
 def load_manifest(path: Path) -> ActivationCache | None:
@@ -332,12 +367,17 @@ def build_cache(
     exclude_bos: bool,
     batch_rows: int,
     shard_mb: float,
+    amp: Any = None,
 ) -> ActivationCache:
-    """Run the LM over `token_rows` once and store every hook's activations. Hold the lock."""
+    """Run the LM over `token_rows` once and store every hook's activations. Hold the lock.
+
+    `amp`: the autocast context the LM runs under (see lm_autocast); the shards hold
+    spec["store_dtype"]."""
     hooks = spec["hooks"]
     source = ActivationSource.for_hooks(model, hooks, exclude_bos)
     widths = source.widths()
-    bytes_per_row = tokens_for(token_rows[:1], source) * sum(widths) * torch.finfo(model.cfg.dtype).bits // 8
+    store = getattr(torch, spec["store_dtype"])
+    bytes_per_row = tokens_for(token_rows[:1], source) * sum(widths) * torch.finfo(store).bits // 8
     # Whole LM batches per shard, so that a shard's content never depends on the layout.
     shard_rows = max(1, int(shard_mb * 2**20 / max(1, bytes_per_row)) // batch_rows) * batch_rows
     atomic_write_text(path / "spec.json", json.dumps(spec, indent=2, sort_keys=True, default=str) + "\n")
@@ -363,8 +403,10 @@ def build_cache(
         parts: list[list[torch.Tensor]] = [[] for _ in hooks]
         for a in range(start, end, batch_rows):
             batch = token_rows[a : min(a + batch_rows, end)]
-            for part, act in zip(parts, source.chunk(batch)):
-                part.append(act.cpu())
+            with amp if amp is not None else contextlib.nullcontext():
+                acts = source.chunk(batch)
+            for part, act in zip(parts, acts):
+                part.append(act.to("cpu", store))
             progress.update(len(batch))
         tensors = {h: torch.cat(p) for h, p in zip(hooks, parts)}
         done.append(write_shard(path / shard_name(len(done)), tensors, (start, end)))
@@ -445,6 +487,7 @@ def ensure_cache(
             cfg.activations.exclude_bos,
             cfg.activations.batch_rows,
             cfg.activations.shard_mb,
+            lm_autocast(cfg, model),
         )
     log.info(
         "cache built: activation cache %s (%d tokens, %d shards, %.1f s)",
@@ -478,17 +521,37 @@ class CacheReader:
     (with fewer shards than ranks, each shard is first split into interleaved parts). The
     shares of a pass are disjoint and hold every token once; a rank may get a shard more
     than another in a pass. `position` counts the rank's own tokens.
+
+    With `prefetch` > 0 the shards are read, checked and cut into chunks on a background
+    thread, up to that many chunks ahead (saesweep.activations.prefetch), into pinned
+    memory with `pin`; the chunks, their order, the errors and `position` (tokens handed
+    out, not read ahead) are those of the synchronous reader.
     """
 
     def __init__(
-        self, cache: ActivationCache, hooks: list[str], seed: int, position: int = 0, rank: int = 0, world: int = 1
+        self,
+        cache: ActivationCache,
+        hooks: list[str],
+        seed: int,
+        position: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        prefetch: int = 0,
+        pin: bool = False,
     ):
         self.cache = cache
         self.hooks = hooks
         self.seed = seed
         self.rank, self.world = rank, world
         self.position = position  # tokens handed out, over all passes
-        self._chunks = self._generate(position)
+        self._chunks: Iterator[Columns] = self._generate(position)
+        if prefetch > 0:
+            self._chunks = Prefetcher(self._chunks, prefetch, pin, name=f"saesweep-cache-{cache.key[:8]}")
+
+    def close(self) -> None:
+        """Stop reading ahead (a no-op for a synchronous reader)."""
+        if isinstance(self._chunks, Prefetcher):
+            self._chunks.close()
 
     def __iter__(self) -> "CacheReader":
         return self
@@ -600,4 +663,8 @@ def open_training_feed(
                 saved["key"],
                 cache.key,
             )
-    return cache.reader(source.hooks, cfg.training.seed, position, ranks.rank, ranks.world)
+    # Pinned memory only pays (and only exists) where the buffer copies to a GPU.
+    pin = torch.device(model.cfg.device).type == "cuda" and torch.cuda.is_available()
+    return cache.reader(
+        source.hooks, cfg.training.seed, position, ranks.rank, ranks.world, cfg.activations.prefetch_chunks, pin
+    )

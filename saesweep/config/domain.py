@@ -112,6 +112,7 @@ class Range(Domain):
     le: Optional[float] = None
     lt: Optional[float] = None
     null: Optional[str] = None
+    auto: Optional[str] = None  # what the word auto means where it is allowed; None: refused
 
     def describe(self) -> str:
         low = f"[{num(self.ge)}" if self.ge is not None else (f"({num(self.gt)}" if self.gt is not None else None)
@@ -124,9 +125,12 @@ class Range(Domain):
             text = f"{'<=' if self.le is not None else '<'} {high[:-1]}"
         else:
             text = "a finite number"
-        return f"must be {text}{self.or_null()}"
+        auto = f" or auto ({self.auto})" if self.auto is not None else ""
+        return f"must be {text}{auto}{self.or_null()}"
 
     def problem(self, value: Any) -> Optional[str]:
+        if self.auto is not None and value == "auto":
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return ""
         if isinstance(value, float) and not math.isfinite(value):

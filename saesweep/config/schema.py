@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -121,7 +121,8 @@ class ActivationsConfig:
     batch_rows: int = in_domain(32, Range(gt=0))  # rows (of dataset.context_size tokens) per LM pass
     source: ActivationOrigin = ActivationOrigin.live
     # Each cache is a subdirectory named by its key; ~2.3 GB per 1M tokens of one d=576
-    # fp32 hook. Delete a subdirectory to rebuild it.
+    # fp32 hook (shards hold the LM's activation dtype: half that for bf16). Delete a
+    # subdirectory to rebuild it.
     cache_dir: Optional[str] = in_domain(None, Folder(null="<cache_dir>/activations"))
     # More hook points to store in the same LM pass, e.g. for a sweep over layers that sets
     # this to the same list in every member (they then share one cache).
@@ -132,12 +133,16 @@ class ActivationsConfig:
     cache_tokens: Optional[int] = in_domain(None, Range(gt=0, null="training.total_tokens"))
     # Shards are the unit of atomic writes, checksums and build resume.
     shard_mb: float = in_domain(32.0, Range(gt=0))
+    # Chunks (of 4,096 tokens) a cache reader reads ahead on a background thread, so the
+    # next shard's read and checksum overlap the training steps; 0 reads in the step.
+    prefetch_chunks: int = in_domain(4, Range(ge=0))
 
 
 @dataclass
 class BufferConfig:
     # Activations held (and shuffled) on the training device; refilled when half read.
-    size_tokens: int = in_domain(65536, Range(gt=0))
+    # auto: sized from the device's free memory (saesweep.training.buffer_size).
+    size_tokens: Union[int, str] = in_domain(65536, Range(gt=0, auto="from the training device's free memory"))
 
 
 class OptimizerName(Choice):
@@ -382,7 +387,7 @@ def _check_values(cfg: TrainConfig) -> None:
         f"{t.total_tokens} is less than one batch (training.batch_size={t.batch_size})",
     )
     need(
-        cfg.buffer.size_tokens >= 2 * t.batch_size,
+        cfg.buffer.size_tokens == "auto" or cfg.buffer.size_tokens >= 2 * t.batch_size,
         "buffer.size_tokens",
         f"{cfg.buffer.size_tokens} must hold at least two batches (2 x {t.batch_size})",
     )

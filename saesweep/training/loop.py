@@ -42,6 +42,7 @@ from saesweep.evaluation.held_out import shared_key
 from saesweep.lm.model import check_run_against_model, load_model, model_shape
 from saesweep.lm.shape import check_model_against_shape, check_sae_against_shape
 from saesweep.training.allocator import keep_freed_memory
+from saesweep.training.buffer_size import buffer_capacity
 from saesweep.training.checkpoint import CHECKPOINT_NAME, StopSignals, save_checkpoints
 from saesweep.training.distributed import SINGLE, Ranks, resolve_device
 from saesweep.training.member import Member, autocast, read_back, stream_position
@@ -185,11 +186,14 @@ def train_together(
     local_batch = batch_size // ranks.world  # divisible: checked when the ranks joined
     buffer = ActivationBuffer(
         feed,
-        capacity=max(2 * local_batch, cfg.buffer.size_tokens),
+        capacity=buffer_capacity(
+            [m.cfg for m in members], source.widths(), device, local_batch, total_steps * local_batch
+        ),
         batch_size=local_batch,
         device=device,
         generator=torch.Generator().manual_seed(cfg.training.seed),
         limit=total_steps * local_batch,  # every step reads one batch; pull no more than that
+        overlap=True,  # refills pulled beside the steps (a side stream on a GPU)
     )
     # The LM runs inside the buffer's refills, so its forward is under autocast there too.
     amp = autocast(cfg, device)
@@ -305,6 +309,8 @@ def train_together(
                 ranks.follow_main(f"stopped on signal {stopping}")  # DDP: go on only if rank 0 does
 
     train_seconds = elapsed()
+    if hasattr(feed, "close"):
+        feed.close()  # a cache reader's read-ahead thread: training reads no more
     if not ranks.is_main:
         ranks.barrier()  # rank 0 evaluates and writes the run's results
         return [m.error if m.error is not None else {} for m in members]

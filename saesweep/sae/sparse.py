@@ -25,6 +25,7 @@ for it (tests/test_sync_free.py). Both select the same entries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,9 +108,14 @@ def row_of_each(n_rows: int, k: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n_rows, device=device)[:, None].expand(n_rows, k).reshape(-1)
 
 
-# Data-dependent shapes and sparse tensors: torch.compile (training.compile) leaves these eager.
-@torch.compiler.disable
 def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `_batch_topk_indices`; compiled (training.compile) only with fixed-size selections."""
+    if KERNELS.fixed_size(pre.device):
+        return _batch_topk_indices(pre, k)
+    return _batch_topk_indices_eager(pre, k)
+
+
+def _batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the k * n_rows largest entries of the whole batch, sorted by row.
 
     A selection, not a ranking: a strided sample of the batch estimates a value a little
@@ -258,8 +264,14 @@ def dense_pre_acts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) ->
         return torch.addmm(b_enc, x, W_enc)
 
 
-@torch.compiler.disable
-def gather_active(
+def gather_active(*args: Any, **kwargs: Any) -> ActiveLatents:
+    """See `_gather_active`; compiled (training.compile) only with fixed-size selections."""
+    if KERNELS.fixed_size(args[0].device):
+        return _gather_active(*args, **kwargs)
+    return _gather_active_eager(*args, **kwargs)
+
+
+def _gather_active(
     pre: torch.Tensor,
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -288,6 +300,11 @@ def gather_active(
     if relu:
         values = values.relu()
     return ActiveLatents(rows, cols, values, x.shape[0], b_enc.numel())
+
+
+# Data-dependent shapes (compact selections) and sparse tensors: torch.compile leaves these eager.
+_batch_topk_indices_eager = torch.compiler.disable(_batch_topk_indices)
+_gather_active_eager = torch.compiler.disable(_gather_active)
 
 
 def topk_among(pre: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

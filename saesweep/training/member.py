@@ -27,6 +27,7 @@ from saesweep.evaluation.metrics import explained_variance
 from saesweep.sae import StepOutput, build_sae
 from saesweep.sae_format.write import save_sae
 from saesweep.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from saesweep.training.compiled import SAEStep
 from saesweep.training.distributed import SINGLE, Ranks
 from saesweep.training.metrics_log import MetricsLog, NullMetricsLog
 from saesweep.training.optim import build_optimizer, build_scheduler
@@ -103,14 +104,19 @@ class Member:
         self.stacked = False  # trains in a stack (saesweep.training.stacked): its tensors are views
 
     def stack_key(self) -> tuple[Any, ...] | None:
-        """Members with equal keys (and hooks) can train as one stacked model; None: this one steps alone
-        (an architecture with no stacked maths, a compiled forward, DDP, or an optimizer with
-        no fused kernel, which the stack's per-member skip relies on)."""
-        if self.cfg.training.compile or self.ranks.active or not self.optimizer.defaults.get("fused"):
+        """Members with equal keys can train as one stacked model; None: this one steps alone
+        (an architecture with no stacked maths, DDP, or an optimizer with no fused kernel, which
+        the stack's per-member skip relies on). Compiled members stack too: the stack's step
+        is compiled instead (the key holds the setting, so compiled and eager never mix)."""
+        if self.ranks.active or not self.optimizer.defaults.get("fused"):
             return None
         key = self.sae.stack_key()
         # A stack takes one batch: members at other hooks train on other activations.
-        return None if key is None else (key, tuple(self.hooks), self.sae.W_enc.device, self.sae.W_enc.dtype)
+        return (
+            None
+            if key is None
+            else (key, tuple(self.hooks), self.sae.W_enc.device, self.sae.W_enc.dtype, self.cfg.training.compile)
+        )
 
     def own(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, target): this member's columns of the feed's batch."""
@@ -129,10 +135,18 @@ class Member:
         torch.manual_seed(cfg.training.seed)
         transcoder = cfg.model.hook_point_out not in (None, cfg.model.hook_point)
         self.sae = build_sae(cfg.sae, source.d_in, source.d_out, transcoder).to(device)
-        # The training forward; compiled, it shares the SAE's parameters and state.
-        self.forward = torch.compile(self.sae) if cfg.training.compile else self.sae
+        self.forward = self.sae  # the training forward (tests wrap it)
         self.amp = autocast(cfg, device)
         self.optimizer = build_optimizer(self.sae.param_groups(), cfg.optimizer)
+        # Forward, losses and backward: compiled with training.compile (an eager fallback).
+        self.sae_step = SAEStep(
+            self.forward_loss,
+            partial(self.optimizer.zero_grad, set_to_none=True),
+            self.sae,
+            device,
+            cfg.training.compile,
+            f"the SAE step of {self.run_dir.name if self.named else 'the run'}",
+        )
         self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.scheduler)
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
         # Consecutive skipped steps, counted on the device; the host learns them in `read_back`.
@@ -209,12 +223,7 @@ class Member:
         """One step that reads nothing back from the device; on a logging step it leaves its
         metrics in `due`, for the group's `read_back`."""
         cfg, sae = self.cfg, self.sae
-        with self.amp():
-            out = self.forward(x, target, self.step)
-            loss = sum(out.losses.values())
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out, loss = self.sae_step(x, target, self.step)
         self.ranks.average_gradients(sae)  # DDP: every replica steps on the global batch's gradient
         # With no clipping the max norm is inf: the gradients stay as they are, but we
         # still get their norm for the finiteness check below.
@@ -232,6 +241,12 @@ class Member:
         if self.stepped(torch.stack([applied, loss.detach(), grad_norm])):
             self.measure(out, target)
 
+    def forward_loss(self, x: torch.Tensor, target: torch.Tensor, step: int) -> tuple[StepOutput, torch.Tensor]:
+        """The training forward and its summed loss (what training.compile compiles)."""
+        with self.amp():
+            out = self.forward(x, target, step)
+            return out, sum(out.losses.values())
+
     def stepped(self, record: torch.Tensor) -> bool:
         """Count a step taken on the device (`record`: [applied, loss, gradient norm]); whether
         it is a logging step, whose metrics `measure` must leave for `read_back`."""
@@ -241,11 +256,12 @@ class Member:
 
     def measure(self, out: StepOutput, target: torch.Tensor) -> None:
         """A logging step's metrics, from `out` (this member's pass), kept on the device."""
-        losses = {k: v.detach() for k, v in out.losses.items()}
+        # Copies: a compiled step's outputs may be overwritten by the next (CUDA graphs).
+        losses = {k: v.detach().clone() for k, v in out.losses.items()}
         self.due = {
             "loss": sum(losses.values()),
             **{f"loss/{k}": v for k, v in losses.items()},
-            "l0": out.l0,
+            "l0": out.l0.clone(),
             "explained_variance": explained_variance(target, out.recon.detach()),
             "dead_features": (self.tokens_since_fired >= self.cfg.training.dead_after_tokens).sum(),
         }

@@ -22,6 +22,7 @@ import torch
 
 from saesweep.sae.base import StepOutput
 from saesweep.sae.stack import SAEStack
+from saesweep.training.compiled import SAEStep
 from saesweep.training.member import Member, since_fired, skip_decision
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,15 @@ class MemberStack:
         self.grads = [p.grad for m in members for p in m.sae.parameters()]
         self.amp = members[0].amp
         self.settings = members[0].cfg.training  # the members share it (the grouped launcher checks)
+        # Forward, losses and backward of the whole stack: compiled with training.compile.
+        self.sae_step = SAEStep(
+            self.forward_loss,
+            self.sae.zero_grad_,
+            self.sae,
+            self.nonfinite.device,
+            self.settings.compile,
+            f"the stacked step of {', '.join(m.run_dir.name for m in members)}",
+        )
         log.info(
             "%d members train as one stacked %s: %s",
             len(members),
@@ -68,12 +78,16 @@ class MemberStack:
                 member.fail(e)
                 member.metrics.close()
 
-    def _step(self, x: torch.Tensor, target: torch.Tensor) -> None:
+    def forward_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[StepOutput, torch.Tensor]:
+        """Every member's training forward and its summed loss, [members] (what
+        training.compile compiles)."""
         with self.amp():
             out = self.sae(x, target)
-            loss = sum(out.losses.values())  # [members]
-        self.sae.zero_grad_()
-        loss.sum().backward()  # each member's loss gets gradient 1, as in its own backward
+            return out, sum(out.losses.values())
+
+    def _step(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        # The backward of loss.sum(): each member's loss gets gradient 1, as in its own.
+        out, loss = self.sae_step(x, target)
         grad_norm = self.clip_gradients()
         applied, nonfinite = skip_decision(
             torch.isfinite(loss.detach() + grad_norm), self.nonfinite, self.settings.max_nonfinite_steps

@@ -43,7 +43,7 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
 
 
-# What sbatch says, and the launcher keys (conf/hydra/launcher/slurm.yaml) that ask for it.
+# What sbatch says, and the launcher keys (conf/hydra/launcher/slurm*.yaml) that ask for it.
 SBATCH_CAUSES = (  # every match counts; no bare "gpu": a partition may be named so
     (("partition",), ("partition",)),
     (("account",), ("account",)),
@@ -68,7 +68,7 @@ def slurm_refusal(stderr: str) -> str:
     return (
         f"SLURM refused the sweep's jobs: {reason}; change "
         + ", ".join(f"hydra.launcher.{k}" for k in keys)
-        + " (conf/hydra/launcher/slurm.yaml)"
+        + " (set in the launcher preset, conf/hydra/launcher/slurm.yaml or slurm_grouped.yaml)"
         + (f"; the cluster offers {offers}" if offers else "")
     )
 
@@ -170,6 +170,9 @@ def one_line(e: Exception) -> str:
         key = first.split("'")[1]
         if key.startswith("sae.") and key in known_keys():
             return f"config key '{key}': the chosen architecture has no such key; {architectures_with(key)}"
+        if key.startswith("hydra.launcher."):
+            # A launcher takes only its own settings: a leading + would not help a typo.
+            return f"config key '{key}': not a setting of the launcher{did_you_mean(key, launcher_keys())}"
         same_depth = [k for k in known_keys() if k.count(".") == key.count(".")]
         return (
             f"config key '{key}': not in the config{did_you_mean(key, same_depth)}. "
@@ -210,6 +213,19 @@ def known_keys() -> list[str]:
         group.name for group in Path(CONF_DIR).iterdir() if group.is_dir() and not group.name.startswith("_")
     ]  # architecture, model, ...
     return sorted(set(keys))
+
+
+def launcher_keys() -> list[str]:
+    """The hydra.launcher keys of our launcher presets: their schemas' and their YAMLs'."""
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.saesweep_slurm_grouped_launcher.slurm_grouped_launcher import SlurmGroupedConf
+    from saesweep.config import CONF_DIR
+
+    keys = {f"hydra.launcher.{f.name}" for f in dataclasses.fields(SlurmGroupedConf) if not f.name.startswith("_")}
+    for preset in (Path(CONF_DIR) / "hydra" / "launcher").glob("*.yaml"):
+        keys.update(f"hydra.launcher.{k}" for k in OmegaConf.load(preset) if not str(k).startswith("_"))
+    return sorted(keys)
 
 
 def _dotted(cls: type, prefix: str = "") -> Iterator[str]:

@@ -117,7 +117,8 @@ CASES = [
     Case(
         "slurm_grouped: unknown launcher key",
         ["hydra.mode=MULTIRUN", "hydra/launcher=slurm_grouped", "hydra.launcher.members_per_jbo=3", "sae.k=8"],
-        "config key 'hydra.launcher.members_per_jbo': not in the config",
+        "config key 'hydra.launcher.members_per_jbo': not a setting of the launcher (did you mean "
+        "'hydra.launcher.members_per_job'",
     ),
     Case(
         "slurm_grouped: a member that cannot fit device_memory_gb alone",

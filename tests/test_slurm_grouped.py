@@ -40,6 +40,8 @@ def test_memory_estimates_by_hand():
     assert sae_bytes(2, 3, 5) == 4 * (4 * 17 + 3 * 5 * 3)
     # The buffer holds at least two batches.
     assert buffer_bytes(10, 2, 3) == 4 * 10 * 3 and buffer_bytes(10, 8, 3) == 4 * 16 * 3
+    # buffer.size_tokens=auto fits itself into what the job's device has left: its minimum.
+    assert buffer_bytes("auto", 8, 3) == 4 * 16 * 3
     # The LM once, a buffer per hook point, every member.
     members = [member(0, hook="h1"), member(1, hook="h1"), member(2, hook="h2", buffer=2 * GB)]
     assert job_bytes(members, 5 * GB) == 5 * GB + 1 * GB + 2 * GB + 3 * GB

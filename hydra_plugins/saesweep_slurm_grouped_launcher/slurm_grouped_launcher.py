@@ -137,8 +137,14 @@ class SlurmGroupedLauncher(SlurmLauncher):
             for entry, sub in zip(record["jobs"], submitted):
                 entry["slurm_job_id"] = sub.job_id  # what squeue and sacct show
             atomic_write_text(sweep_dir / PLAN_NAME, json.dumps(record, indent=1) + "\n")
+            by_config = {int(c.hydra.job.num): c for c in configs}
             for job, sub in zip(jobs, submitted):
-                for number, ret in zip(job.numbers, sub.results()[0]):
+                try:
+                    returns = sub.results()[0]
+                except Exception as e:  # the job died with no result (killed, out of memory):
+                    log.error("job %s ended with no result: %s", sub.job_id, e)  # its members fail,
+                    returns = [_failed(by_config[n], e) for n in job.numbers]  # the others' are kept
+                for number, ret in zip(job.numbers, returns):
                     by_number[number] = ret
         return [by_number[c.hydra.job.num] for c in configs]
 
@@ -200,6 +206,19 @@ class SlurmGroupedLauncher(SlurmLauncher):
                     done = None  # the job rereads it and says what is wrong
         member = PlannedMember(number, overrides, shared, str(flat.get("model.hook_point")), member_bytes, buffer)
         return member, lm, done
+
+
+def _failed(config: DictConfig, error: Exception) -> JobReturn:
+    """The JobReturn of a member whose job ended without returning one."""
+    ret = JobReturn(
+        overrides=list(config.hydra.overrides.task),
+        hydra_cfg=config,
+        working_dir=os.getcwd(),
+        task_name=str(config.hydra.job.name),
+        status=JobStatus.FAILED,
+    )
+    ret.return_value = error
+    return ret
 
 
 def _only_differing(members: List[Any]) -> List[Any]:

@@ -53,9 +53,11 @@ def sae_bytes(d_in: int, d_sae: int, batch_size: int) -> int:
     return FP32 * (4 * params + 3 * batch_size * d_sae)
 
 
-def buffer_bytes(size_tokens: int, batch_size: int, d_in: int) -> int:
-    """The shared activation buffer of one hook point (it holds at least two batches)."""
-    return FP32 * max(size_tokens, 2 * batch_size) * d_in
+def buffer_bytes(size_tokens: int | str, batch_size: int, d_in: int) -> int:
+    """The shared activation buffer of one hook point (it holds at least two batches).
+    `auto` sizes itself from what the job's device has left, so it needs only its minimum."""
+    tokens = 2 * batch_size if size_tokens == "auto" else max(int(size_tokens), 2 * batch_size)
+    return FP32 * tokens * d_in
 
 
 def job_bytes(members: list[PlannedMember], lm_bytes: int) -> int:

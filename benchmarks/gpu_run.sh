@@ -25,6 +25,7 @@
 #   step_2048 / step_4096   bench_step: the SAE step alone at d_in 2048 x d_sae 16384 and
 #                 4096 x 65536, k 32, 4096 tokens, bf16, eager and compiled, and the peers
 #   run_compiled  the default run with training.compile=true (CUDA graphs)
+#   run_1b_compiled / feed_auto   the 1B run compiled; run_one's size with buffer.size_tokens=auto
 #   lm_1b / run_1b / group8_1b   the 1.07B random-weight Llama (hidden 2048, 16 layers,
 #                 SmolLM2 tokenizer, hf backend, hook model.layers.8, d_sae 16384, 64 rows)
 set -uo pipefail
@@ -123,12 +124,11 @@ summary
 train run_compiled 90 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER training.total_tokens=$T_COMPILED training.compile=true
 
 
-# ---- FEED ARMS (branch `feed`: cache prefetch, bf16 cache, buffer.size_tokens=auto, side-stream
-# refills). Each arm: `train feed_<name> <seconds> $SMOL <overrides>` and, so that the summary
-# reads it, a line writing $W/feed_<name>.json, e.g.
-#   train feed_auto 60 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=auto training.total_tokens=$T_ONE
-#   cp "$W/feed_auto/eval.json" "$W/feed_auto.json" 2>/dev/null; summary
-# ---- END FEED ARMS
+# Last, so that a cut run has the figures above: the 1B run compiled, and the default run
+# with the buffer sized from the GPU's free memory (buffer.size_tokens=auto).
+train run_1b_compiled 60 $LLAMA sae.expansion_factor=8 activations.batch_rows=$ROWS1B training.total_tokens=$T_RUN1B training.compile=true
+train feed_auto 60 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=auto training.total_tokens=$T_ONE
+cp "$W/feed_auto/eval.json" "$W/feed_auto.json" 2>/dev/null
 
 summary
 stamp done

@@ -33,7 +33,8 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-ARCHS = ["batchtopk", "topk", "matryoshka_batchtopk", "standard", "jumprelu", "gated"]
+# "topk+batchtopk": issue 17's group of 8, topk and batchtopk x 4 k (two stacks), against one topk.
+ARCHS = ["batchtopk", "topk", "topk+batchtopk", "matryoshka_batchtopk", "standard", "jumprelu", "gated"]
 
 
 def load_counter():
@@ -51,13 +52,15 @@ def build_group(arch: str, n: int, args: argparse.Namespace, work: Path) -> list
     from saesweep.training.member import Member
 
     members = []
+    archs = arch.split("+")  # "topk+batchtopk": the issue's grid, the first half of the group each
     for i in range(n):
+        own = archs[i * len(archs) // n]
         cfg = TrainConfig()
         # The issue's sweep: k = k/2, k, 2k, 4k, and each member its own lr.
-        extra = {"k": args.k // 2 * 2 ** (i % 4), "dead_steps_threshold": 2} if "topk" in arch else {}
-        if arch == "matryoshka_batchtopk":
+        extra = {"k": args.k // 2 * 2 ** (i % 4), "dead_steps_threshold": 2} if "topk" in own else {}
+        if own == "matryoshka_batchtopk":
             extra["matryoshka_widths"] = [args.d_sae // 8, args.d_sae // 2]
-        cfg.sae = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=args.d_sae, **extra)
+        cfg.sae = ARCHITECTURES[own].config_class(architecture=own, d_sae=args.d_sae, **extra)
         cfg.optimizer.lr = 4e-4 * (1 + i)  # members of a sweep differ in their own settings
         cfg.training.batch_size = args.batch
         cfg.training.total_tokens = args.batch * 10**6
@@ -179,8 +182,10 @@ def main() -> None:
         "tensor) runs no aten op here and is not in its counts; a checkout from before it read its",
         "metrics with one `float()` each, and those are.",
         "",
-        "A group steps as `train_together` steps it: members of one class and shape (TopK, BatchTopK)",
+        "A group steps as `train_together` steps it: members of one class and shape (all but Matryoshka)",
         "as one stacked model (saesweep.training.stacked), the others alone, one after another.",
+        "`topk+batchtopk`: the issue's group of 8, TopK and BatchTopK x 4 k (two stacks of 4); its",
+        "group of 1 is one TopK member.",
         "",
         "| architecture | choices | members | ops/step | syncs/step | logging: ops/step | logging: syncs/step |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -9,11 +9,12 @@ import logging
 
 import pytest
 import torch
-from test_stacked import SWEEP, batches, make_member, state, train
+from test_stacked import SWEEP, batches, make_member, state, sweep, train
 
 from saesweep.sae import sparse
 from saesweep.training import compiled
-from saesweep.training.stacked import MemberStack, form_stacks
+from saesweep.training.member import read_back
+from saesweep.training.stacked import MemberStack, Steppers
 
 
 def assert_close(a, b) -> None:
@@ -47,16 +48,22 @@ def test_a_compiled_member_equals_the_eager_one(tmp_path, caplog, monkeypatch, c
     assert_close(fast, eager)
 
 
-def test_a_compiled_stack_equals_the_eager_stack(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "gated"])
+def test_a_compiled_stack_equals_the_eager_stack(tmp_path, monkeypatch, arch):
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     data = batches(3)
-    settings = SWEEP[:2]
-    eager = [make_member(tmp_path / f"e{i}", "topk", **s) for i, s in enumerate(settings)]
-    fast = [make_member(tmp_path / f"c{i}", "topk", **s, **{"training.compile": True}) for i, s in enumerate(settings)]
+    settings = sweep(arch, SWEEP[:2])
+    eager = [make_member(tmp_path / f"e{i}", arch, **s) for i, s in enumerate(settings)]
+    fast = [make_member(tmp_path / f"c{i}", arch, **s, **{"training.compile": True}) for i, s in enumerate(settings)]
     train(eager, data, stacked=True)
-    train(fast, data, stacked=True)
-    stack = [s for s in form_stacks(fast) if isinstance(s, MemberStack)]
+    steppers = Steppers()
+    for x in data:
+        for stepper in steppers.covering(fast):
+            stepper.train_step(x, x)
+        read_back(fast, lambda: 1.0)
+    stack = [s for s in steppers.steppers if isinstance(s, MemberStack)]
     assert len(stack) == 1  # compiled members stack as eager ones do
+    assert stack[0].sae_step.compiled is not None and stack[0].sae_step.failure is None
     for a, b in zip(fast, eager):
         assert a.step == b.step == 3
         assert_close(a, b)

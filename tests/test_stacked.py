@@ -84,28 +84,42 @@ SWEEP = [
 def sweep(arch: str, settings: list[dict]) -> list[dict]:
     if arch == "batchtopk":
         return settings
-    if arch == "standard":  # its own knob instead: the L1 coefficient
+    if arch in ("standard", "gated"):  # their own knob instead: the L1 coefficient
         return [
             {"sae.l1_coefficient": 5.0 / (i + 1), **{k: v for k, v in s.items() if not k.startswith("sae.")}}
+            for i, s in enumerate(settings)
+        ]
+    if arch == "jumprelu":  # the L0 and pre-activation coefficients, the revival window
+        return [
+            {
+                "sae.l0_coefficient": 2.0 / (i + 1),
+                "sae.pre_act_loss_coefficient": 3e-3 * (i + 1),
+                "sae.pre_act_dead_after_tokens": BATCH * (2 + i),  # dead latents within the run
+                **{k: v for k, v in s.items() if not k.startswith("sae.")},
+            }
             for i, s in enumerate(settings)
         ]
     return [{k: v for k, v in s.items() if k != "sae.threshold_lr"} for s in settings]
 
 
 @pytest.mark.parametrize("autocast", ["none", "bf16"])
-@pytest.mark.parametrize("arch", ["batchtopk", "topk", "standard"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "standard", "jumprelu", "gated"])
 @pytest.mark.parametrize("choices", ["cpu", "cuda"])
 def test_stacked_members_equal_their_separate_runs(tmp_path, monkeypatch, arch, choices, autocast):
-    """With the CPU's kernels bit for bit, with and without dead latents (AuxK); with a GPU's
-    forced, to float rounding (the batched AuxK, as a GPU run's fixed-size one, rounds its
-    sums in another order). Metrics logged and skipped steps included."""
+    """With the CPU's kernels bit for bit, with and without dead latents (AuxK, JumpReLU's
+    pre-activation loss); with a GPU's forced, to float rounding (the batched AuxK, as a GPU
+    run's fixed-size one, rounds its sums in another order). Metrics logged and skipped steps
+    included."""
     if choices == "cuda":
         monkeypatch.setattr(sparse, "KERNELS", sparse.KERNELS.as_on("cuda"))
     settings = sweep(arch, SWEEP)
     for dead in (False, True):
         extra = {
             "training.autocast": autocast,
-            **({} if dead or arch == "standard" else {"sae.dead_steps_threshold": 1000}),
+            **({"sae.dead_steps_threshold": 1000} if "topk" in arch and not dead else {}),
+            # JumpReLU: thresholds most latents stay under for a few batches, or a window never reached.
+            **({"sae.init_threshold": 0.3} if arch == "jumprelu" and dead else {}),
+            **({"sae.pre_act_dead_after_tokens": 10**9} if arch == "jumprelu" and not dead else {}),
         }
         alone = [make_member(tmp_path / f"{dead}-alone{i}", arch, **{**s, **extra}) for i, s in enumerate(settings)]
         group = [make_member(tmp_path / f"{dead}-group{i}", arch, **{**s, **extra}) for i, s in enumerate(settings)]
@@ -236,7 +250,11 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
         make_member(tmp_path / "c", "topk"),  # another class
         make_member(tmp_path / "d", "batchtopk", **{"sae.initial_k": 8}),  # a k schedule
         make_member(tmp_path / "e", "batchtopk", **{"training.compile": True}),
-        make_member(tmp_path / "f", "standard"),  # no stacked maths
+        make_member(tmp_path / "f", "standard"),  # the only one of its class
+        make_member(tmp_path / "j", "jumprelu"),
+        make_member(tmp_path / "k", "jumprelu", **{"sae.bandwidth": 1.0}),  # another kernel width
+        make_member(tmp_path / "l", "gated", **{"sae.l1_warm_up_steps": 4}),  # an L1 schedule
+        make_member(tmp_path / "m", "gated", **{"sae.l1_coefficient": 1.0}),
         make_member(tmp_path / "h", "batchtopk", **{"model.hook_point": "blocks.3.hook_resid_post"}),  # other data
         make_member(tmp_path / "g", "batchtopk", **{"sae.k": 8}),  # stacks with a
     ]
@@ -247,20 +265,27 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
     assert form_stacks([kinds[0]]) == [kinds[0]]  # a stack of one is the member itself
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+# What a sweep varies per member, by architecture (member i's setting).
+KNOB = {
+    "batchtopk": lambda i: {"sae.k": 4 + i % 3},
+    "topk": lambda i: {"sae.k": 4 + i % 3},
+    "jumprelu": lambda i: {"sae.l0_coefficient": 1.0 + i, "sae.pre_act_dead_after_tokens": BATCH},
+    "gated": lambda i: {"sae.l1_coefficient": 1.0 + i},
+}
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu", "gated"])
 @pytest.mark.parametrize("choices", ["cpu", "cuda"])
 def test_a_stack_of_8_dispatches_at_most_twice_the_ops_of_one_member(tmp_path, monkeypatch, arch, choices):
     """Counted as bench_syncs counts them (no LM: a cache-fed step), steady non-logging steps,
-    with latents dead (AuxK on); it was 8x before stacks. With a GPU's choices forced, no op
+    with latents dead (AuxK, JumpReLU's pre-activation loss on); it was 8x before stacks. With a GPU's choices forced, no op
     would sync either."""
     if choices == "cuda":
         monkeypatch.setattr(sparse, "KERNELS", sparse.KERNELS.as_on("cuda"))
     ops = {}
     for n in (1, 8):
         members = [
-            make_member(
-                tmp_path / f"{n}-{i}", arch, log_every=100, **{"sae.k": 4 + i % 3, "optimizer.lr": 1e-3 * (i + 1)}
-            )
+            make_member(tmp_path / f"{n}-{i}", arch, log_every=100, **{**KNOB[arch](i), "optimizer.lr": 1e-3 * (i + 1)})
             for i in range(n)
         ]
         steppers = Steppers()

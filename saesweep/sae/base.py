@@ -284,21 +284,33 @@ class SAE(nn.Module):
         if stack.configs[0].apply_b_dec_to_input:
             x = x - stack.b_dec.unsqueeze(1)
         pre = x @ stack.W_enc + stack.b_enc.unsqueeze(1)
-        acts = torch.relu(pre)
+        acts = cls.activation_stacked(stack, pre)
         recon = acts @ stack.W_dec + stack.b_dec.unsqueeze(1)
         losses = {"mse": mse_loss(recon, target), **cls.loss_terms_stacked(stack, pre, acts)}
-        active = acts.detach() != 0
-        return StepOutput(
-            recon=recon / stack.target_scale.view(n, 1, 1),
-            losses=losses,
-            l0=active.sum(-1).float().mean(-1),
-            fired=active.any(1),
-        )
+        return cls.step_output_stacked(stack, recon, losses, acts)
+
+    @classmethod
+    def activation_stacked(cls, stack: Any, pre: torch.Tensor) -> torch.Tensor:
+        """`activation` of every member's [M, batch, d_sae] pre-activations."""
+        return torch.relu(pre)
 
     @classmethod
     def loss_terms_stacked(cls, stack: Any, pre: torch.Tensor, acts: torch.Tensor) -> dict[str, torch.Tensor]:
         """`loss_terms` of every member ([M] each), for the dense `forward_stacked`."""
         return {}
+
+    @classmethod
+    def step_output_stacked(
+        cls, stack: Any, recon: torch.Tensor, losses: dict[str, torch.Tensor], acts: torch.Tensor
+    ) -> StepOutput:
+        """`step_output` of every member: `recon` [M, batch, d_out] in the scaled space."""
+        active = acts.detach() != 0
+        return StepOutput(
+            recon=recon / stack.target_scale.view(-1, 1, 1),
+            losses=losses,
+            l0=active.sum(-1).float().mean(-1),
+            fired=active.any(1),
+        )
 
     @classmethod
     @torch.no_grad()

@@ -16,7 +16,7 @@ The paper defines it with a frozen decoder, so that it trains only the gate;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -58,10 +58,16 @@ class GatedSAE(SAE):
 
     def gate_and_magnitude(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate, magnitude) pre-activations of input already in the SAE's scaled space."""
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        gate_pre = x @ self.W_enc + self.b_gate
-        mag_pre = x @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        return self.paths(self, self.cfg, x)
+
+    @staticmethod
+    def paths(sae: Any, cfg: GatedSAEConfig, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gate_and_magnitude` of one SAE ([batch, d_in] x) or of a stack of them ([M, batch,
+        d_in]; `sae` the SAEStack), with the same elementwise maths in either shape."""
+        if cfg.apply_b_dec_to_input:
+            x = x - sae.b_dec.unsqueeze(-2)
+        gate_pre = x @ sae.W_enc + sae.b_gate.unsqueeze(-2)
+        mag_pre = x @ (sae.W_enc * sae.r_mag.exp().unsqueeze(-2)) + sae.b_mag.unsqueeze(-2)
         return gate_pre, mag_pre
 
     @staticmethod
@@ -73,22 +79,45 @@ class GatedSAE(SAE):
         return self.gate_and_magnitude(x)[1]
 
     def forward(self, x: torch.Tensor, target: torch.Tensor, step: int) -> StepOutput:
-        target = target * self.target_scale
-        gate_pre, mag_pre = self.gate_and_magnitude(x * self.input_scale)
-        acts = self.combine(gate_pre, mag_pre)
-        recon = self.decode_scaled(acts)
+        scaled = x * self.input_scale, target * self.target_scale
+        return self.step_output(*self.gated_pass(self, self.cfg, *scaled, self.l1_coefficient(step)))
+
+    @classmethod
+    def gated_pass(
+        cls, sae: Any, cfg: GatedSAEConfig, x: torch.Tensor, target: torch.Tensor, l1_coefficient: float | torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(reconstruction, losses, activations) in the scaled space, of one SAE or a stack."""
+        gate_pre, mag_pre = cls.paths(sae, cfg, x)
+        acts = cls.combine(gate_pre, mag_pre)
+        recon = acts @ sae.W_dec + sae.b_dec.unsqueeze(-2)
 
         gate_acts = torch.relu(gate_pre)
-        W_dec, b_dec = self.W_dec, self.b_dec
-        if self.cfg.aux_detach_decoder:
+        W_dec, b_dec = sae.W_dec, sae.b_dec
+        if cfg.aux_detach_decoder:
             W_dec, b_dec = W_dec.detach(), b_dec.detach()
-        via_gate = gate_acts @ W_dec + b_dec
+        via_gate = gate_acts @ W_dec + b_dec.unsqueeze(-2)
         losses = {
             "mse": mse_loss(recon, target),
-            "l1": self.l1_coefficient(step) * (gate_acts * self.W_dec.norm(dim=1)).sum(-1).mean(),
+            "l1": l1_coefficient * (gate_acts * sae.W_dec.norm(dim=-1).unsqueeze(-2)).sum(-1).mean(-1),
             "aux_recon": mse_loss(via_gate, target),
         }
-        return self.step_output(recon, losses, acts)
+        return recon, losses, acts
+
+    # --- a stack of members (saesweep.sae.stack) ----------------------------------------------
+
+    def stack_key(self) -> Optional[tuple[Any, ...]]:
+        # The L1 coefficient may differ per member; a warm-up would need the host's step.
+        cfg = self.cfg
+        if cfg.l1_warm_up_steps > 0:
+            return None
+        return (type(self), self.d_in, self.d_out, self.d_sae, cfg.apply_b_dec_to_input, cfg.aux_detach_decoder)
+
+    @classmethod
+    def forward_stacked(cls, stack: Any, x: torch.Tensor, target: torch.Tensor) -> StepOutput:
+        n = stack.n_members
+        scaled = x * stack.input_scale.view(n, 1, 1), target * stack.target_scale.view(n, 1, 1)
+        l1 = stack.per_member("l1_coefficient", lambda sae: sae.cfg.l1_coefficient)
+        return cls.step_output_stacked(stack, *cls.gated_pass(stack, stack.configs[0], *scaled, l1))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.combine(*self.gate_and_magnitude(x * self.input_scale))

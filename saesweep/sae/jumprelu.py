@@ -179,22 +179,82 @@ class JumpReLUSAE(SAE):
 
     def loss_terms(self, pre: torch.Tensor, acts: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        threshold = self.threshold.to(pre.dtype)
-        dec_norm = self.W_dec.norm(dim=1)
+        return self.sparsity_losses(
+            self, cfg, pre, acts, self.l0_coefficient(step), cfg.pre_act_loss_coefficient, cfg.pre_act_dead_after_tokens
+        )
+
+    @staticmethod
+    def sparsity_losses(
+        sae: Any,
+        cfg: JumpReLUSAEConfig,
+        pre: torch.Tensor,
+        acts: torch.Tensor,
+        l0_coefficient: float | torch.Tensor,
+        pre_act_coefficient: float | torch.Tensor,
+        dead_after: int | torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The L0 (or tanh) and pre-activation losses of one SAE ([batch, d_sae] pre) or of a
+        stack of them ([M, batch, d_sae]; `sae` the SAEStack, the coefficients [M] and
+        `dead_after` [M, 1]), with the same elementwise maths in either shape."""
+        threshold = sae.log_threshold.exp().to(pre.dtype).unsqueeze(-2)
+        dec_norm = sae.W_dec.norm(dim=-1).unsqueeze(-2)
         if cfg.sparsity_loss_mode == "step":
             per_token = heaviside_step(pre, threshold, cfg.bandwidth, cfg.ste_to_input).sum(-1)
         else:
             per_token = torch.tanh(cfg.tanh_scale * acts * dec_norm).sum(-1)
-        losses = {"l0": self.l0_coefficient(step) * per_token.mean()}
+        losses = {"l0": l0_coefficient * per_token.mean(-1)}
         if cfg.pre_act_loss_coefficient > 0:
-            dead = (self.tokens_since_fired >= cfg.pre_act_dead_after_tokens).to(pre.dtype)
+            dead = (sae.tokens_since_fired >= dead_after).to(pre.dtype).unsqueeze(-2)
             below = (threshold - pre).relu() * dead * dec_norm
-            losses["pre_act"] = cfg.pre_act_loss_coefficient * below.sum(-1).mean()
-        if self.training:
+            losses["pre_act"] = pre_act_coefficient * below.sum(-1).mean(-1)
+        if sae.training:
             with torch.no_grad():
-                fired = (acts != 0).any(0)
-                self.tokens_since_fired.add_(pre.shape[0]).masked_fill_(fired, 0)
+                fired = (acts != 0).any(-2)
+                sae.tokens_since_fired.add_(pre.shape[-2]).masked_fill_(fired, 0)
         return losses
+
+    # --- a stack of members (saesweep.sae.stack) ----------------------------------------------
+
+    def stack_key(self) -> Optional[tuple[Any, ...]]:
+        # The L0 and pre-activation coefficients and the revival window may differ per member.
+        # The kernel's bandwidth and tanh_scale meet the activations elementwise, where a
+        # per-member tensor would change the dtype of the product under autocast (and with it
+        # the bits a separate run gets), so members share them; a warm-up needs the host's step.
+        cfg = self.cfg
+        if cfg.l0_warm_up_steps > 0:
+            return None
+        return (
+            type(self),
+            self.d_in,
+            self.d_out,
+            self.d_sae,
+            cfg.apply_b_dec_to_input,
+            cfg.sparsity_loss_mode,
+            cfg.ste_to_input,
+            cfg.bandwidth,
+            cfg.tanh_scale,
+            cfg.pre_act_loss_coefficient > 0,  # whether a "pre_act" loss term is logged at all
+        )
+
+    @classmethod
+    def activation_stacked(cls, stack: Any, pre: torch.Tensor) -> torch.Tensor:
+        cfg = stack.configs[0]
+        threshold = stack.log_threshold.exp().to(pre.dtype).unsqueeze(1)
+        return jumprelu(pre, threshold, cfg.bandwidth, cfg.ste_to_input)
+
+    @classmethod
+    def loss_terms_stacked(cls, stack: Any, pre: torch.Tensor, acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        return cls.sparsity_losses(
+            stack,
+            stack.configs[0],
+            pre,
+            acts,
+            stack.per_member("l0_coefficient", lambda sae: sae.cfg.l0_coefficient),
+            stack.per_member("pre_act_loss_coefficient", lambda sae: sae.cfg.pre_act_loss_coefficient),
+            stack.per_member(
+                "pre_act_dead_after_tokens", lambda sae: sae.cfg.pre_act_dead_after_tokens, torch.long
+            ).view(-1, 1),
+        )
 
     @torch.no_grad()
     def export_tensors(self) -> dict[str, torch.Tensor]:

@@ -265,29 +265,18 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
     assert form_stacks([kinds[0]]) == [kinds[0]]  # a stack of one is the member itself
 
 
-# What a sweep varies per member, by architecture (member i's setting).
-KNOB = {
-    "batchtopk": lambda i: {"sae.k": 4 + i % 3},
-    "topk": lambda i: {"sae.k": 4 + i % 3},
-    "jumprelu": lambda i: {"sae.l0_coefficient": 1.0 + i, "sae.pre_act_dead_after_tokens": BATCH},
-    "gated": lambda i: {"sae.l1_coefficient": 1.0 + i},
-}
-
-
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu", "gated"])
 @pytest.mark.parametrize("choices", ["cpu", "cuda"])
 def test_a_stack_of_8_dispatches_at_most_twice_the_ops_of_one_member(tmp_path, monkeypatch, arch, choices):
     """Counted as bench_syncs counts them (no LM: a cache-fed step), steady non-logging steps,
-    with latents dead (AuxK, JumpReLU's pre-activation loss on); it was 8x before stacks. With a GPU's choices forced, no op
-    would sync either."""
+    with latents dead (AuxK on; JumpReLU's pre-activation loss on); it was 8x before stacks.
+    With a GPU's choices forced, no op would sync either."""
     if choices == "cuda":
         monkeypatch.setattr(sparse, "KERNELS", sparse.KERNELS.as_on("cuda"))
     ops = {}
     for n in (1, 8):
-        members = [
-            make_member(tmp_path / f"{n}-{i}", arch, log_every=100, **{**KNOB[arch](i), "optimizer.lr": 1e-3 * (i + 1)})
-            for i in range(n)
-        ]
+        settings = sweep(arch, [{"sae.k": 4 + i % 3, "optimizer.lr": 1e-3 * (i + 1)} for i in range(n)])
+        members = [make_member(tmp_path / f"{n}-{i}", arch, log_every=100, **s) for i, s in enumerate(settings)]
         steppers = Steppers()
         for i, x in enumerate(batches(4)):
             with SyncCounter() as counter:

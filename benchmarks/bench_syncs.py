@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-# "topk+batchtopk": issue 17's group of 8, topk and batchtopk x 4 k (two stacks), against one topk.
+# "topk+batchtopk": issue 17's group of 8, topk and batchtopk x 4 k, against one topk (and one batchtopk).
 ARCHS = ["batchtopk", "topk", "topk+batchtopk", "matryoshka_batchtopk", "standard", "jumprelu", "gated"]
 
 
@@ -182,18 +182,24 @@ def main() -> None:
         "tensor) runs no aten op here and is not in its counts; a checkout from before it read its",
         "metrics with one `float()` each, and those are.",
         "",
-        "A group steps as `train_together` steps it: members of one class and shape (all but Matryoshka)",
-        "as one stacked model (saesweep.training.stacked), the others alone, one after another.",
-        "`topk+batchtopk`: the issue's group of 8, TopK and BatchTopK x 4 k (two stacks of 4); its",
-        "group of 1 is one TopK member.",
+        "A group steps as `train_together` steps it: members that can stack (one class and shape, or",
+        "TopK with BatchTopK) as one stacked model (saesweep.training.stacked), the others alone.",
+        "`topk+batchtopk`: the issue's group of 8, TopK and BatchTopK x 4 k; its group of 1 is one",
+        "TopK member. `x1`: ops per steady step against the group of 1 of the same row pair (for",
+        "`topk+batchtopk` also against one BatchTopK member, the default run the issue counted).",
         "",
-        "| architecture | choices | members | ops/step | syncs/step | logging: ops/step | logging: syncs/step |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| architecture | choices | members | ops/step | x1 | syncs/step | logging: ops/step | logging: syncs/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    ones = {(r["arch"], r["choices"]): r.get("other", {}).get("ops_per_step") for r in rows if r["members"] == 1}
     for r in rows:
         o, lg = r.get("other", {}), r.get("logging", {})
+        ops = o.get("ops_per_step", 0)
+        ratio = f"{ops / ones[r['arch'], r['choices']]:.2f}x"
+        if r["arch"] == "topk+batchtopk" and r["members"] > 1:
+            ratio += f" ({ops / ones['batchtopk', r['choices']]:.2f}x one BatchTopK)"
         lines.append(
-            f"| {r['arch']} | {r['choices']} | {r['members']} | {o.get('ops_per_step', 0):.1f} | "
+            f"| {r['arch']} | {r['choices']} | {r['members']} | {ops:.1f} | {ratio} | "
             f"{o.get('syncs_per_step', 0):.2f} | {lg.get('ops_per_step', 0):.1f} | {lg.get('syncs_per_step', 0):.2f} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from test_stacked import SWEEP, batches, make_member, state, sweep, train
+from test_stacked import MIXED, SWEEP, batches, make_member, member_arch, state, sweep, train
 
 from saesweep.sae import sparse
 from saesweep.training import compiled
@@ -48,13 +48,16 @@ def test_a_compiled_member_equals_the_eager_one(tmp_path, caplog, monkeypatch, c
     assert_close(fast, eager)
 
 
-@pytest.mark.parametrize("arch", ["topk", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["topk", MIXED, "jumprelu", "gated"])
 def test_a_compiled_stack_equals_the_eager_stack(tmp_path, monkeypatch, arch):
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     data = batches(3)
     settings = sweep(arch, SWEEP[:2])
-    eager = [make_member(tmp_path / f"e{i}", arch, **s) for i, s in enumerate(settings)]
-    fast = [make_member(tmp_path / f"c{i}", arch, **s, **{"training.compile": True}) for i, s in enumerate(settings)]
+    eager = [make_member(tmp_path / f"e{i}", member_arch(arch, i), **s) for i, s in enumerate(settings)]
+    fast = [
+        make_member(tmp_path / f"c{i}", member_arch(arch, i), **s, **{"training.compile": True})
+        for i, s in enumerate(settings)
+    ]
     train(eager, data, stacked=True)
     steppers = Steppers()
     for x in data:
@@ -75,8 +78,8 @@ def test_with_the_gpus_kernels_the_step_is_one_graph(tmp_path, monkeypatch):
     on a GPU embedding_bag, whose CPU-only bit-exact backward breaks the graph on a CPU)."""
     monkeypatch.setattr(sparse, "KERNELS", sparse.Kernels("dense", "dense", "fixed"))
     x = batches(1)[0]
-    for arch in ["batchtopk", "topk"]:
-        members = [make_member(tmp_path / f"{arch}{i}", arch) for i in range(2)]
+    for arch in ["batchtopk", "topk", MIXED]:
+        members = [make_member(tmp_path / f"{arch}{i}", member_arch(arch, i)) for i in range(2)]
         explained = torch._dynamo.explain(members[0].forward_loss)(x, x, 0)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
         explained = torch._dynamo.explain(MemberStack(members).forward_loss)(x, x)

@@ -267,10 +267,11 @@ class SAE(nn.Module):
     # --- several members of a sweep as one batched model (saesweep.sae.stack) ---------------
 
     def stack_key(self) -> Optional[tuple[Any, ...]]:
-        """What SAEs must share to train as one stack (class, shapes, anything their batched
-        maths needs equal), or None: this one trains on its own. An architecture that returns a
-        key implements `forward_stacked` and `after_step_stacked`, and draws no random numbers
-        in a training step (a stack has no per-member RNG)."""
+        """What SAEs must share to train as one stack, or None: this one trains on its own. The
+        key's first item is the class whose `forward_stacked` and `after_step_stacked` run the
+        stack (mostly the SAE's own), then shapes and anything else that batched maths needs
+        equal. Such an architecture draws no random numbers in a training step (a stack has no
+        per-member RNG)."""
         return None
 
     @classmethod

@@ -132,23 +132,24 @@ class BatchTopKSAE(TopKFamilySAE):
 
     @classmethod
     @torch.no_grad()
-    def on_active_stacked(cls, stack: Any, active: ActiveLatents) -> None:
+    def on_active_stacked(cls, stack: Any, members: slice, active: ActiveLatents) -> None:
         if not stack.training:
             return
         values = active.values.detach()
         member = active.rows.div(active.n_rows // stack.n_members, rounding_mode="floor")
         smallest = torch.full((stack.n_members,), torch.inf, dtype=values.dtype, device=values.device)
-        stack.smallest_survivor = smallest.scatter_reduce(0, member, torch.where(values > 0, values, torch.inf), "amin")
+        smallest = smallest.scatter_reduce(0, member, torch.where(values > 0, values, torch.inf), "amin")
+        stack.smallest_survivor = smallest[members]
 
     @classmethod
     @torch.no_grad()
-    def after_step_stacked(cls, stack: Any, applied: torch.Tensor) -> None:
-        super().after_step_stacked(stack, applied)
+    def after_step_segment(cls, stack: Any, members: slice, applied: torch.Tensor) -> None:
+        # The threshold buffers are stacked over this class's members alone (SAEStack).
         smallest = getattr(stack, "smallest_survivor", None)
         stack.smallest_survivor = None
         if smallest is not None:
             seen = torch.isfinite(smallest) & applied
-            lr = stack.per_member("threshold_lr", lambda sae: sae.cfg.threshold_lr, torch.float64)
+            lr = stack.per_member("threshold_lr", lambda sae: sae.cfg.threshold_lr, torch.float64, members)
             updated = stack.threshold_ema * (1 - lr) + lr * smallest.double()
             stack.threshold_ema.copy_(torch.where(seen, updated, stack.threshold_ema))
             stack.threshold_updates += seen.long()

@@ -252,16 +252,36 @@ class TopKFamilySAE(SAE):
     # --- a stack of members (saesweep.sae.stack): the same maths, batched --------------------
 
     def stack_key(self) -> Optional[tuple[Any, ...]]:
-        # k, the AuxK coefficient and the dead window may differ per member; a k schedule would
-        # need the host's step in the batched selection, so those members train alone.
+        # k, the AuxK coefficient and the dead window may differ per member, and so may the
+        # class: TopK and BatchTopK members share one stack, each class selecting for its own
+        # members. A k schedule would need the host's step in the batched selection, so those
+        # members train alone.
         if self.cfg.initial_k is not None:
             return None
-        return (type(self), self.d_in, self.d_out, self.d_sae, self.cfg.apply_b_dec_to_input, self.aux_k)
+        return (TopKFamilySAE, self.d_in, self.d_out, self.d_sae, self.cfg.apply_b_dec_to_input, self.aux_k)
 
     @classmethod
     def select_stacked(cls, pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """`select` of each member of a stack: (rows, cols, keep), see sparse.stacked_topk_indices."""
         raise NotImplementedError
+
+    @classmethod
+    def select_segments(cls, stack: Any, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Each class's `select_stacked` for its own members, joined: rows stay sorted, since the
+        segments follow each other."""
+        if len(stack.segments) == 1:
+            return stack.segments[0][0].select_stacked(pre, [c.k for c in stack.configs])
+        batch, picks = pre.shape[1], []
+        for kind, members in stack.segments:
+            rows, cols, keep = kind.select_stacked(pre[members], [c.k for c in stack.configs[members]])
+            picks.append((rows + members.start * batch, cols, keep))
+        rows, cols, keeps = zip(*picks)
+        keep = None
+        if any(k is not None for k in keeps):
+            keep = torch.cat(
+                [k if k is not None else r.new_ones(r.shape, dtype=torch.bool) for r, k in zip(rows, keeps)]
+            )
+        return torch.cat(rows), torch.cat(cols), keep
 
     @classmethod
     def forward_stacked(cls, stack: Any, x: torch.Tensor, target: torch.Tensor) -> StepOutput:
@@ -272,7 +292,7 @@ class TopKFamilySAE(SAE):
         if centre is not None:
             x = x - centre.detach().unsqueeze(1)
         pre = dense_pre_acts(x, stack.W_enc, stack.b_enc)
-        rows, cols, keep = cls.select_stacked(pre, [c.k for c in stack.configs])
+        rows, cols, keep = cls.select_segments(stack, pre)
         active = gather_active(pre, x, stack.W_enc, stack.b_enc, rows, cols, b_dec=centre)
         if keep is not None:
             active.values = active.values * keep
@@ -283,7 +303,8 @@ class TopKFamilySAE(SAE):
             residual = (target - recon).detach()
             losses["auxk"] = cls.auxk_loss_stacked(stack, pre, x, residual, centre)
         fired = active.fired().view(n, stack.d_sae)
-        cls.on_active_stacked(stack, active)
+        for kind, members in stack.segments:
+            kind.on_active_stacked(stack, members, active)
         if stack.training:
             with torch.no_grad():
                 stack.steps_since_fired.add_(1).masked_fill_(fired, 0)
@@ -296,17 +317,26 @@ class TopKFamilySAE(SAE):
         cls, stack: Any, pre: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, centre: torch.Tensor | None
     ) -> torch.Tensor:
         """`auxk_loss` of each member ([M]). Fixed-size selections (GPUs) batch it; with compact
-        ones (CPUs) each member takes its own, which costs nothing while no latent is dead (the
-        fixed form gathers and decodes aux_k latents per token regardless: twice a CPU step)."""
+        ones (CPUs) each member with dead latents takes its own, which costs little while few
+        are dead (the fixed form gathers and decodes aux_k latents per token regardless: twice
+        a CPU step)."""
         n, batch, d_sae = pre.shape
         window = stack.per_member("dead_steps_threshold", lambda sae: sae.cfg.dead_steps_threshold, torch.long)
         dead = stack.steps_since_fired >= window[:, None]
         if not kernels.KERNELS.fixed_size(pre.device):
             # Each member's own tensors are views of the stack's and its grads slices of the
-            # stack's grads, so its own AuxK's gradient lands in the stack's.
+            # stack's grads, so its own AuxK's gradient lands in the stack's. A member with no
+            # dead latent gets the 0 its own would return, without its own ops.
+            any_dead = dead.any(1).tolist()  # a host read, as the compact selections make
+            if not any(any_dead):
+                return residual.new_zeros(n)
             centres = centre if centre is not None else [None] * n
+            zero = residual.new_zeros(())
             return torch.stack(
-                [sae.auxk_loss(*args) for sae, *args in zip(stack.saes, pre, x, residual, dead, centres)]
+                [
+                    sae.auxk_loss(*args) if some else zero
+                    for some, sae, *args in zip(any_dead, stack.saes, pre, x, residual, dead, centres)
+                ]
             )
         aux_k = stack.saes[0].aux_k
         k_aux = min(aux_k, d_sae)
@@ -320,8 +350,20 @@ class TopKFamilySAE(SAE):
         return coefficient * scale * mse_loss(recon, residual)
 
     @classmethod
-    def on_active_stacked(cls, stack: Any, active: ActiveLatents) -> None:
-        """`on_active` of each member of a stack."""
+    def on_active_stacked(cls, stack: Any, members: slice, active: ActiveLatents) -> None:
+        """`on_active` of the stack's `members` (this class's segment)."""
+
+    @classmethod
+    @torch.no_grad()
+    def after_step_stacked(cls, stack: Any, applied: torch.Tensor) -> None:
+        super().after_step_stacked(stack, applied)
+        for kind, members in stack.segments:
+            kind.after_step_segment(stack, members, applied[members])
+
+    @classmethod
+    def after_step_segment(cls, stack: Any, members: slice, applied: torch.Tensor) -> None:
+        """`after_step` of the stack's `members` (this class's segment) past the decoder's
+        renormalisation, which `after_step_stacked` does for the whole stack."""
 
 
 @register_architecture("topk")

@@ -1,6 +1,6 @@
 """Members of a group that can train as one stacked model do (issue 17, item 2).
 
-Members whose SAEs share a stack key (saesweep.sae.SAE.stack_key: class and shapes) and hooks take one
+Members whose SAEs share a stack key (saesweep.sae.SAE.stack_key: batched maths and shapes) and hooks take one
 batched forward and backward (saesweep.sae.stack.SAEStack), so a group of 8 dispatches about
 the ops of one member instead of 8 times them. What stays per member is what differs per
 member: each keeps its own optimizer, stepped over its slices of the stacked tensors by the
@@ -61,7 +61,7 @@ class MemberStack:
         log.info(
             "%d members train as one stacked %s: %s",
             len(members),
-            type(self.sae.saes[0]).__name__,
+            " + ".join(kind.__name__ for kind, _ in self.sae.segments),
             ", ".join(m.run_dir.name for m in members),
         )
 
@@ -156,5 +156,14 @@ def form_stacks(members: list[Member]) -> list[Stepper]:
             alone.append(member)
         else:
             by_key.setdefault(key, []).append(member)
-    stacks: list[Stepper] = [MemberStack(g) if len(g) > 1 else g[0] for g in by_key.values()]
+    stacks: list[Stepper] = [MemberStack(by_class(g)) if len(g) > 1 else g[0] for g in by_key.values()]
     return stacks + alone
+
+
+def by_class(members: list[Member]) -> list[Member]:
+    """The members with those of one SAE class side by side (a stack's segments), classes in
+    the order they first appear."""
+    first: dict[type, int] = {}
+    for member in members:
+        first.setdefault(type(member.sae), len(first))
+    return sorted(members, key=lambda m: first[type(m.sae)])

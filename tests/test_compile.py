@@ -48,7 +48,7 @@ def test_a_compiled_member_equals_the_eager_one(tmp_path, caplog, monkeypatch, c
     assert_close(fast, eager)
 
 
-@pytest.mark.parametrize("arch", ["topk", MIXED, "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["topk", MIXED, "matryoshka_batchtopk", "jumprelu", "gated"])
 def test_a_compiled_stack_equals_the_eager_stack(tmp_path, monkeypatch, arch):
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     data = batches(3)
@@ -78,7 +78,7 @@ def test_with_the_gpus_kernels_the_step_is_one_graph(tmp_path, monkeypatch):
     on a GPU embedding_bag, whose CPU-only bit-exact backward breaks the graph on a CPU)."""
     monkeypatch.setattr(sparse, "KERNELS", sparse.Kernels("dense", "dense", "fixed"))
     x = batches(1)[0]
-    for arch in ["batchtopk", "topk", MIXED]:
+    for arch in ["batchtopk", "topk", MIXED, "matryoshka_batchtopk"]:
         members = [make_member(tmp_path / f"{arch}{i}", member_arch(arch, i)) for i in range(2)]
         explained = torch._dynamo.explain(members[0].forward_loss)(x, x, 0)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -29,6 +29,8 @@ def make_member(run_dir: Path, arch: str = "batchtopk", log_every: int = 3, **se
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig()
     sae = {"k": 4, "aux_k": 8, "dead_steps_threshold": 2} if "topk" in arch else {}
+    if arch == "matryoshka_batchtopk":
+        sae["matryoshka_widths"] = [8, 32]
     sae.update({k[4:]: v for k, v in settings.items() if k.startswith("sae.")})
     cfg.sae = ARCHITECTURES[arch].config_class(architecture=arch, d_sae=sae.pop("d_sae", D_SAE), **sae)
     cfg.training.batch_size = BATCH
@@ -92,7 +94,7 @@ def member_arch(arch: str, i: int) -> str:
 
 
 def sweep(arch: str, settings: list[dict]) -> list[dict]:
-    if arch in ("batchtopk", MIXED):
+    if arch in ("batchtopk", MIXED, "matryoshka_batchtopk"):
         return settings
     if arch in ("standard", "gated"):  # their own knob instead: the L1 coefficient
         return [
@@ -113,7 +115,7 @@ def sweep(arch: str, settings: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("autocast", ["none", "bf16"])
-@pytest.mark.parametrize("arch", ["batchtopk", "topk", MIXED, "standard", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", MIXED, "matryoshka_batchtopk", "standard", "jumprelu", "gated"])
 @pytest.mark.parametrize("choices", ["cpu", "cuda"])
 def test_stacked_members_equal_their_separate_runs(tmp_path, monkeypatch, arch, choices, autocast):
     """With the CPU's kernels bit for bit, with and without dead latents (AuxK, JumpReLU's
@@ -271,6 +273,8 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
         make_member(tmp_path / "l", "gated", **{"sae.l1_warm_up_steps": 4}),  # an L1 schedule
         make_member(tmp_path / "m", "gated", **{"sae.l1_coefficient": 1.0}),
         make_member(tmp_path / "h", "batchtopk", **{"model.hook_point": "blocks.3.hook_resid_post"}),  # other data
+        make_member(tmp_path / "n", "matryoshka_batchtopk"),  # its own loss terms: never with BatchTopK
+        make_member(tmp_path / "o", "matryoshka_batchtopk", **{"sae.matryoshka_widths": [16]}),  # other levels
         make_member(tmp_path / "g", "batchtopk", **{"sae.k": 8}),  # stacks with a
     ]
     steppers = form_stacks(kinds)
@@ -280,7 +284,7 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
     assert form_stacks([kinds[0]]) == [kinds[0]]  # a stack of one is the member itself
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk", MIXED, "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", MIXED, "matryoshka_batchtopk", "jumprelu", "gated"])
 @pytest.mark.parametrize("choices", ["cpu", "cuda"])
 def test_a_stack_of_8_dispatches_at_most_twice_the_ops_of_one_member(tmp_path, monkeypatch, arch, choices):
     """Counted as bench_syncs counts them (no LM: a cache-fed step), steady non-logging steps,

@@ -15,7 +15,7 @@ SAELens's optional per-level variant (`use_matryoshka_aux_loss`) is not offered.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List, Optional
 
 import torch
 
@@ -57,17 +57,40 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             widths.append(self.d_sae)
         self.widths: tuple[int, ...] = tuple(widths)
 
-    def stack_key(self) -> None:
-        return None  # its nested reconstruction has no stacked form yet: it trains alone
+    def stack_key(self) -> Optional[tuple[Any, ...]]:
+        # BatchTopK's stacked maths with the nested reconstruction: members share the levels
+        # (their loss terms), and never a stack with other classes (theirs differ).
+        key = super().stack_key()
+        return None if key is None else (MatryoshkaBatchTopKSAE, *key[1:], self.widths)
 
     def reconstruct(self, active: ActiveLatents, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Decode level by level, each adding its latents to the previous prefix."""
+        return self.nested_reconstruction(active, self.W_dec, self.b_dec, target, self.widths)
+
+    @classmethod
+    def reconstruct_stacked(
+        cls, stack: Any, active: ActiveLatents, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        W_dec = stack.W_dec.flatten(0, 1)  # [M * d_sae, d_out]: the stack's latents numbered globally
+        return cls.nested_reconstruction(active, W_dec, stack.b_dec, target, stack.saes[0].widths, stack.d_sae)
+
+    @staticmethod
+    def nested_reconstruction(
+        active: ActiveLatents,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+        target: torch.Tensor,
+        widths: tuple[int, ...],
+        stacked_width: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Decode level by level, each adding its latents to the previous prefix: of one SAE
+        (target [batch, d_out]) or of a stack (target [M, batch, d_out], latents numbered
+        m * stacked_width + j)."""
         prefix_losses = {}
-        recon = self.b_dec.expand(active.n_rows, -1)
+        recon = b_dec.unsqueeze(-2).expand_as(target)
         lo = 0
-        for hi in self.widths:
-            recon = recon + decode_active(latents_in(active, lo, hi), self.W_dec)
-            if hi < self.d_sae:
+        for hi in widths:
+            recon = recon + decode_active(latents_in(active, lo, hi, stacked_width), W_dec).view_as(target)
+            if hi < widths[-1]:
                 prefix_losses[f"mse_prefix_{hi}"] = mse_loss(recon, target)
             lo = hi
         # The full SAE is the outer level: its term keeps the name "mse".

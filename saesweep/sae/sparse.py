@@ -357,12 +357,14 @@ class _DecodeActive(torch.autograd.Function):
         return grad_values, grad_W, None, None, None
 
 
-def latents_in(active: ActiveLatents, lo: int, hi: int) -> ActiveLatents:
-    """The active entries whose latent index lies in [lo, hi); rows stay sorted.
+def latents_in(active: ActiveLatents, lo: int, hi: int, width: int | None = None) -> ActiveLatents:
+    """The active entries whose latent index lies in [lo, hi); rows stay sorted. Of a stack
+    (latents numbered m * width + j), those whose j does.
 
     With fixed-size selections every entry stays, those outside with value 0: the same
     sums (adding an exact 0), at the price of decoding all entries for each level."""
-    keep = (active.cols >= lo) & (active.cols < hi)
+    latent = active.cols if width is None else active.cols % width
+    keep = (latent >= lo) & (latent < hi)
     if KERNELS.fixed_size(active.cols.device):
         return ActiveLatents(active.rows, active.cols, active.values * keep, active.n_rows, active.d_sae)
     return ActiveLatents(active.rows[keep], active.cols[keep], active.values[keep], active.n_rows, active.d_sae)

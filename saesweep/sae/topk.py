@@ -285,7 +285,7 @@ class TopKFamilySAE(SAE):
 
     @classmethod
     def forward_stacked(cls, stack: Any, x: torch.Tensor, target: torch.Tensor) -> StepOutput:
-        n, batch = stack.n_members, x.shape[0]
+        n = stack.n_members
         x = x * stack.input_scale.view(n, 1, 1)
         target = target * stack.target_scale.view(n, 1, 1)
         centre = stack.b_dec if stack.configs[0].apply_b_dec_to_input else None
@@ -296,9 +296,7 @@ class TopKFamilySAE(SAE):
         active = gather_active(pre, x, stack.W_enc, stack.b_enc, rows, cols, b_dec=centre)
         if keep is not None:
             active.values = active.values * keep
-        W_dec = stack.W_dec.view(n * stack.d_sae, stack.d_out)
-        recon = decode_active(active, W_dec).view(n, batch, stack.d_out) + stack.b_dec.unsqueeze(1)
-        losses = {"mse": mse_loss(recon, target)}
+        recon, losses = cls.reconstruct_stacked(stack, active, target)
         if stack.saes[0].aux_k > 0:
             residual = (target - recon).detach()
             losses["auxk"] = cls.auxk_loss_stacked(stack, pre, x, residual, centre)
@@ -311,6 +309,16 @@ class TopKFamilySAE(SAE):
         return StepOutput(
             recon=recon / stack.target_scale.view(n, 1, 1), losses=losses, l0=member_l0(active, n), fired=fired
         )
+
+    @classmethod
+    def reconstruct_stacked(
+        cls, stack: Any, active: ActiveLatents, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`reconstruct` of every member: the reconstruction [M, batch, d_out], scaled space."""
+        n, batch, d_out = target.shape
+        recon = decode_active(active, stack.W_dec.view(n * stack.d_sae, d_out)).view(n, batch, d_out)
+        recon = recon + stack.b_dec.unsqueeze(1)
+        return recon, {"mse": mse_loss(recon, target)}
 
     @classmethod
     def auxk_loss_stacked(

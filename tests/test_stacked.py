@@ -328,7 +328,7 @@ def test_a_stacks_batch_topk_selects_each_members_own_entries(monkeypatch, selec
     own = sparse.batch_topk_indices
     alone: list[int] = []
     monkeypatch.setattr(sparse, "batch_topk_indices", lambda p, k: alone.append(k) or own(p, k))
-    rows, cols = sparse.stacked_batch_topk_indices(pre, ks)
+    rows, cols = sparse.stacked_batch_topk_indices(pre, ks, torch.tensor(ks))
     monkeypatch.setattr(sparse, "batch_topk_indices", own)
     assert alone == (ks if selection == "compact" and seed == 3 else [])  # the batched path, but for the NaN
     want_rows, want_cols = [], []

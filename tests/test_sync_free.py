@@ -118,12 +118,14 @@ def test_the_counter_sees_what_would_sync(tmp_path):
     with SyncCounter() as mode:
         step(member, x)
     assert mode.syncs["nonzero"] >= 2 and mode.syncs["index with a bool mask"] >= 1, mode.syncs
+    repeats = torch.tensor([1, 2, 0])
     with SyncCounter() as mode:
         float(x.sum())
-        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 0]))
-        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 0]), output_size=3)
+        torch.arange(3).repeat_interleave(repeats)
+        torch.arange(3).repeat_interleave(repeats, output_size=3)
         torch.equal(x, x)
-    assert mode.syncs == {"_local_scalar_dense": 1, "repeat_interleave": 1, "equal": 1}
+        torch.tensor([4, 5])  # on a GPU's device, a blocking copy from the host
+    assert mode.syncs == {"_local_scalar_dense": 1, "repeat_interleave": 1, "equal": 1, "lift_fresh": 1}
 
 
 # --- the fixed-size selections select what the compact ones do --------------------------

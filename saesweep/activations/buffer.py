@@ -29,6 +29,14 @@ import torch
 Columns = tuple[torch.Tensor, ...]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, without the host waiting for the device: a copy to a GPU from
+    pageable memory without non_blocking waits for all the work queued on its stream first."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class SideStream:
     """Where fresh activations are made: a CUDA side stream, or (on the CPU) nothing at all."""
 
@@ -167,7 +175,7 @@ class ActivationBuffer:
             fresh = self._take_fresh(n)
             self.columns = [torch.cat([col[self.read :], new]) for col, new in zip(self.columns, fresh)]
             self.capacity = len(self.columns[0])
-        perm = torch.randperm(self.capacity, generator=self.generator).to(self.device)
+        perm = to_device(torch.randperm(self.capacity, generator=self.generator), self.device)
         self.columns = [col[perm] for col in self.columns]
         self.read = 0
 

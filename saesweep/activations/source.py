@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from saesweep.activations.buffer import to_device
 from saesweep.lm.model import LanguageModel
 
 Columns = tuple[torch.Tensor, ...]
@@ -75,7 +76,7 @@ class ActivationSource:
 
     def hook_activations(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """[rows, ctx, d] activations at each hook (the model stops after the last one)."""
-        return self.model.run_to_hooks(tokens.to(self.model.cfg.device), self.hooks)
+        return self.model.run_to_hooks(to_device(tokens, torch.device(self.model.cfg.device)), self.hooks)
 
     def token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.exclude_bos and self.bos is not None:

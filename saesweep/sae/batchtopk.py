@@ -127,8 +127,10 @@ class BatchTopKSAE(TopKFamilySAE):
             self.threshold_updates += seen.long()
 
     @classmethod
-    def select_stacked(cls, pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, None]:
-        return (*stacked_batch_topk_indices(pre, ks), None)
+    def select_stacked(
+        cls, pre: torch.Tensor, ks: list[int], k_of_member: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return (*stacked_batch_topk_indices(pre, ks, k_of_member), None)
 
     @classmethod
     @torch.no_grad()

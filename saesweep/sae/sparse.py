@@ -385,10 +385,13 @@ def member_l0(active: ActiveLatents, n_members: int) -> torch.Tensor:
     return counts / batch
 
 
-def stacked_topk_indices(pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(rows, cols, keep) of each member's per-row top ks[m]: rows global, cols the member's
-    own. One top-k at the largest k; where the ks differ, it is sorted and `keep` (a 0/1 weight
-    per entry) drops each row's entries past the member's k."""
+def stacked_topk_indices(
+    pre: torch.Tensor, ks: list[int], k_of_member: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(rows, cols, keep) of each member's per-row top ks[m] (`k_of_member`: the same on the
+    device): rows global, cols the member's own. One top-k at the largest k; where the ks
+    differ, it is sorted and `keep` (a 0/1 weight per entry) drops each row's entries past the
+    member's k."""
     n_members, batch, _ = pre.shape
     k_max = max(ks)
     differ = len(set(ks)) > 1
@@ -396,14 +399,16 @@ def stacked_topk_indices(pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor
     rows = row_of_each(n_members * batch, k_max, pre.device)
     if not differ:
         return rows, cols, None
-    k = torch.tensor(ks, device=pre.device)
-    keep = torch.arange(k_max, device=pre.device) < k[:, None, None]  # [M, 1, k_max]
+    keep = torch.arange(k_max, device=pre.device) < k_of_member[:, None, None]  # [M, 1, k_max]
     return rows, cols, keep.expand(n_members, batch, k_max).flatten()
 
 
-def stacked_batch_topk_indices(pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of each member's `batch_topk_indices(pre[m], ks[m])`: the same entries in
-    the same order, rows global and sorted, cols the member's own.
+def stacked_batch_topk_indices(
+    pre: torch.Tensor, ks: list[int], k_of_member: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of each member's `batch_topk_indices(pre[m], ks[m])` (`k_of_member`: the
+    ks on the device): the same entries in the same order, rows global and sorted, cols the
+    member's own.
 
     Fixed-size selections (GPUs): one top-k over all members, at the largest count, gives each
     member's cutoff, and one `nonzero_static` lists the winners. Compact ones (CPUs, where a
@@ -419,7 +424,7 @@ def stacked_batch_topk_indices(pre: torch.Tensor, ks: list[int]) -> tuple[torch.
         rows = torch.cat([r + m * batch for m, (r, _) in enumerate(picks)])
         return rows, torch.cat([c for _, c in picks])
     ranked = pre.view(n_members, -1).nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)
-    n_keep = torch.tensor(keeps, device=pre.device)[:, None]
+    n_keep = (k_of_member * batch).clamp(max=batch * d_sae)[:, None]  # keeps, with no copy from the host
     top = ranked.topk(max(keeps), dim=1, sorted=len(set(keeps)) > 1).values
     cutoff = top.gather(1, n_keep - 1) if len(set(keeps)) > 1 else top.amin(1, keepdim=True)
     winners = _first_winners(ranked, cutoff, n_keep)

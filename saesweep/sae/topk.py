@@ -261,19 +261,25 @@ class TopKFamilySAE(SAE):
         return (TopKFamilySAE, self.d_in, self.d_out, self.d_sae, self.cfg.apply_b_dec_to_input, self.aux_k)
 
     @classmethod
-    def select_stacked(cls, pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """`select` of each member of a stack: (rows, cols, keep), see sparse.stacked_topk_indices."""
+    def select_stacked(
+        cls, pre: torch.Tensor, ks: list[int], k_of_member: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """`select` of each member of a stack: (rows, cols, keep), see sparse.stacked_topk_indices.
+        `k_of_member`: the ks as a tensor on the device, made once (one made in each step would
+        be a copy from the host, which on a GPU waits for the device)."""
         raise NotImplementedError
 
     @classmethod
     def select_segments(cls, stack: Any, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Each class's `select_stacked` for its own members, joined: rows stay sorted, since the
         segments follow each other."""
-        if len(stack.segments) == 1:
-            return stack.segments[0][0].select_stacked(pre, [c.k for c in stack.configs])
         batch, picks = pre.shape[1], []
+        ks = [c.k for c in stack.configs]
         for kind, members in stack.segments:
-            rows, cols, keep = kind.select_stacked(pre[members], [c.k for c in stack.configs[members]])
+            k_of_member = stack.per_member("k", lambda sae: sae.cfg.k, torch.long, members)
+            if len(stack.segments) == 1:
+                return kind.select_stacked(pre, ks, k_of_member)
+            rows, cols, keep = kind.select_stacked(pre[members], ks[members], k_of_member)
             picks.append((rows + members.start * batch, cols, keep))
         rows, cols, keeps = zip(*picks)
         keep = None
@@ -386,8 +392,10 @@ class TopKSAE(TopKFamilySAE):
         return topk_per_row(pre, self.cfg.k)
 
     @classmethod
-    def select_stacked(cls, pre: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        return stacked_topk_indices(pre, ks)
+    def select_stacked(
+        cls, pre: torch.Tensor, ks: list[int], k_of_member: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        return stacked_topk_indices(pre, ks, k_of_member)
 
     def export_config(self) -> dict[str, Any]:
         return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

@@ -41,6 +41,9 @@ SYNC_OPS = {
     "_to_sparse_bsr": "as _to_sparse",
     "_to_sparse_bsc": "as _to_sparse",
     "_validate_sparse_coo_tensor_args": "checks index bounds on the host",
+    # torch.tensor(python data, device=...) copies from pageable host memory without
+    # non_blocking: the copy waits for the work queued on the device before it.
+    "lift_fresh": "a tensor made from Python data (torch.tensor): on a GPU a blocking copy from the host",
 }
 # Indexing with a bool mask runs nonzero inside the kernel, below this mode: seen by its args.
 INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_", "_unsafe_index", "_unsafe_index_put"}

@@ -96,15 +96,20 @@ def member_arch(arch: str, i: int) -> str:
 def sweep(arch: str, settings: list[dict]) -> list[dict]:
     if arch in ("batchtopk", MIXED, "matryoshka_batchtopk"):
         return settings
-    if arch in ("standard", "gated"):  # their own knob instead: the L1 coefficient
+    if arch in ("standard", "gated"):  # their own knobs instead: the L1 coefficient and its warm-up
         return [
-            {"sae.l1_coefficient": 5.0 / (i + 1), **{k: v for k, v in s.items() if not k.startswith("sae.")}}
+            {
+                "sae.l1_coefficient": 5.0 / (i + 1),
+                "sae.l1_warm_up_steps": 3 * i,
+                **{k: v for k, v in s.items() if not k.startswith("sae.")},
+            }
             for i, s in enumerate(settings)
         ]
     if arch == "jumprelu":  # the L0 and pre-activation coefficients, the revival window
         return [
             {
                 "sae.l0_coefficient": 2.0 / (i + 1),
+                "sae.l0_warm_up_steps": 4 * i,
                 "sae.pre_act_loss_coefficient": 3e-3 * (i + 1),
                 "sae.pre_act_dead_after_tokens": BATCH * (2 + i),  # dead latents within the run
                 **{k: v for k, v in s.items() if not k.startswith("sae.")},
@@ -270,7 +275,7 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
         make_member(tmp_path / "f", "standard"),  # the only one of its class
         make_member(tmp_path / "j", "jumprelu"),
         make_member(tmp_path / "k", "jumprelu", **{"sae.bandwidth": 1.0}),  # another kernel width
-        make_member(tmp_path / "l", "gated", **{"sae.l1_warm_up_steps": 4}),  # an L1 schedule
+        make_member(tmp_path / "l", "gated", **{"sae.l1_warm_up_steps": 4}),  # an L1 warm-up: stacks with m
         make_member(tmp_path / "m", "gated", **{"sae.l1_coefficient": 1.0}),
         make_member(tmp_path / "h", "batchtopk", **{"model.hook_point": "blocks.3.hook_resid_post"}),  # other data
         make_member(tmp_path / "n", "matryoshka_batchtopk"),  # its own loss terms: never with BatchTopK
@@ -279,8 +284,13 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
     ]
     steppers = form_stacks(kinds)
     stacks = [s for s in steppers if isinstance(s, MemberStack)]
-    assert len(stacks) == 1 and stacks[0].members == [kinds[0], kinds[-1], kinds[2]]  # a class's side by side
-    assert {id(s) for s in steppers if isinstance(s, Member)} == {id(m) for m in kinds[1:-1] if m is not kinds[2]}
+    by_name = {m.run_dir.name: m for m in kinds}
+    assert [[m.run_dir.name for m in s.members] for s in stacks] == [
+        ["a", "g", "c"],
+        ["l", "m"],
+    ]  # a class's side by side
+    stacked = {"a", "g", "c", "l", "m"}
+    assert {id(s) for s in steppers if isinstance(s, Member)} == {id(m) for n, m in by_name.items() if n not in stacked}
     assert form_stacks([kinds[0]]) == [kinds[0]]  # a stack of one is the member itself
 
 

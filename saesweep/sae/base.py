@@ -266,6 +266,10 @@ class SAE(nn.Module):
 
     # --- several members of a sweep as one batched model (saesweep.sae.stack) ---------------
 
+    def coefficient_warm_up(self) -> int:
+        """Steps over which the sparsity coefficient warms up from 0 (`warmed_up`); 0: none."""
+        return 0
+
     def stack_key(self) -> Optional[tuple[Any, ...]]:
         """What SAEs must share to train as one stack, or None: this one trains on its own. The
         key's first item is the class whose `forward_stacked` and `after_step_stacked` run the
@@ -341,6 +345,12 @@ class SAE(nn.Module):
     def export_config(self) -> dict[str, Any]:
         """Architecture-specific SAELens cfg.json fields."""
         return {}
+
+
+def warmed_up(coefficient: float, step: int, warm_up_steps: int) -> float:
+    """`coefficient` at a (0-based) step of its linear warm-up from 0 over `warm_up_steps` steps
+    (0: none), as SAELens; a stack's members get the same on the device (`SAEStack.warmed_up`)."""
+    return coefficient * (min(1.0, (step + 1) / warm_up_steps) if warm_up_steps > 0 else 1.0)
 
 
 def mse_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from saesweep.sae.base import SAE, StepOutput, mse_loss
+from saesweep.sae.base import SAE, StepOutput, mse_loss, warmed_up
 from saesweep.sae.registry import register_architecture
 from saesweep.sae.standard import StandardSAEConfig
 
@@ -51,10 +51,11 @@ class GatedSAE(SAE):
         # log of the magnitude path's per-latent rescaling of W_enc; 0 = same as the gate
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
 
+    def coefficient_warm_up(self) -> int:
+        return self.cfg.l1_warm_up_steps
+
     def l1_coefficient(self, step: int) -> float:
-        """Linear warm-up from 0 over l1_warm_up_steps, as the standard SAE."""
-        warm = self.cfg.l1_warm_up_steps
-        return self.cfg.l1_coefficient * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+        return warmed_up(self.cfg.l1_coefficient, step, self.cfg.l1_warm_up_steps)
 
     def gate_and_magnitude(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate, magnitude) pre-activations of input already in the SAE's scaled space."""
@@ -106,17 +107,15 @@ class GatedSAE(SAE):
     # --- a stack of members (saesweep.sae.stack) ----------------------------------------------
 
     def stack_key(self) -> Optional[tuple[Any, ...]]:
-        # The L1 coefficient may differ per member; a warm-up would need the host's step.
+        # The L1 coefficient and its warm-up may differ per member.
         cfg = self.cfg
-        if cfg.l1_warm_up_steps > 0:
-            return None
         return (type(self), self.d_in, self.d_out, self.d_sae, cfg.apply_b_dec_to_input, cfg.aux_detach_decoder)
 
     @classmethod
     def forward_stacked(cls, stack: Any, x: torch.Tensor, target: torch.Tensor) -> StepOutput:
         n = stack.n_members
         scaled = x * stack.input_scale.view(n, 1, 1), target * stack.target_scale.view(n, 1, 1)
-        l1 = stack.per_member("l1_coefficient", lambda sae: sae.cfg.l1_coefficient)
+        l1 = stack.warmed_up("l1_coefficient", lambda sae: sae.cfg.l1_coefficient)
         return cls.step_output_stacked(stack, *cls.gated_pass(stack, stack.configs[0], *scaled, l1))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from saesweep.config.domain import Choice, Range, in_domain
-from saesweep.sae.base import SAE, ParamGroup, SAEConfig
+from saesweep.sae.base import SAE, ParamGroup, SAEConfig, warmed_up
 from saesweep.sae.registry import register_architecture
 
 
@@ -166,10 +166,11 @@ class JumpReLUSAE(SAE):
             ParamGroup("threshold", [self.log_threshold], self.cfg.threshold_lr_multiplier),
         ]
 
+    def coefficient_warm_up(self) -> int:
+        return self.cfg.l0_warm_up_steps
+
     def l0_coefficient(self, step: int) -> float:
-        """Linear warm-up from 0 over l0_warm_up_steps, as SAELens."""
-        warm = self.cfg.l0_warm_up_steps
-        return self.cfg.l0_coefficient * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+        return warmed_up(self.cfg.l0_coefficient, step, self.cfg.l0_warm_up_steps)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return jumprelu(pre, self.threshold.to(pre.dtype), self.cfg.bandwidth, self.cfg.ste_to_input)
@@ -216,13 +217,11 @@ class JumpReLUSAE(SAE):
     # --- a stack of members (saesweep.sae.stack) ----------------------------------------------
 
     def stack_key(self) -> Optional[tuple[Any, ...]]:
-        # The L0 and pre-activation coefficients and the revival window may differ per member.
-        # The kernel's bandwidth and tanh_scale meet the activations elementwise, where a
-        # per-member tensor would change the dtype of the product under autocast (and with it
-        # the bits a separate run gets), so members share them; a warm-up needs the host's step.
+        # The L0 and pre-activation coefficients, the L0 warm-up and the revival window may
+        # differ per member. The kernel's bandwidth and tanh_scale meet the activations
+        # elementwise, where a per-member tensor would change the dtype of the product under
+        # autocast (and with it the bits a separate run gets), so members share them.
         cfg = self.cfg
-        if cfg.l0_warm_up_steps > 0:
-            return None
         return (
             type(self),
             self.d_in,
@@ -249,7 +248,7 @@ class JumpReLUSAE(SAE):
             stack.configs[0],
             pre,
             acts,
-            stack.per_member("l0_coefficient", lambda sae: sae.cfg.l0_coefficient),
+            stack.warmed_up("l0_coefficient", lambda sae: sae.cfg.l0_coefficient),
             stack.per_member("pre_act_loss_coefficient", lambda sae: sae.cfg.pre_act_loss_coefficient),
             stack.per_member(
                 "pre_act_dead_after_tokens", lambda sae: sae.cfg.pre_act_dead_after_tokens, torch.long

@@ -55,6 +55,9 @@ class SAEStack(nn.Module):
             self.register_buffer(name, stacked)
             for sae, view in zip(holders, stacked):
                 sae._buffers[name] = view
+        # Each member's step, on the device, where a coefficient warms up (`warmed_up`): the
+        # trainer (MemberStack) keeps it at its members' step counts.
+        self.steps = torch.zeros(len(saes), dtype=torch.long, device=self._device()) if self.warms_up() else None
         if any(True for _ in saes[0].children()):
             raise ValueError(f"SAEStack: {self.arch.__name__} has submodules; stacking covers flat SAEs only")
 
@@ -73,10 +76,25 @@ class SAEStack(nn.Module):
         made once under `name` (a member's settings do not change while it trains)."""
         key = (name, dtype, members.start, members.stop)
         if key not in self._per_member:
-            device = next(self.parameters()).device
             values = [value(sae) for sae in self.saes[members]]
-            self._per_member[key] = torch.tensor(values, dtype=dtype, device=device)
+            self._per_member[key] = torch.tensor(values, dtype=dtype, device=self._device())
         return self._per_member[key]
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def warms_up(self) -> bool:
+        return any(sae.coefficient_warm_up() > 0 for sae in self.saes)
+
+    def warmed_up(self, name: str, value: Callable[[SAE], float]) -> torch.Tensor:
+        """[M] float32: each member's coefficient `value` at its step, as `base.warmed_up` gives
+        a separate run (the same double-precision arithmetic, then rounded to float32)."""
+        if self.steps is None:
+            return self.per_member(name, value)
+        full = self.per_member(name, value, torch.float64)
+        warm = self.per_member("coefficient_warm_up", lambda sae: sae.coefficient_warm_up(), torch.float64)
+        scale = torch.where(warm > 0, ((self.steps + 1) / warm).clamp(max=1.0), 1.0)
+        return (full * scale).float()
 
     def zero_grad_(self) -> None:
         torch._foreach_zero_([p.grad for p in self.parameters()])

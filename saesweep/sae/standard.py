@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from saesweep.config.domain import Range, in_domain
-from saesweep.sae.base import SAE, SAEConfig
+from saesweep.sae.base import SAE, SAEConfig, warmed_up
 from saesweep.sae.registry import register_architecture
 
 
@@ -25,24 +25,22 @@ class StandardSAE(SAE):
     export_architecture = "standard"
     export_transcoder_architecture = "transcoder"
 
+    def coefficient_warm_up(self) -> int:
+        return self.cfg.l1_warm_up_steps
+
     def l1_coefficient(self, step: int) -> float:
-        """Linear warm-up from 0 over l1_warm_up_steps, as SAELens."""
-        warm = self.cfg.l1_warm_up_steps
-        scale = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
-        return self.cfg.l1_coefficient * scale
+        return warmed_up(self.cfg.l1_coefficient, step, self.cfg.l1_warm_up_steps)
 
     def loss_terms(self, pre: torch.Tensor, acts: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         weighted = acts * self.W_dec.norm(dim=1)
         return {"l1": self.l1_coefficient(step) * weighted.sum(-1).mean()}
 
     def stack_key(self) -> Optional[tuple[Any, ...]]:
-        # The L1 coefficient may differ per member; a warm-up would need the host's step.
-        if self.cfg.l1_warm_up_steps > 0:
-            return None
+        # The L1 coefficient and its warm-up may differ per member.
         return (type(self), self.d_in, self.d_out, self.d_sae, self.cfg.apply_b_dec_to_input)
 
     @classmethod
     def loss_terms_stacked(cls, stack: Any, pre: torch.Tensor, acts: torch.Tensor) -> dict[str, torch.Tensor]:
         weighted = acts * stack.W_dec.norm(dim=-1).unsqueeze(1)
-        coefficient = stack.per_member("l1_coefficient", lambda sae: sae.cfg.l1_coefficient)
+        coefficient = stack.warmed_up("l1_coefficient", lambda sae: sae.cfg.l1_coefficient)
         return {"l1": coefficient * weighted.sum(-1).mean(-1)}

@@ -20,6 +20,7 @@ from typing import Iterable, Union
 
 import torch
 
+from saesweep.activations.buffer import to_device
 from saesweep.sae.base import StepOutput
 from saesweep.sae.stack import SAEStack
 from saesweep.training.compiled import SAEStep
@@ -47,6 +48,7 @@ class MemberStack:
             member.stacked = True
         # The grads in the order each member's clip_grad_norm_ would take them.
         self.grads = [p.grad for m in members for p in m.sae.parameters()]
+        self.device_steps: list[int] | None = None  # what the stack's `steps` hold (warm-ups)
         self.amp = members[0].amp
         self.settings = members[0].cfg.training  # the members share it (the grouped launcher checks)
         # Forward, losses and backward of the whole stack: compiled with training.compile.
@@ -86,6 +88,8 @@ class MemberStack:
             return out, sum(out.losses.values())
 
     def _step(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        if self.sae.steps is not None:
+            self.send_steps()
         # The backward of loss.sum(): each member's loss gets gradient 1, as in its own.
         out, loss = self.sae_step(x, target)
         grad_norm = self.clip_gradients()
@@ -99,10 +103,21 @@ class MemberStack:
             member.scheduler.step()  # as if applied; `caught_up` winds it back over skipped steps
         self.sae.after_step(applied)
         self.tokens_since_fired.copy_(since_fired(self.tokens_since_fired, out.fired, applied, len(x)))
+        if self.sae.steps is not None:
+            self.sae.steps.add_(1)  # as each member's count goes on (`stepped`)
+            self.device_steps = [step + 1 for step in self.device_steps]
         records = torch.stack([applied, loss.detach(), grad_norm], dim=1)  # promoted to a float dtype
         for i, (member, record) in enumerate(zip(self.members, records.unbind())):
             if member.stepped(record):
                 member.measure(member_output(out, i), target)
+
+    def send_steps(self) -> None:
+        """The members' step counts to the stack's `steps`, where the device's count differs:
+        at the stack's first step, or after a read-back wound skipped steps back."""
+        steps = [member.step for member in self.members]
+        if steps != self.device_steps:
+            self.sae.steps.copy_(to_device(torch.tensor(steps), self.sae.steps.device))
+            self.device_steps = steps
 
     def clip_gradients(self) -> torch.Tensor:
         """[members] gradient norms, each member's clipped as `clip_grad_norm_` clips a

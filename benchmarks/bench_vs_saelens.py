@@ -272,10 +272,15 @@ def run_ours(cfg: Any, model: Any, rows: Any, source: Any, run_dir: Path, device
 # --- SAELens --------------------------------------------------------------------
 
 
-def activation_buffer_tokens(cfg: Any, tokens: int) -> int:
-    """Our trainer's buffer size: buffer.size_tokens capped at the run length, as
-    saesweep.training.loop caps it (65,536 tokens either way at the default 1M)."""
-    return max(2 * cfg.training.batch_size, min(cfg.buffer.size_tokens, tokens))
+def activation_buffer_tokens(cfg: Any, source: Any, device: Any, tokens: int) -> int:
+    """Our trainer's buffer size: buffer.size_tokens (or what `auto` makes of the device's free
+    memory, as saesweep.training.loop asks for it), capped at the run length (65,536 tokens
+    either way at the default 1M)."""
+    from saesweep.training.buffer_size import buffer_capacity
+
+    batch = cfg.training.batch_size
+    size = buffer_capacity([cfg], source.widths(), torch.device(device), batch, tokens)
+    return max(2 * batch, min(size, tokens))
 
 
 def saelens_dataset(rows: Any, n_rows: int) -> Any:
@@ -308,7 +313,7 @@ def run_saelens(
     # SAELens's buffer is n_batches_in_buffer x context_size tokens (activations_store.py,
     # get_data_loader); size it like ours. It also refills by keeping half
     # (activations_mixing_fraction=0.5), as ours does.
-    buffer_tokens = activation_buffer_tokens(cfg, tokens)
+    buffer_tokens = activation_buffer_tokens(cfg, source, device, tokens)
     n_batches_in_buffer = max(1, buffer_tokens // ctx)
     # Our scaling factor comes from the first buffer; give SAELens as many tokens for its
     # estimate instead of its default 1000 batches (4M tokens of LM forward).
@@ -569,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         "context_size": cfg.dataset.context_size,
         "lr": cfg.optimizer.lr,
         "betas": list(cfg.optimizer.betas),
-        "buffer_tokens": activation_buffer_tokens(cfg, tokens),
+        "buffer_tokens": activation_buffer_tokens(cfg, source, device, tokens),
         "lm_batch_rows": cfg.activations.batch_rows,
         "bos_excluded": cfg.activations.exclude_bos,
         "normalize_activations": cfg.sae.normalize_activations,

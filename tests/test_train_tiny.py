@@ -115,7 +115,8 @@ def test_a_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_weights(runs, tiny
 
 
 def test_a_grouped_sweeps_members_equal_their_separate_runs(runs, tiny_lm, tmp_path):
-    """hydra/launcher=grouped: one LM pass for both members, each as if trained alone."""
+    """hydra/launcher=grouped: one LM pass for both members, and one stacked model (TopK and
+    BatchTopK stack together), each member ending bit for bit where its separate run ends."""
     sweep = tmp_path / "sweep"
     code, output = train(
         [
@@ -129,11 +130,13 @@ def test_a_grouped_sweeps_members_equal_their_separate_runs(runs, tiny_lm, tmp_p
         ]
     )
     assert code == 0, output[-3000:]
+    assert "2 members train as one stacked TopKSAE + BatchTopKSAE: 0, 1" in output
     for member in (sweep / "0", sweep / "1"):
         arch = "batchtopk" if "architecture=batchtopk" in (member / ".hydra" / "overrides.yaml").read_text() else "topk"
         want, got = weights(runs[arch]), weights(member)
+        assert want.keys() == got.keys()
         for name in want:
-            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=(arch, name))
+            assert torch.equal(got[name], want[name]), (arch, name)
     assert "2 members: 2 done" in (sweep / "report.md").read_text()
 
 

@@ -273,13 +273,17 @@ class TopKFamilySAE(SAE):
     def select_segments(cls, stack: Any, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Each class's `select_stacked` for its own members, joined: rows stay sorted, since the
         segments follow each other."""
-        batch, picks = pre.shape[1], []
         ks = [c.k for c in stack.configs]
+
+        def k_of(members: slice) -> torch.Tensor:
+            return stack.per_member("k", lambda sae: sae.cfg.k, torch.long, members)
+
+        if len(stack.segments) == 1:
+            kind, members = stack.segments[0]
+            return kind.select_stacked(pre, ks, k_of(members))
+        batch, picks = pre.shape[1], []
         for kind, members in stack.segments:
-            k_of_member = stack.per_member("k", lambda sae: sae.cfg.k, torch.long, members)
-            if len(stack.segments) == 1:
-                return kind.select_stacked(pre, ks, k_of_member)
-            rows, cols, keep = kind.select_stacked(pre[members], ks[members], k_of_member)
+            rows, cols, keep = kind.select_stacked(pre[members], ks[members], k_of(members))
             picks.append((rows + members.start * batch, cols, keep))
         rows, cols, keeps = zip(*picks)
         keep = None

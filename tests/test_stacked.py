@@ -93,9 +93,13 @@ def member_arch(arch: str, i: int) -> str:
     return ("batchtopk", "topk")[i % 2] if arch == MIXED else arch
 
 
+# A schedule of k (OpenMOSS's): member 1 starts at 10 and decays to its k from step 1 to 5.
+K_SCHEDULE = {"sae.initial_k": 10, "sae.k_cold_booting_steps": 1, "sae.k_warmup_steps": 4}
+
+
 def sweep(arch: str, settings: list[dict]) -> list[dict]:
-    if arch in ("batchtopk", MIXED, "matryoshka_batchtopk"):
-        return settings
+    if arch in ("batchtopk", MIXED, "matryoshka_batchtopk"):  # TopK alone in MIXED: its k its own
+        return [{**s, **K_SCHEDULE} if i == 1 else s for i, s in enumerate(settings)]
     if arch in ("standard", "gated"):  # their own knobs instead: the L1 coefficient and its warm-up
         return [
             {
@@ -270,7 +274,7 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
         make_member(tmp_path / "a", "batchtopk"),
         make_member(tmp_path / "b", "batchtopk", **{"sae.d_sae": 32}),  # another width
         make_member(tmp_path / "c", "topk"),  # another class, but TopK stacks with BatchTopK
-        make_member(tmp_path / "d", "batchtopk", **{"sae.initial_k": 8}),  # a k schedule
+        make_member(tmp_path / "d", "batchtopk", **{"sae.initial_k": 8}),  # a k schedule: stacks with a
         make_member(tmp_path / "e", "batchtopk", **{"training.compile": True}),
         make_member(tmp_path / "f", "standard"),  # the only one of its class
         make_member(tmp_path / "j", "jumprelu"),
@@ -285,11 +289,9 @@ def test_members_that_cannot_stack_step_alone(tmp_path):
     steppers = form_stacks(kinds)
     stacks = [s for s in steppers if isinstance(s, MemberStack)]
     by_name = {m.run_dir.name: m for m in kinds}
-    assert [[m.run_dir.name for m in s.members] for s in stacks] == [
-        ["a", "g", "c"],
-        ["l", "m"],
-    ]  # a class's side by side
-    stacked = {"a", "g", "c", "l", "m"}
+    names = [[m.run_dir.name for m in s.members] for s in stacks]
+    assert names == [["a", "d", "g", "c"], ["l", "m"]]  # a class's members side by side
+    stacked = {"a", "d", "g", "c", "l", "m"}
     assert {id(s) for s in steppers if isinstance(s, Member)} == {id(m) for n, m in by_name.items() if n not in stacked}
     assert form_stacks([kinds[0]]) == [kinds[0]]  # a stack of one is the member itself
 

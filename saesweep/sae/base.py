@@ -270,6 +270,11 @@ class SAE(nn.Module):
         """Steps over which the sparsity coefficient warms up from 0 (`warmed_up`); 0: none."""
         return 0
 
+    def reads_step(self) -> bool:
+        """Whether a training step's maths read the step count (in a stack, from a counter the
+        stack keeps on the device)."""
+        return self.coefficient_warm_up() > 0
+
     def stack_key(self) -> Optional[tuple[Any, ...]]:
         """What SAEs must share to train as one stack, or None: this one trains on its own. The
         key's first item is the class whose `forward_stacked` and `after_step_stacked` run the

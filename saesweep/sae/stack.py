@@ -55,9 +55,12 @@ class SAEStack(nn.Module):
             self.register_buffer(name, stacked)
             for sae, view in zip(holders, stacked):
                 sae._buffers[name] = view
-        # Each member's step, on the device, where a coefficient warms up (`warmed_up`): the
-        # trainer (MemberStack) keeps it at its members' step counts.
-        self.steps = torch.zeros(len(saes), dtype=torch.long, device=self._device()) if self.warms_up() else None
+        # Each member's step count, where some member's training maths read it (a warm-up, a
+        # schedule of k): on the device (`steps`) and its copy on the host (`step_counts`),
+        # which the trainer (MemberStack) keeps at its members' counts.
+        reads_step = any(sae.reads_step() for sae in saes)
+        self.steps = torch.zeros(len(saes), dtype=torch.long, device=self._device()) if reads_step else None
+        self.step_counts: list[int] = [0] * len(saes)
         if any(True for _ in saes[0].children()):
             raise ValueError(f"SAEStack: {self.arch.__name__} has submodules; stacking covers flat SAEs only")
 
@@ -82,9 +85,6 @@ class SAEStack(nn.Module):
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
-
-    def warms_up(self) -> bool:
-        return any(sae.coefficient_warm_up() > 0 for sae in self.saes)
 
     def warmed_up(self, name: str, value: Callable[[SAE], float]) -> torch.Tensor:
         """[M] float32: each member's coefficient `value` at its step, as `base.warmed_up` gives

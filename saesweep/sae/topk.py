@@ -162,6 +162,9 @@ class TopKFamilySAE(SAE):
             step, c.k, c.initial_k, c.k_warmup_steps, c.k_cold_booting_steps, c.k_schedule_type, c.k_exponential_factor
         )
 
+    def reads_step(self) -> bool:
+        return self.cfg.initial_k is not None and self.cfg.k_warmup_steps > 0
+
     def dead_latents(self) -> torch.Tensor:
         """[d_sae] bool: latents silent for at least `dead_steps_threshold` steps.
 
@@ -252,12 +255,9 @@ class TopKFamilySAE(SAE):
     # --- a stack of members (saesweep.sae.stack): the same maths, batched --------------------
 
     def stack_key(self) -> Optional[tuple[Any, ...]]:
-        # k, the AuxK coefficient and the dead window may differ per member, and so may the
-        # class: TopK and BatchTopK members share one stack, each class selecting for its own
-        # members. A k schedule would need the host's step in the batched selection, so those
-        # members train alone.
-        if self.cfg.initial_k is not None:
-            return None
+        # k, its schedule, the AuxK coefficient and the dead window may differ per member, and
+        # so may the class: TopK and BatchTopK members share one stack, each class selecting
+        # for its own members.
         return (TopKFamilySAE, self.d_in, self.d_out, self.d_sae, self.cfg.apply_b_dec_to_input, self.aux_k)
 
     @classmethod
@@ -273,17 +273,12 @@ class TopKFamilySAE(SAE):
     def select_segments(cls, stack: Any, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Each class's `select_stacked` for its own members, joined: rows stay sorted, since the
         segments follow each other."""
-        ks = [c.k for c in stack.configs]
-
-        def k_of(members: slice) -> torch.Tensor:
-            return stack.per_member("k", lambda sae: sae.cfg.k, torch.long, members)
-
+        ks, k_of_member = cls.current_ks(stack)
         if len(stack.segments) == 1:
-            kind, members = stack.segments[0]
-            return kind.select_stacked(pre, ks, k_of(members))
+            return stack.segments[0][0].select_stacked(pre, ks, k_of_member)
         batch, picks = pre.shape[1], []
         for kind, members in stack.segments:
-            rows, cols, keep = kind.select_stacked(pre[members], ks[members], k_of(members))
+            rows, cols, keep = kind.select_stacked(pre[members], ks[members], k_of_member[members])
             picks.append((rows + members.start * batch, cols, keep))
         rows, cols, keeps = zip(*picks)
         keep = None
@@ -292,6 +287,19 @@ class TopKFamilySAE(SAE):
                 [k if k is not None else r.new_ones(r.shape, dtype=torch.bool) for r, k in zip(rows, keeps)]
             )
         return torch.cat(rows), torch.cat(cols), keep
+
+    @classmethod
+    def current_ks(cls, stack: Any) -> tuple[list[int], torch.Tensor]:
+        """Each member's `current_k` at its step: on the host (for shapes) and on the device
+        ([M] long). Where k is scheduled, the device's comes from a table of every member's
+        schedule, made once and read at the stack's step counter: no step copies it over."""
+        if stack.steps is None:
+            return [c.k for c in stack.configs], stack.per_member("k", lambda sae: sae.cfg.k, torch.long)
+        ks = [sae.current_k(step) for sae, step in zip(stack.saes, stack.step_counts)]
+        # k stays put after cold_booting + warmup steps: the table ends there.
+        end = max(c.k_cold_booting_steps + c.k_warmup_steps for c in stack.configs) + 1
+        table = stack.per_member("k_schedule", lambda sae: [sae.current_k(s) for s in range(end)], torch.long)
+        return ks, table.gather(1, stack.steps.clamp(max=end - 1).unsqueeze(1)).squeeze(1)
 
     @classmethod
     def forward_stacked(cls, stack: Any, x: torch.Tensor, target: torch.Tensor) -> StepOutput:

@@ -48,7 +48,6 @@ class MemberStack:
             member.stacked = True
         # The grads in the order each member's clip_grad_norm_ would take them.
         self.grads = [p.grad for m in members for p in m.sae.parameters()]
-        self.device_steps: list[int] | None = None  # what the stack's `steps` hold (warm-ups)
         self.amp = members[0].amp
         self.settings = members[0].cfg.training  # the members share it (the grouped launcher checks)
         # Forward, losses and backward of the whole stack: compiled with training.compile.
@@ -105,7 +104,7 @@ class MemberStack:
         self.tokens_since_fired.copy_(since_fired(self.tokens_since_fired, out.fired, applied, len(x)))
         if self.sae.steps is not None:
             self.sae.steps.add_(1)  # as each member's count goes on (`stepped`)
-            self.device_steps = [step + 1 for step in self.device_steps]
+            self.sae.step_counts = [step + 1 for step in self.sae.step_counts]
         records = torch.stack([applied, loss.detach(), grad_norm], dim=1)  # promoted to a float dtype
         for i, (member, record) in enumerate(zip(self.members, records.unbind())):
             if member.stepped(record):
@@ -115,9 +114,9 @@ class MemberStack:
         """The members' step counts to the stack's `steps`, where the device's count differs:
         at the stack's first step, or after a read-back wound skipped steps back."""
         steps = [member.step for member in self.members]
-        if steps != self.device_steps:
+        if steps != self.sae.step_counts:
             self.sae.steps.copy_(to_device(torch.tensor(steps), self.sae.steps.device))
-            self.device_steps = steps
+            self.sae.step_counts = steps
 
     def clip_gradients(self) -> torch.Tensor:
         """[members] gradient norms, each member's clipped as `clip_grad_norm_` clips a

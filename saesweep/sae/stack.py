@@ -37,7 +37,7 @@ class SAEStack(nn.Module):
         if len({kind for kind, _ in self.segments}) != len(self.segments):
             raise ValueError("SAEStack: members of one class must sit side by side")
         self.d_in, self.d_out, self.d_sae = saes[0].d_in, saes[0].d_out, saes[0].d_sae
-        self._per_member: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._per_member: dict[tuple[Any, ...], torch.Tensor] = {}
         for name, first in saes[0].named_parameters(recurse=False):
             stacked = nn.Parameter(torch.stack([sae._parameters[name].detach() for sae in saes]))
             # Gradients accumulate in place into one stacked buffer: each member's .grad is

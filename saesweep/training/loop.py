@@ -5,7 +5,7 @@ settings and their hook points: they share the LM, the token rows, the activatio
 and the buffer, so the LM runs once for all of them (to the deepest hook; the buffer holds
 a column per hook, shuffled together, and each member reads its own), while each member keeps its own SAE, optimizer,
 scheduler, dead-latent counters, metrics log, checkpoint and run dir. A single run
-is a group of one. Members whose SAEs can stack (one class and shape) step as one batched
+is a group of one. Members whose SAEs can stack (one shape; see SAE.stack_key) step as one batched
 model (saesweep.training.stacked), each still with all of the above its own.
 
 The SAE returns a dict of named loss terms; the loop sums them, steps the
@@ -259,7 +259,7 @@ def train_together(
             with amp():
                 batch = buffer.next_batch()
             batches += 1
-            # Members that share an SAE class and shapes step as one stacked model, the others alone.
+            # Members whose SAEs share a stack key step as one stacked model, the others alone.
             for stepper in steppers.covering(training):
                 stepper.train_step(*stepper.own(batch))
             for member in training:

@@ -18,6 +18,7 @@ from saesweep.errors import UserError
 from saesweep.sae import build_sae
 from saesweep.sae.gated import GatedSAE, GatedSAEConfig
 from saesweep.sae.jumprelu import JumpReLUSAE, JumpReLUSAEConfig, heaviside_step, jumprelu
+from saesweep.sae.standard import StandardSAEConfig
 from saesweep.sae_format.write import save_sae
 from saesweep.training.optim import build_optimizer, build_scheduler, lr_factor
 
@@ -373,6 +374,28 @@ def test_one_adam_step_moves_log_thresholds_by_the_multiplied_lr():
     moved = (sae.log_threshold.detach() - before).abs()
     # Adam's first step is lr * g / (|g| + eps): lr in size wherever the gradient is not tiny
     assert torch.allclose(moved[has_grad], torch.full_like(moved[has_grad], 0.25e-2), rtol=1e-3)
+
+
+def test_lr_multiplier_scales_every_group_of_the_sae():
+    """sae.lr_multiplier x optimizer.lr for the main group; JumpReLU's thresholds get
+    threshold_lr_multiplier on top: 3 x 2e-3 = 6e-3 and 0.5 x 6e-3 = 3e-3."""
+    gated = build_sae(GatedSAEConfig(d_sae=8, lr_multiplier=3.0), d_in=4)
+    (main,) = build_optimizer(gated.param_groups(), OptimizerConfig(lr=2e-3)).param_groups
+    assert main["lr"] == pytest.approx(6e-3)
+    jump = build_sae(JumpReLUSAEConfig(d_sae=8, lr_multiplier=3.0, threshold_lr_multiplier=0.5), d_in=4)
+    main, threshold = build_optimizer(jump.param_groups(), OptimizerConfig(lr=2e-3)).param_groups
+    assert (main["lr"], threshold["lr"]) == (pytest.approx(6e-3), pytest.approx(3e-3))
+    # Adam's first step moves each weight by its group's lr where the gradient is not tiny
+    torch.manual_seed(0)
+    standard = build_sae(StandardSAEConfig(d_sae=8, lr_multiplier=3.0), d_in=4)
+    optimizer = build_optimizer(standard.param_groups(), OptimizerConfig(lr=1e-2))
+    x = torch.randn(16, 4)
+    before = standard.W_dec.detach().clone()
+    sum(standard(x, x, 0).losses.values()).backward()
+    has_grad = standard.W_dec.grad.abs() > 1e-4
+    optimizer.step()
+    moved = (standard.W_dec.detach() - before).abs()
+    assert has_grad.any() and torch.allclose(moved[has_grad], torch.full_like(moved[has_grad], 3e-2), rtol=1e-2)
 
 
 def test_build_optimizer_still_takes_plain_parameters():

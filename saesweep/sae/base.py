@@ -51,6 +51,11 @@ class SAEConfig:
     normalize_activations: Normalization = Normalization.expected_average_only_in
     # Grid-search the initial weight scale on the first batch's MSE.
     init_norm_search: bool = False
+    # The lr of this SAE's parameters is lr_multiplier x optimizer.lr (the scheduler scales
+    # it alike): an architecture whose sparsity penalty needs another lr than the TopK
+    # family sets it here, so `architecture=X` alone trains X well and a sweep over
+    # optimizer.lr still moves every architecture together.
+    lr_multiplier: float = in_domain(1.0, Range(gt=0))
 
     def check(self) -> None:
         """Every field in its domain, then the relations between fields."""
@@ -148,7 +153,7 @@ class SAE(nn.Module):
         """Optimizer parameter groups; an architecture overrides this to give some
         parameters (e.g. JumpReLU thresholds) their own lr multiplier. The first
         group is the main one: its lr is what the trainer logs."""
-        return [ParamGroup("main", list(self.parameters()))]
+        return [ParamGroup("main", list(self.parameters()), self.cfg.lr_multiplier)]
 
     # --- set-up from the first buffer of activations -------------------------
 

@@ -70,7 +70,7 @@ class JumpReLUSAEConfig(SAEConfig):
     # a run shorter than 4M tokens never revives it. Adam rescales the tiny coefficient's
     # gradient, so revival is quick once it applies.
     pre_act_dead_after_tokens: int = in_domain(100_000, Range(gt=0))
-    # lr of the log-thresholds = this x optimizer.lr (the scheduler scales both alike). 1.0,
+    # lr of the log-thresholds = this x the main lr (sae.lr_multiplier x optimizer.lr). 1.0,
     # not Language-Model-SAEs' 0.1: Adam moves log(threshold) by at most about lr per step,
     # so at lr 4e-4 a 0.1x multiplier lets a threshold change by only ~1 % over a default
     # run - it would barely leave init_threshold. LM-SAEs found 0.1x mainly smooths the
@@ -161,9 +161,10 @@ class JumpReLUSAE(SAE):
 
     def param_groups(self) -> list[ParamGroup]:
         rest = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        main = self.cfg.lr_multiplier
         return [
-            ParamGroup("main", rest),
-            ParamGroup("threshold", [self.log_threshold], self.cfg.threshold_lr_multiplier),
+            ParamGroup("main", rest, main),
+            ParamGroup("threshold", [self.log_threshold], main * self.cfg.threshold_lr_multiplier),
         ]
 
     def coefficient_warm_up(self) -> int:

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from saesweep.config.domain import Range, in_domain
 from saesweep.sae.base import SAE, StepOutput, mse_loss, warmed_up
 from saesweep.sae.registry import register_architecture
 from saesweep.sae.standard import StandardSAEConfig
@@ -31,6 +32,9 @@ class GatedSAEConfig(StandardSAEConfig):
     """The standard SAE's knobs (l1_coefficient, l1_warm_up_steps) plus the aux switch."""
 
     architecture: str = "gated"
+    # Its own lr and L1 coefficient, not the standard SAE's (whose fields it inherits).
+    lr_multiplier: float = in_domain(1.0, Range(gt=0))
+    l1_coefficient: float = in_domain(5.0, Range(ge=0))
     # false: the aux reconstruction's gradient reaches W_dec/b_dec too, as SAELens 6 does.
     # true detaches the decoder there, as the paper's frozen decoder; on the default 1M-token
     # run that trained far worse (benchmarks/results/architectures_retuned.md).

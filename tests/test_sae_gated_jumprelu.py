@@ -331,18 +331,18 @@ def test_jumprelu_gradients_away_from_thresholds_match_finite_differences():
 
 
 def test_param_groups_cover_every_parameter_once():
-    sae = build_sae(JumpReLUSAEConfig(d_sae=8, threshold_lr_multiplier=0.1), d_in=4)
+    sae = build_sae(JumpReLUSAEConfig(d_sae=8, lr_multiplier=1.0, threshold_lr_multiplier=0.1), d_in=4)
     groups = sae.param_groups()
     assert [g.name for g in groups] == ["main", "threshold"]
     assert groups[1].params == [sae.log_threshold] and groups[1].lr_multiplier == 0.1
     ids = [id(p) for g in groups for p in g.params]
     assert sorted(ids) == sorted(id(p) for p in sae.parameters())
-    gated = build_sae(GatedSAEConfig(d_sae=8), d_in=4)
+    gated = build_sae(GatedSAEConfig(d_sae=8, lr_multiplier=1.0), d_in=4)
     assert [(g.name, g.lr_multiplier, len(g.params)) for g in gated.param_groups()] == [("main", 1.0, 6)]
 
 
 def test_threshold_lr_is_its_multiplier_times_the_scheduled_lr():
-    sae = build_sae(JumpReLUSAEConfig(d_sae=8, threshold_lr_multiplier=0.1), d_in=4)
+    sae = build_sae(JumpReLUSAEConfig(d_sae=8, lr_multiplier=1.0, threshold_lr_multiplier=0.1), d_in=4)
     opt_cfg = OptimizerConfig(lr=2e-3)
     sched_cfg = SchedulerConfig(name="cosine", warmup_steps=3, final_lr_fraction=0.2)
     optimizer = build_optimizer(sae.param_groups(), opt_cfg)
@@ -362,7 +362,10 @@ def test_threshold_lr_is_its_multiplier_times_the_scheduled_lr():
 def test_one_adam_step_moves_log_thresholds_by_the_multiplied_lr():
     torch.manual_seed(0)
     sae = build_sae(
-        JumpReLUSAEConfig(d_sae=8, threshold_lr_multiplier=0.25, bandwidth=10.0, sparsity_loss_mode="step"), d_in=4
+        JumpReLUSAEConfig(
+            d_sae=8, lr_multiplier=1.0, threshold_lr_multiplier=0.25, bandwidth=10.0, sparsity_loss_mode="step"
+        ),
+        d_in=4,
     )
     optimizer = build_optimizer(sae.param_groups(), OptimizerConfig(lr=1e-2))
     x = torch.randn(16, 4)

@@ -32,7 +32,8 @@ def tiny(cfg):
 
 
 def test_standard_forward_and_l1_weighted_by_decoder_norms():
-    sae = tiny(StandardSAEConfig(d_sae=3, l1_coefficient=0.5, normalize_activations="none"))
+    # l1_warm_up_steps=0: the full coefficient at step 0 (the default warms it up over 61 steps).
+    sae = tiny(StandardSAEConfig(d_sae=3, l1_coefficient=0.5, l1_warm_up_steps=0, normalize_activations="none"))
     x = torch.tensor([[1.5, 2.5]])
     # x - b_dec = (1, 2); pre = (1, 1, 1.5); recon = (2,0)+(0,1)+1.5(1,1)+b_dec = (4, 3)
     out = sae(x, x, step=0)

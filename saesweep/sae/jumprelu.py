@@ -48,7 +48,7 @@ class JumpReLUSAEConfig(SAEConfig):
     benchmarks/results/architectures_defaults.md; before it, architectures_retuned.md): a 5x
     lr, a lower L0 coefficient and a pre-activation loss strong and early enough to revive
     latents within the run. On the default 1M-token run that takes L0 28.5 / EV 0.791 / 26 %
-    dead to L0 42.2 / EV 0.895 / 0.4 % dead: above TopK's EV at that L0 (0.885). For
+    dead to L0 42.3 / EV 0.895 / 0.7 % dead: above TopK's EV at that L0 (0.885). For
     DeepMind's original L0 loss use sparsity_loss_mode=step with a small bandwidth
     and init_threshold (the guide's example: 0.01 and 0.01) and many tokens."""
 

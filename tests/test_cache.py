@@ -255,8 +255,11 @@ def test_one_pass_caches_several_hooks_and_they_equal_live_activations(smollm2, 
     stored = [torch.cat(c) for c in zip(*(cache.load_shard(i, hooks) for i in range(3)))]
     rows = cache_token_rows(cfg, tiny_rows, smollm2.tokenizer.bos_token_id)
     live = ActivationSource.for_hooks(smollm2, hooks, exclude_bos=True).chunk(rows)
+    # The cache runs the LM 2 rows at a time, the live source all 5 at once: fp32 matmuls of
+    # other shapes round differently, ~1e-5 relative after 7 layers. A wrong hook or row
+    # order differs by O(1).
     for hook, got, want in zip(hooks, stored, live):
-        assert torch.allclose(got, want, atol=1e-5), hook
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=hook)
     # A transcoder reads its (input, target) pair from it, aligned token by token.
     x, target = next(cache.reader(["blocks.6.hook_resid_post", "blocks.7.hook_resid_post"], seed=0))
     pairs = {tuple(a[:4].tolist()): b for a, b in zip(stored[1], stored[2])}

@@ -43,6 +43,15 @@ def test_every_group_option_composes_and_validates(group, option):
         assert getattr(typed, group).name == option
 
 
+def test_the_readme_names_every_group_option():
+    # The README's list of config groups is how a user learns what `group=option` can take;
+    # it had fallen behind conf/ once (gated, jumprelu and matryoshka were missing).
+    readme = (CONF_DIR.parent / "README.md").read_text()
+    listing = readme[readme.index("Config groups live in") :].split("\n\n")[0]
+    missing = [f"{g}={o}" for g in GROUPS for o in options(g) if f"`{o}`" not in listing]
+    assert not missing, f"README's config-group list lacks {missing}"
+
+
 def test_architecture_group_fills_sae_node_and_accepts_its_knobs():
     typed = validate(compose_train(["architecture=batchtopk", "sae.k=64"]))
     assert typed.sae.architecture == "batchtopk" and typed.sae.k == 64

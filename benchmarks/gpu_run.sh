@@ -37,6 +37,13 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HYDRA_FULL_ERROR=1
 exec > >(tee "$OUT/log.txt") 2>&1
 START=$(date +%s)
 stamp() { echo "=== $1 ($(( $(date +%s) - START )) s)"; }
+# The arms' own limits sum to more than one call's 600 s, so that a fast arm's spare time
+# goes to the next; this deadline keeps the last arm from being killed by the device tool
+# mid-write. cap N prints N or the seconds left before the deadline, whichever is smaller
+# (at least 1: past the deadline each arm costs about a second, and writes no summary).
+DEADLINE=${DEADLINE:-570}
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+cap() { local left; left=$(left); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 
 if [ "$DEVICE" = cuda ]; then
   PY=${PY:-python3}
@@ -61,14 +68,15 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 for m in hydra datasets sae_lens sparsify; do $PY -c "import $m" 2>&1 | tail -1 | sed "s/^/import $m: /"; done
-summary() {
+summary() {  # summary [final]: gpu_results.{json,md} from every arm's files so far
+  [ "${1:-}" = final ] || [ "$(left)" -gt 0 ] || return 0
   $PY benchmarks/gpu_arms.py summary --work "$W" --out "$OUT" \
     --meta "{\"device\": \"$($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')\", \"mode\": \"$MODE\", \"commit\": \"$(git rev-parse --short HEAD 2>/dev/null)\"}" >/dev/null
 }
 
 stamp models
 TINY=$([ "$MODE" = tiny ] && echo --tiny)
-timeout 120 $PY benchmarks/gpu_arms.py models --config .gpu/smollm2 --out "$W" $TINY
+timeout $(cap 120) $PY benchmarks/gpu_arms.py models --config .gpu/smollm2 --out "$W" $TINY
 SMOL="model=smollm2-135m-hf model.source=pretrained model.name=$W/smol"
 LLAMA="model=smollm2-135m-hf model.source=pretrained model.name=$W/llama1b model.hook_point=model.layers.8"
 EVAL="eval.rows=64 eval.ce_rows=8 training.device=$DEVICE"
@@ -76,35 +84,35 @@ COMMON="training.autocast=bf16 $EVAL ${SMALL[*]}"
 train() {  # train NAME SECONDS OVERRIDES...: a run into $W/NAME; its tokens/s from eval.json
   local name=$1 limit=$2; shift 2
   stamp "$name"
-  timeout "$limit" $PY -m saesweep.train $COMMON "$@" hydra.run.dir="$W/$name" 2>&1 | grep -E "eval:|rror|Traceback|training.compile|stacked" | tail -4
+  timeout "$(cap "$limit")" $PY -m saesweep.train $COMMON "$@" hydra.run.dir="$W/$name" 2>&1 | grep -E "eval:|rror|Traceback|training.compile|stacked" | tail -4
   summary
 }
 group() {  # group NAME SECONDS OVERRIDES...: the issue's group of 8 into $W/NAME
   local name=$1 limit=$2; shift 2
   stamp "$name"
-  timeout "$limit" $PY -m saesweep.train --multirun $COMMON hydra/launcher=grouped architecture=topk,batchtopk sae.k=16,32,64,128 "$@" \
+  timeout "$(cap "$limit")" $PY -m saesweep.train --multirun $COMMON hydra/launcher=grouped architecture=topk,batchtopk sae.k=16,32,64,128 "$@" \
     hydra.sweep.dir="$W/$name" 2>&1 | grep -E "rror|Traceback|stacked|trained on" | tail -4
   summary
 }
 
 stamp lm_smol
-timeout 60 $PY benchmarks/bench_lm.py --backend hf --hook model.layers.6 --model-dir "$W/smol" --device "$DEVICE" \
+timeout $(cap 60) $PY benchmarks/bench_lm.py --backend hf --hook model.layers.6 --model-dir "$W/smol" --device "$DEVICE" \
   --batch-rows $SMOL_ROWS --tokens $T_LM --autocast bf16 --out "$W/lm_smol.json" | tail -1
 summary
 train run_default 90 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER training.total_tokens=$T_RUN
 stamp sparsify
-timeout 75 $PY benchmarks/gpu_arms.py sparsify --model "$W/smol" --tokens $T_SPARSIFY --out "$W/sparsify.json" 2>&1 | grep -v Warning | tail -3
+timeout $(cap 75) $PY benchmarks/gpu_arms.py sparsify --model "$W/smol" --tokens $T_SPARSIFY --out "$W/sparsify.json" 2>&1 | grep -v Warning | tail -3
 summary
 train run_one 60 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER training.total_tokens=$T_ONE
 group group8 110 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER training.total_tokens=$T_GROUP
 stamp profile
-timeout 75 $PY benchmarks/gpu_arms.py profile --out "$W/profile.json" --skip $SKIP --window $WINDOW --run-dir "$W/profile_run" \
+timeout $(cap 75) $PY benchmarks/gpu_arms.py profile --out "$W/profile.json" --skip $SKIP --window $WINDOW --run-dir "$W/profile_run" \
   $SMOL training.autocast=bf16 $EVAL ${SMALL[*]} activations.batch_rows=$SMOL_ROWS buffer.size_tokens=$BUFFER \
   training.total_tokens=$T_PROFILE 2>&1 | grep -E "wrote|rror|Traceback" | tail -3
 summary
 
 stamp lm_1b
-timeout 50 $PY benchmarks/bench_lm.py --backend hf --hook model.layers.8 --model-dir "$W/llama1b" --device "$DEVICE" \
+timeout $(cap 50) $PY benchmarks/bench_lm.py --backend hf --hook model.layers.8 --model-dir "$W/llama1b" --device "$DEVICE" \
   --batch-rows $ROWS1B --tokens $T_LM1B --autocast bf16 --out "$W/lm_1b.json" | tail -1
 summary
 train run_1b 60 $LLAMA sae.expansion_factor=8 activations.batch_rows=$ROWS1B training.total_tokens=$T_RUN1B
@@ -115,9 +123,9 @@ STEP="$PY benchmarks/bench_step.py --device $DEVICE --random --k 32 $STEP_ARGS"
 ARMS=saesweep_batchtopk+bf16,saesweep_batchtopk+bf16+compile,saesweep_topk+bf16,saesweep_topk+bf16+compile,sparsify_topk,saelens_batchtopk+bf16
 [ "$MODE" = tiny ] && W2048="--d-in 64 --d-sae 512" W4096="--d-in 128 --d-sae 1024" || W2048="--d-in 2048 --d-sae 16384" W4096="--d-in 4096 --d-sae 65536"
 stamp step_2048
-timeout 100 $STEP $W2048 --trainers $ARMS --out "$W/step_2048.json" 2>&1 | grep -E "repeat [0-9]|unavailable|rror" | tail -8
+timeout $(cap 100) $STEP $W2048 --trainers $ARMS --out "$W/step_2048.json" 2>&1 | grep -E "repeat [0-9]|unavailable|rror" | tail -8
 stamp step_4096
-timeout 100 $STEP $W4096 --trainers saesweep_batchtopk+bf16,saesweep_batchtopk+bf16+compile,sparsify_topk --out "$W/step_4096.json" \
+timeout $(cap 100) $STEP $W4096 --trainers saesweep_batchtopk+bf16,saesweep_batchtopk+bf16+compile,sparsify_topk --out "$W/step_4096.json" \
   2>&1 | grep -E "repeat [0-9]|unavailable|rror" | tail -4
 cp "$W"/step_2048.json "$W"/step_4096.json "$OUT"/ 2>/dev/null
 summary
@@ -130,6 +138,6 @@ train run_1b_compiled 60 $LLAMA sae.expansion_factor=8 activations.batch_rows=$R
 train feed_auto 60 $SMOL activations.batch_rows=$SMOL_ROWS buffer.size_tokens=auto training.total_tokens=$T_ONE
 cp "$W/feed_auto/eval.json" "$W/feed_auto.json" 2>/dev/null
 
-summary
+summary final
 stamp done
 cat "$OUT/gpu_results.md" | head -30

@@ -13,7 +13,7 @@ from conftest import TINY_RUN, run_cli
 from saesweep.errors import UserError
 from saesweep.sweep.members import load_member
 from saesweep.sweep.report import SweepReportCallback
-from saesweep.training.run_record import RunRecord, config_differences, without_keys
+from saesweep.training.run_record import RunRecord, config_differences, schema_defaults, without_keys
 
 
 def record(k: int = 32, log_every: int = 10, rows: int = 16, overrides: list[str] | None = None) -> RunRecord:
@@ -37,6 +37,22 @@ def test_config_differences_names_the_dotted_keys():
         "sae.k (16 -> 8)",
         "y (None -> 2)",
     ]
+
+
+def test_a_key_the_saved_config_lacks_is_no_difference_at_its_schema_default():
+    current = {"sae": {"architecture": "topk", "k": 32, "aux_k": None}, "activations": {"seqpos_slice": [None]}}
+    saved = {"sae": {"architecture": "topk", "k": 32}, "activations": {}}
+    defaults = schema_defaults(current)
+    assert defaults["sae"]["aux_k"] is None and defaults["activations"]["seqpos_slice"] == [None]
+    assert config_differences(saved, current, defaults=defaults) == []
+    current["sae"]["aux_k"] = 4
+    current["activations"]["seqpos_slice"] = [1, None]
+    assert config_differences(saved, current, defaults=defaults) == [
+        "activations.seqpos_slice (None -> [1, None])",
+        "sae.aux_k (None -> 4)",
+    ]
+    # A key the saved config has and the current one lacks (removed from the schema) still differs.
+    assert config_differences({"sae": {"gone": 1}}, {"sae": {}}, defaults=defaults) == ["sae.gone (1 -> None)"]
 
 
 def test_a_new_run_dir_gets_the_three_files_in_hydras_format(tmp_path):

@@ -32,7 +32,14 @@ from saesweep.training.distributed import SINGLE, Ranks
 from saesweep.training.metrics_log import MetricsLog, NullMetricsLog
 from saesweep.training.optim import build_optimizer, build_scheduler
 from saesweep.training.readback import to_host
-from saesweep.training.run_record import RESUME_MAY_CHANGE, RunRecord, config_differences, mark_claimed, without_keys
+from saesweep.training.run_record import (
+    RESUME_MAY_CHANGE,
+    RunRecord,
+    config_differences,
+    mark_claimed,
+    schema_defaults,
+    without_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +81,8 @@ class Member:
         self.recorded = record.check(run_dir, finished=False, resume=cfg.training.resume) if record else None
         self.checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if cfg.training.resume != "never" else None
         if self.checkpoint is not None and cfg.training.resume != "force":
-            changed = config_differences(self.checkpoint["config"], resumable_config(cfg))
+            current = resumable_config(cfg)
+            changed = config_differences(self.checkpoint["config"], current, defaults=schema_defaults(current))
             if changed:
                 raise UserError(
                     f"run dir {run_dir} holds a checkpoint of a different config: {'; '.join(changed)}. "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import datetime
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from saesweep.atomic import atomic_write_many, atomic_write_text
+from saesweep.config.domain import plain
 from saesweep.errors import UserError
 
 RECORD_DIR = ".hydra"
@@ -64,15 +65,37 @@ def claimed_here(run_dir: Path) -> bool:
     return Path(run_dir).resolve() in _claimed
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
+def schema_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """Every key's default in the training schema, the sae node's from the architecture that
+    `config` names: what a config written before a key existed had in its place."""
+    from saesweep.config.schema import TrainConfig
+    from saesweep.sae import ARCHITECTURES
+
+    defaults = plain(asdict(TrainConfig()))
+    arch = (config.get("sae") or {}).get("architecture") if isinstance(config.get("sae"), dict) else None
+    if arch in ARCHITECTURES:
+        defaults["sae"] = plain(asdict(ARCHITECTURES[arch].config_class()))
+    return defaults
+
+
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts. With `defaults`
+    (schema_defaults), a key `saved` lacks is no difference while `current` holds its
+    default: the key was added to the schema after `saved` was written, and the default is
+    what that run had (so an upgrade can resume runs started before it)."""
     keys = sorted(set(saved) | set(current))
     out: list[str] = []
+    defaults = defaults or {}
     for key in keys:
         a, b = saved.get(key), current.get(key)
         name = f"{prefix}{key}"
+        if key not in saved and key in defaults and b == defaults[key]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(config_differences(a, b, name + "."))
+            below = defaults.get(key)
+            out.extend(config_differences(a, b, name + ".", below if isinstance(below, dict) else None))
         elif a != b:
             out.append(f"{name} ({a!r} -> {b!r})")
     return out
@@ -125,7 +148,11 @@ class RunRecord:
 
     def differences(self, recorded: RunRecord, may_change: frozenset[str] | set[str] = frozenset()) -> list[str]:
         """Dotted keys whose values differ from `recorded`, outside `may_change`."""
-        return config_differences(without_keys(recorded.config, may_change), without_keys(self.config, may_change))
+        return config_differences(
+            without_keys(recorded.config, may_change),
+            without_keys(self.config, may_change),
+            defaults=schema_defaults(self.config),
+        )
 
     def check(self, run_dir: Path, finished: bool, resume: str) -> RunRecord | None:
         """May this config run in `run_dir`? Raises a UserError naming the keys that differ

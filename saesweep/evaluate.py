@@ -123,7 +123,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from saesweep.activations.source import ActivationSource
+    from saesweep.activations.source import ActivationSource, token_filter
     from saesweep.atomic import atomic_write, atomic_write_text
     from saesweep.data.rows import load_token_rows
     from saesweep.evaluation.held_out import evaluate
@@ -155,7 +155,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
         raise UserError(
             f"config key 'dataset.context_size': {cfg.dataset.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}"
         )
-    source = ActivationSource(model, hook_in, hook_out, cfg.activations.exclude_bos)
+    source = ActivationSource(model, hook_in, hook_out, **token_filter(cfg.activations))
     check_widths(sae, probed_widths(source), hook_in, hook_out, cfg.model.name)
 
     rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.seed).eval_rows[: cfg.eval.rows]

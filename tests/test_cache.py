@@ -140,6 +140,8 @@ def test_key_is_stable_and_sensitive_to_every_field(smollm2, tiny_rows, tmp_path
         return cache_key(activation_spec(c, smollm2, r, cache_hooks(c)))
 
     base = cache_key(spec)
+    # Keys added later enter the spec only when set, so caches built before them keep their key.
+    assert "exclude_special_tokens" not in spec and "seqpos_slice" not in spec
     changed = {
         "hook": key_with(model__hook_point="blocks.5.hook_resid_post"),
         "extra hook": key_with(activations__cache_hooks=["blocks.3.hook_resid_post"]),
@@ -150,6 +152,8 @@ def test_key_is_stable_and_sensitive_to_every_field(smollm2, tiny_rows, tmp_path
         "tokens": key_with(training__total_tokens=16384),
         "cache tokens": key_with(activations__cache_tokens=4096),
         "exclude_bos": key_with(activations__exclude_bos=False),
+        "special tokens": key_with(activations__exclude_special_tokens=True),
+        "positions": key_with(activations__seqpos_slice=[1, None]),  # the same rows: 127 a row either way
         "dataset path": key_with(dataset__path="elsewhere"),
         "holdout": key_with(dataset__holdout_fraction=0.1),
         "windowing": key_with(dataset__sequence_separator_token="eos"),

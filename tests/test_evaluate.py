@@ -567,7 +567,7 @@ def test_evaluations_with_a_shared_key_equal_unshared_ones_and_skip_the_sae_inde
         sae = build_sae(TopKSAEConfig(d_sae=128, k=k), model.cfg.d_model)
         train_a_few_steps(sae, x)
         saes.append(sae)
-    key = shared_key(tiny_config.model, [hook], True, rows, 2)
+    key = shared_key(tiny_config.model, [hook], source.filter, rows, 2)
 
     passes = {"to_hook": 0, "full": 0}
     to_hooks, loss = model.run_to_hooks, model.loss_with_hooks

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from conftest import composed, ctrl_c_after_step, metrics_without_timing, run_in_process, sae_lens_l0_and_ev, weights
 
 import saesweep.train
@@ -112,6 +113,32 @@ def test_a_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_weights(runs, tiny
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
     assert metrics_without_timing(tmp_path) == metrics_without_timing(straight)
+
+
+def test_a_run_interrupted_before_keys_were_added_to_the_schema_resumes_after(runs, tiny_lm, tmp_path):
+    """A run recorded by a version without activations.seqpos_slice and
+    exclude_special_tokens (its .hydra/config.yaml and checkpoint lack them) resumes under
+    this one at their defaults, to the uninterrupted weights; set otherwise, it is refused."""
+    argv = [*tiny_lm, *RUN, *arch_overrides("batchtopk"), f"hydra.run.dir={tmp_path}"]
+    with ctrl_c_after_step(3):
+        code, output = train(argv)
+    assert code == 130, output[-3000:]
+    added = ("exclude_special_tokens", "seqpos_slice")
+    record = tmp_path / ".hydra" / "config.yaml"
+    config = yaml.safe_load(record.read_text())
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for key in added:
+        del config["activations"][key], checkpoint["config"]["activations"][key]
+    record.write_text(yaml.safe_dump(config))
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+
+    code, output = train([*argv, "activations.seqpos_slice=[1,null]"])
+    assert code != 0 and "activations.seqpos_slice (None -> [1, None])" in output, output[-3000:]
+    code, output = train(argv)
+    assert code == 0 and "resuming" in output, output[-3000:]
+    want, got = weights(runs["batchtopk"]), weights(tmp_path)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
 
 
 def test_a_grouped_sweeps_members_equal_their_separate_runs(runs, tiny_lm, tmp_path):

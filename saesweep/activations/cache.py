@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from saesweep.activations.prefetch import Prefetcher
-from saesweep.activations.source import ActivationSource, Columns, LiveFeed
+from saesweep.activations.source import ActivationSource, Columns, LiveFeed, token_filter
 from saesweep.atomic import atomic_write, atomic_write_text
 from saesweep.config.schema import TrainConfig, TrainingConfig
 from saesweep.errors import UserError
@@ -70,9 +70,11 @@ def cache_hooks(cfg: TrainConfig, group_hooks: Sequence[str] = ()) -> list[str]:
 
 
 def tokens_per_row(cfg: TrainConfig, bos: int | None) -> int:
-    """Activations a row yields (a row's leading BOS is dropped when exclude_bos)."""
-    drop = cfg.dataset.prepend_bos and cfg.activations.exclude_bos and bos is not None
-    return cfg.dataset.context_size - (1 if drop else 0)
+    """Activations a row yields: its positions in activations.seqpos_slice, less a leading BOS
+    when exclude_bos (special tokens elsewhere in the row are not foreseen)."""
+    positions = range(cfg.dataset.context_size)[slice(*cfg.activations.seqpos_slice)]
+    drop = cfg.dataset.prepend_bos and cfg.activations.exclude_bos and bos is not None and 0 in positions
+    return max(1, len(positions) - (1 if drop else 0))
 
 
 def cache_token_rows(cfg: TrainConfig, rows: Any, bos: int | None) -> torch.Tensor:
@@ -177,6 +179,13 @@ def activation_spec(cfg: TrainConfig, model: Any, token_rows: torch.Tensor, hook
             "tokens_sha256": hashlib.sha256(token_rows.contiguous().numpy().tobytes()).hexdigest(),
         },
         "exclude_bos": cfg.activations.exclude_bos,
+        # Only when set: a cache built before these keys existed keeps its key.
+        **({"exclude_special_tokens": True} if cfg.activations.exclude_special_tokens else {}),
+        **(
+            {"seqpos_slice": list(cfg.activations.seqpos_slice)}
+            if slice(*cfg.activations.seqpos_slice) != slice(None)
+            else {}
+        ),
         # Autocast changes the values even where it leaves the dtype (an fp32 residual sums
         # bf16 block outputs); the stored dtype keeps fp32 and bf16 caches apart.
         "autocast": str(cfg.training.autocast),
@@ -364,7 +373,7 @@ def build_cache(
     spec: dict[str, Any],
     model: Any,
     token_rows: torch.Tensor,
-    exclude_bos: bool,
+    source_filter: dict[str, Any],
     batch_rows: int,
     shard_mb: float,
     amp: Any = None,
@@ -374,7 +383,7 @@ def build_cache(
     `amp`: the autocast context the LM runs under (see lm_autocast); the shards hold
     spec["store_dtype"]."""
     hooks = spec["hooks"]
-    source = ActivationSource.for_hooks(model, hooks, exclude_bos)
+    source = ActivationSource.for_hooks(model, hooks, **source_filter)
     widths = source.widths()
     store = getattr(torch, spec["store_dtype"])
     bytes_per_row = tokens_for(token_rows[:1], source) * sum(widths) * torch.finfo(store).bits // 8
@@ -484,7 +493,7 @@ def ensure_cache(
             spec,
             model,
             token_rows,
-            cfg.activations.exclude_bos,
+            token_filter(cfg.activations),
             cfg.activations.batch_rows,
             cfg.activations.shard_mb,
             lm_autocast(cfg, model),

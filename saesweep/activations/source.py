@@ -8,7 +8,7 @@ the buffer cannot tell them apart.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -23,38 +23,74 @@ def run_hooks(hook_in: str, hook_out: str | None) -> list[str]:
     return [hook_in] if hook_out in (None, hook_in) else [hook_in, hook_out]
 
 
+def token_filter(cfg: Any) -> dict[str, Any]:
+    """The keys of an ActivationsConfig that pick which positions of a row give activations,
+    as ActivationSource's keywords (and, being plain data, as part of cache and eval keys)."""
+    return {
+        "exclude_bos": bool(cfg.exclude_bos),
+        "exclude_special_tokens": bool(cfg.exclude_special_tokens),
+        "seqpos_slice": list(cfg.seqpos_slice),
+    }
+
+
 class ActivationSource:
     """Turns token rows into activations: (input,) for an SAE, (input, target) for a transcoder.
 
-    For an SAE the target is the input; for a transcoder it is a second hook.
-    BOS positions are dropped when `exclude_bos` is set.
+    For an SAE the target is the input; for a transcoder it is a second hook. Positions are
+    dropped by `token_mask`: BOS tokens (`exclude_bos`), every special token of the tokenizer
+    (`exclude_special_tokens`), and positions outside `seqpos_slice`.
     """
 
-    def __init__(self, model: LanguageModel, hook_in: str, hook_out: str | None, exclude_bos: bool):
+    def __init__(
+        self,
+        model: LanguageModel,
+        hook_in: str,
+        hook_out: str | None,
+        exclude_bos: bool,
+        exclude_special_tokens: bool = False,
+        seqpos_slice: Sequence[Optional[int]] = (None,),
+    ):
         self.model = model
         self.hooks = run_hooks(hook_in, hook_out)
-        self._setup(exclude_bos)
+        self._setup(exclude_bos, exclude_special_tokens, seqpos_slice)
 
     @classmethod
-    def for_hooks(cls, model: LanguageModel, hooks: list[str], exclude_bos: bool) -> "ActivationSource":
+    def for_hooks(
+        cls,
+        model: LanguageModel,
+        hooks: list[str],
+        exclude_bos: bool,
+        exclude_special_tokens: bool = False,
+        seqpos_slice: Sequence[Optional[int]] = (None,),
+    ) -> "ActivationSource":
         """Any number of hooks from one pass (the cache stores several at once)."""
         source = cls.__new__(cls)
         source.model = model
         source.hooks = list(hooks)
-        source._setup(exclude_bos)
+        source._setup(exclude_bos, exclude_special_tokens, seqpos_slice)
         return source
 
     def subset(self, hooks: list[str]) -> "ActivationSource":
         """A source for some of this one's hooks (a grouped member's own), on the same model,
         its widths taken from this one's (no probe pass of its own)."""
         widths = dict(zip(self.hooks, self.widths()))
-        source = ActivationSource.for_hooks(self.model, hooks, self.exclude_bos)
+        source = ActivationSource.for_hooks(self.model, hooks, **self.filter)
         source._width_cache = [widths[h] for h in hooks]
         return source
 
-    def _setup(self, exclude_bos: bool) -> None:
-        self.exclude_bos = exclude_bos
-        self.bos = self.model.tokenizer.bos_token_id if self.model.tokenizer is not None else None
+    def _setup(self, exclude_bos: bool, exclude_special_tokens: bool, seqpos_slice: Sequence[Optional[int]]) -> None:
+        self.filter = {
+            "exclude_bos": exclude_bos,
+            "exclude_special_tokens": exclude_special_tokens,
+            "seqpos_slice": list(seqpos_slice),
+        }
+        tokenizer = self.model.tokenizer
+        self.bos = tokenizer.bos_token_id if tokenizer is not None else None
+        excluded = {self.bos} if exclude_bos and self.bos is not None else set()
+        if exclude_special_tokens and tokenizer is not None:
+            excluded |= set(tokenizer.all_special_ids)
+        self._excluded = torch.tensor(sorted(excluded), dtype=torch.long)
+        self._positions = slice(*seqpos_slice)
 
     @property
     def d_in(self) -> int:
@@ -79,12 +115,18 @@ class ActivationSource:
         return self.model.run_to_hooks(to_device(tokens, torch.device(self.model.cfg.device)), self.hooks)
 
     def token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.exclude_bos and self.bos is not None:
-            return tokens != self.bos
-        return torch.ones_like(tokens, dtype=torch.bool)
+        """True where a [..., ctx] batch of token rows gives activations."""
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        if self._positions != slice(None):
+            in_slice = torch.zeros(tokens.shape[-1], dtype=torch.bool, device=tokens.device)
+            in_slice[self._positions] = True
+            keep &= in_slice
+        if len(self._excluded):
+            keep &= ~torch.isin(tokens, self._excluded.to(tokens.device))
+        return keep
 
     def chunk(self, tokens: torch.Tensor) -> Columns:
-        """[n_tokens, d] per hook for a [rows, ctx] batch, BOS positions dropped if asked."""
+        """[n_tokens, d] per hook for a [rows, ctx] batch, without the positions token_mask drops."""
         acts = self.hook_activations(tokens)
         mask = self.token_mask(tokens).to(acts[0].device)
         return tuple(a[mask] for a in acts)

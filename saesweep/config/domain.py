@@ -167,6 +167,25 @@ class Items(Domain):
 
 
 @dataclass(frozen=True)
+class SliceSpec(Domain):
+    """The arguments of Python's slice() as a list of one to three items, each an integer or
+    null ([stop], [start, stop] or [start, stop, step]); the step, if given, above 0.
+    SAELens's seqpos_slice, which it also passes to slice()."""
+
+    def describe(self) -> str:
+        return "must be [stop], [start, stop] or [start, stop, step] as in Python's slice(), each an integer or null, step > 0"
+
+    def problem(self, value: Any) -> Optional[str]:
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 3:
+            return ""
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in value):
+            return ""
+        if len(value) == 3 and value[2] is not None and value[2] <= 0:
+            return " (the step)"
+        return None
+
+
+@dataclass(frozen=True)
 class Folder(Domain):
     """A directory path (~ expanded). `read`: it must exist already. Otherwise it is written,
     so nothing on the way may be a file and the nearest existing folder must be writable;

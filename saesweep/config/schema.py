@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from saesweep.config.domain import Choice, Folder, Items, Range, TokenSpec, check_domains, in_domain
+from saesweep.config.domain import Choice, Folder, Items, Range, SliceSpec, TokenSpec, check_domains, in_domain
 from saesweep.errors import UserError
 from saesweep.sae import ARCHITECTURES  # each architecture's sae schema
 
@@ -118,6 +118,14 @@ class ActivationsConfig:
     # Drop BOS positions from training and evaluation: at layer 6 of SmolLM2 their norm is
     # several times the others' and they would dominate the variance and every metric.
     exclude_bos: bool = True
+    # Also drop every special token of the tokenizer (EOS, PAD, chat markers...), wherever it
+    # is in a row: SAELens's exclude_special_tokens.
+    exclude_special_tokens: bool = False
+    # The positions of a row (0 .. dataset.context_size - 1) that give activations: the
+    # arguments of Python's slice(), so [1, null] skips the first, [null, 64] or [64] keeps
+    # the first 64. SAELens's seqpos_slice; the default keeps every position. Evaluation and
+    # the CE splice use the same positions.
+    seqpos_slice: list[Optional[int]] = in_domain([None], SliceSpec())
     batch_rows: int = in_domain(32, Range(gt=0))  # rows (of dataset.context_size tokens) per LM pass
     source: ActivationOrigin = ActivationOrigin.live
     # Each cache is a subdirectory named by its key; ~2.3 GB per 1M tokens of one d=576
@@ -379,8 +387,19 @@ def check_held_out(e: EvalConfig, d: DatasetConfig) -> None:
     )
 
 
+def check_positions(a: ActivationsConfig, d: DatasetConfig) -> None:
+    """activations.seqpos_slice must keep a position of a dataset.context_size row: with none,
+    no row would give an activation and training would read the dataset without end."""
+    need(
+        len(range(d.context_size)[slice(*a.seqpos_slice)]) > 0,
+        "activations.seqpos_slice",
+        f"{a.seqpos_slice} keeps no position of a row of dataset.context_size={d.context_size}".replace("None", "null"),
+    )
+
+
 def _check_values(cfg: TrainConfig) -> None:
     check_domains(cfg)  # every field's own domain, the sae node's included
+    check_positions(cfg.activations, cfg.dataset)
     t = cfg.training
     need(
         t.total_tokens >= t.batch_size,
@@ -448,6 +467,7 @@ def validate_evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> Evaluat
     )
     check_domains(typed)
     check_held_out(typed.eval, typed.dataset)
+    check_positions(typed.activations, typed.dataset)
     return typed
 
 

@@ -55,14 +55,15 @@ T = TypeVar("T")
 _SHARED: dict[str, tuple[Any, Any]] = {}
 
 
-def shared_key(model_cfg: Any, hooks: list[str], exclude_bos: bool, rows: torch.Tensor, batch_rows: int) -> str:
+def shared_key(model_cfg: Any, hooks: list[str], token_filter: Any, rows: torch.Tensor, batch_rows: int) -> str:
     """What the SAE-independent parts of an evaluation depend on: the model as configured
-    (within one process, one config loads the same weights), hooks, BOS handling, rows."""
+    (within one process, one config loads the same weights), hooks, the positions kept
+    (ActivationSource.filter), rows."""
     rows_sha = hashlib.sha256(rows.contiguous().cpu().numpy().tobytes()).hexdigest()
     parts = {
         "model": asdict(model_cfg),
         "hooks": hooks,
-        "exclude_bos": exclude_bos,
+        "token_filter": token_filter,
         "rows": rows_sha,
         "batch_rows": batch_rows,
     }

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from saesweep.activations.source import ActivationSource
+from saesweep.activations.source import ActivationSource, token_filter
 from saesweep.atomic import atomic_write_text
 from saesweep.config.schema import TrainConfig
 from saesweep.data.rows import load_token_rows
@@ -69,7 +69,7 @@ def build(run_dir: Path, cfg: TrainConfig, options: BrowserOptions, device: torc
     sae = load_sae_dir(run_dir / "sae", device)
     model = load_model(cfg.model, device, cfg.cache_dir)
     check_hook(model, cfg.model.hook_point, "model.hook_point")
-    source = ActivationSource(model, cfg.model.hook_point, None, cfg.activations.exclude_bos)
+    source = ActivationSource(model, cfg.model.hook_point, None, **token_filter(cfg.activations))
 
     n_rows = options.rows or cfg.eval.rows
     batch_rows = options.batch_rows or cfg.eval.batch_rows

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from saesweep.activations.buffer import ActivationBuffer
 from saesweep.activations.cache import open_training_feed
-from saesweep.activations.source import ActivationSource
+from saesweep.activations.source import ActivationSource, token_filter
 from saesweep.config.schema import TrainConfig
 from saesweep.data.rows import load_token_rows
 from saesweep.errors import UserError
@@ -174,7 +174,7 @@ def train_together(
     of the stream and of every batch."""
     cfg, checkpoint, ranks = members[0].cfg, members[0].checkpoint, members[0].ranks
     hooks = list(members[0].feed_hooks or dict.fromkeys(h for m in members for h in m.hooks))
-    source = ActivationSource.for_hooks(model, hooks, cfg.activations.exclude_bos)
+    source = ActivationSource.for_hooks(model, hooks, **token_filter(cfg.activations))
     for member in members:
         member.columns = (hooks.index(member.hooks[0]), hooks.index(member.hooks[-1]))
         member.source = source.subset(member.hooks)  # its own hooks, for its evaluation
@@ -321,7 +321,7 @@ def train_together(
     for member in sorted(members, key=lambda m: [hooks.index(h) for h in m.hooks]):
         if member.error is None:
             eval_key = shared_key(
-                member.cfg.model, member.source.hooks, cfg.activations.exclude_bos, rows.eval_rows, cfg.eval.batch_rows
+                member.cfg.model, member.source.hooks, member.source.filter, rows.eval_rows, cfg.eval.batch_rows
             )
             member.finish(member.source, rows, member.own(buffer.sample())[0], train_seconds, feed.name, eval_key)
     ranks.barrier()

@@ -476,5 +476,6 @@ def sae_metadata(cfg: TrainConfig) -> dict[str, Any]:
         # SAELens's name for what the hook names refer to: module paths of the HF model,
         # or TransformerLens hook points.
         "model_class_name": "AutoModelForCausalLM" if cfg.model.backend == "hf" else "HookedTransformer",
-        "seqpos_slice": [None],
+        "seqpos_slice": list(cfg.activations.seqpos_slice),
+        "exclude_special_tokens": cfg.activations.exclude_special_tokens,
     }

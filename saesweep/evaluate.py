@@ -33,7 +33,8 @@ from omegaconf import DictConfig
 
 from saesweep.cli import run, user_errors
 from saesweep.config import CONF_DIR
-from saesweep.config.schema import EvaluateConfig, validate_evaluate
+from saesweep.config.domain import SliceSpec
+from saesweep.config.schema import EvaluateConfig, check_positions, validate_evaluate
 from saesweep.errors import UserError
 
 log = logging.getLogger("saesweep.evaluate")
@@ -49,6 +50,26 @@ def resolve_hooks(cfg: EvaluateConfig, sae: Any) -> tuple[str, str | None]:
         )
     hook_out = cfg.model.hook_point_out or (sae.hook_name_out if not cfg.model.hook_point else None)
     return hook_in, (hook_out if hook_out != hook_in else None)
+
+
+def resolve_positions(cfg: EvaluateConfig, sae: Any) -> dict[str, Any]:
+    """ActivationSource's position keywords: activations.* where set, else what the SAE's
+    cfg.json records, else training's defaults. SAELens records exclude_special_tokens as a
+    bool or a list of token ids, and seqpos_slice as slice()'s arguments."""
+    meta = sae.metadata
+    special = cfg.activations.exclude_special_tokens
+    if special is None:
+        special = meta.get("exclude_special_tokens") or False
+    positions = cfg.activations.seqpos_slice
+    if positions is None:
+        positions = list(meta.get("seqpos_slice") or [None])
+        if SliceSpec().problem(positions) is not None:
+            raise UserError(
+                f"{sae.path / 'cfg.json'}: metadata.seqpos_slice {positions} is not slice()'s arguments; "
+                "set activations.seqpos_slice (e.g. [null] for every position)"
+            )
+        check_positions(positions, cfg.dataset.context_size)
+    return {"exclude_bos": cfg.activations.exclude_bos, "exclude_special_tokens": special, "seqpos_slice": positions}
 
 
 # SAELens's metadata.model_class_name -> our model.backend
@@ -123,7 +144,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from saesweep.activations.source import ActivationSource, token_filter
+    from saesweep.activations.source import ActivationSource
     from saesweep.atomic import atomic_write, atomic_write_text
     from saesweep.data.rows import load_token_rows
     from saesweep.evaluation.held_out import evaluate
@@ -155,7 +176,8 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
         raise UserError(
             f"config key 'dataset.context_size': {cfg.dataset.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}"
         )
-    source = ActivationSource(model, hook_in, hook_out, **token_filter(cfg.activations))
+    positions = resolve_positions(cfg, sae)
+    source = ActivationSource(model, hook_in, hook_out, **positions)
     check_widths(sae, probed_widths(source), hook_in, hook_out, cfg.model.name)
 
     rows = load_token_rows(cfg.dataset, model.tokenizer, cfg.eval.rows, cfg.seed).eval_rows[: cfg.eval.rows]
@@ -177,6 +199,8 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     result.update(
         eval_seconds=time.perf_counter() - start,
         bos_excluded=cfg.activations.exclude_bos,
+        exclude_special_tokens=positions["exclude_special_tokens"],
+        seqpos_slice=positions["seqpos_slice"],
         sae_path=str(Path(cfg.sae_path).expanduser().resolve()),
         architecture=sae.architecture,
         d_in=sae.d_in,

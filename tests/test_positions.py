@@ -13,6 +13,7 @@ import torch
 from conftest import TINY_RUN, run_in_process
 from test_config import refusal
 
+import saesweep.evaluate
 import saesweep.train
 from saesweep.activations.cache import tokens_per_row
 from saesweep.activations.source import ActivationSource
@@ -40,6 +41,8 @@ def test_the_mask_drops_bos_special_tokens_and_positions_outside_the_slice(tiny_
     assert mask(tiny_model, row, seqpos_slice=[-3, None]) == [0, 0, 0, 0, 0, 1, 1, 1]
     assert mask(tiny_model, row, seqpos_slice=[-3]) == [1, 1, 1, 1, 1, 0, 0, 0]  # slice(-3): a stop, as in Python
     assert mask(tiny_model, row, seqpos_slice=[None, 6, 2], exclude_bos=True) == [0, 0, 1, 0, 1, 0, 0, 0]
+    # A list of ids (an SAELens SAE may record one) drops those alone.
+    assert mask(tiny_model, row, exclude_special_tokens=[eos]) == [1, 1, 1, 0, 1, 1, 1, 1]
     # One row alone (the live feed counts a row's tokens so) is masked as in a batch.
     source = ActivationSource(tiny_model, HOOK, None, True, True, [1, 7])
     assert source.token_mask(torch.tensor(row)).tolist() == source.token_mask(torch.tensor([row] * 3))[2].tolist()
@@ -102,3 +105,17 @@ def test_a_run_trains_on_the_kept_positions_and_records_them(tiny_lm, tiny_confi
     rows = load_token_rows(tiny_config.dataset, tiny_model.tokenizer, 24, tiny_config.training.seed).eval_rows[:24]
     kept = ~torch.isin(rows[:, 8:], torch.tensor(tiny_model.tokenizer.all_special_ids))
     assert "eval.rows=24" in TINY_RUN and n["dead_window_tokens"] == int(kept.sum()) < 24 * 56, n
+
+    # saesweep.evaluate takes the positions the SAE records, unless told otherwise.
+    for overrides, want in (([], int(kept.sum())), (["activations.seqpos_slice=[null]"], None)):
+        out = tmp_path / f"eval{len(overrides)}"
+        argv = [*tiny_lm, "eval.rows=24", "eval.ce_rows=4", "eval.batch_rows=8", f"sae_path={run_dir / 'sae'}"]
+        code, output = run_in_process(saesweep.evaluate.cli, [*argv, *overrides, f"out_dir={out}"])
+        assert code == 0, output[-3000:]
+        got = json.loads((out / "eval.json").read_text())
+        if want is not None:
+            assert got["seqpos_slice"] == [8, None] and got["dead_window_tokens"] == want, got
+            assert abs(got["explained_variance"] - n["explained_variance"]) < 1e-5, (got, n)
+        else:
+            every = ~torch.isin(rows, torch.tensor(tiny_model.tokenizer.all_special_ids))
+            assert got["seqpos_slice"] == [None] and got["dead_window_tokens"] == int(every.sum()), got

@@ -38,7 +38,7 @@ class ActivationSource:
 
     For an SAE the target is the input; for a transcoder it is a second hook. Positions are
     dropped by `token_mask`: BOS tokens (`exclude_bos`), every special token of the tokenizer
-    (`exclude_special_tokens`), and positions outside `seqpos_slice`.
+    (`exclude_special_tokens` true) or the token ids it lists, and positions outside `seqpos_slice`.
     """
 
     def __init__(
@@ -47,7 +47,7 @@ class ActivationSource:
         hook_in: str,
         hook_out: str | None,
         exclude_bos: bool,
-        exclude_special_tokens: bool = False,
+        exclude_special_tokens: bool | Sequence[int] = False,
         seqpos_slice: Sequence[Optional[int]] = (None,),
     ):
         self.model = model
@@ -60,7 +60,7 @@ class ActivationSource:
         model: LanguageModel,
         hooks: list[str],
         exclude_bos: bool,
-        exclude_special_tokens: bool = False,
+        exclude_special_tokens: bool | Sequence[int] = False,
         seqpos_slice: Sequence[Optional[int]] = (None,),
     ) -> "ActivationSource":
         """Any number of hooks from one pass (the cache stores several at once)."""
@@ -78,7 +78,9 @@ class ActivationSource:
         source._width_cache = [widths[h] for h in hooks]
         return source
 
-    def _setup(self, exclude_bos: bool, exclude_special_tokens: bool, seqpos_slice: Sequence[Optional[int]]) -> None:
+    def _setup(
+        self, exclude_bos: bool, exclude_special_tokens: bool | Sequence[int], seqpos_slice: Sequence[Optional[int]]
+    ) -> None:
         self.filter = {
             "exclude_bos": exclude_bos,
             "exclude_special_tokens": exclude_special_tokens,
@@ -87,7 +89,9 @@ class ActivationSource:
         tokenizer = self.model.tokenizer
         self.bos = tokenizer.bos_token_id if tokenizer is not None else None
         excluded = {self.bos} if exclude_bos and self.bos is not None else set()
-        if exclude_special_tokens and tokenizer is not None:
+        if isinstance(exclude_special_tokens, (list, tuple)):  # token ids (an SAELens SAE's record)
+            excluded |= {int(t) for t in exclude_special_tokens}
+        elif exclude_special_tokens and tokenizer is not None:
             excluded |= set(tokenizer.all_special_ids)
         self._excluded = torch.tensor(sorted(excluded), dtype=torch.long)
         self._positions = slice(*seqpos_slice)

@@ -172,8 +172,11 @@ class SliceSpec(Domain):
     null ([stop], [start, stop] or [start, stop, step]); the step, if given, above 0.
     SAELens's seqpos_slice, which it also passes to slice()."""
 
+    null: Optional[str] = None
+
     def describe(self) -> str:
-        return "must be [stop], [start, stop] or [start, stop, step] as in Python's slice(), each an integer or null, step > 0"
+        what = "[stop], [start, stop] or [start, stop, step] as in Python's slice(), each an integer or null, step > 0"
+        return f"must be {what}{self.or_null()}"
 
     def problem(self, value: Any) -> Optional[str]:
         if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 3:

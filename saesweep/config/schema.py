@@ -387,19 +387,21 @@ def check_held_out(e: EvalConfig, d: DatasetConfig) -> None:
     )
 
 
-def check_positions(a: ActivationsConfig, d: DatasetConfig) -> None:
+def check_positions(seqpos_slice: Sequence[Optional[int]], context_size: int) -> None:
     """activations.seqpos_slice must keep a position of a dataset.context_size row: with none,
     no row would give an activation and training would read the dataset without end."""
     need(
-        len(range(d.context_size)[slice(*a.seqpos_slice)]) > 0,
+        len(range(context_size)[slice(*seqpos_slice)]) > 0,
         "activations.seqpos_slice",
-        f"{a.seqpos_slice} keeps no position of a row of dataset.context_size={d.context_size}".replace("None", "null"),
+        f"{list(seqpos_slice)} keeps no position of a row of dataset.context_size={context_size}".replace(
+            "None", "null"
+        ),
     )
 
 
 def _check_values(cfg: TrainConfig) -> None:
     check_domains(cfg)  # every field's own domain, the sae node's included
-    check_positions(cfg.activations, cfg.dataset)
+    check_positions(cfg.activations.seqpos_slice, cfg.dataset.context_size)
     t = cfg.training
     need(
         t.total_tokens >= t.batch_size,
@@ -435,6 +437,16 @@ class EvaluateModelConfig(ModelConfig):
 
 
 @dataclass
+class EvaluateActivationsConfig(ActivationsConfig):
+    # null: what the SAE's cfg.json records (SAELens writes metadata.exclude_special_tokens
+    # and metadata.seqpos_slice), else training's defaults (false; every position).
+    exclude_special_tokens: Optional[bool] = None
+    seqpos_slice: Optional[list[Optional[int]]] = in_domain(
+        None, SliceSpec(null="the SAE's metadata.seqpos_slice, else every position")
+    )
+
+
+@dataclass
 class EvaluateConfig:
     """conf/evaluate.yaml: the model and dataset groups of training, plus the SAE to measure."""
 
@@ -444,7 +456,7 @@ class EvaluateConfig:
     seed: int = in_domain(42, SEED)  # only picks training-row order; held-out rows do not depend on it
     model: EvaluateModelConfig = field(default_factory=EvaluateModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    activations: EvaluateActivationsConfig = field(default_factory=EvaluateActivationsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache_dir: Optional[str] = in_domain(None, CACHE_ROOT)
 
@@ -467,7 +479,8 @@ def validate_evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> Evaluat
     )
     check_domains(typed)
     check_held_out(typed.eval, typed.dataset)
-    check_positions(typed.activations, typed.dataset)
+    if typed.activations.seqpos_slice is not None:  # null: the SAE's own, checked once it is read
+        check_positions(typed.activations.seqpos_slice, typed.dataset.context_size)
     return typed
 
 

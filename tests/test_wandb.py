@@ -73,6 +73,18 @@ def test_wandb_offline_run_holds_metrics_and_eval(tiny_lm, tmp_path):
     assert summary["eval/explained_variance"] == result["explained_variance"]
     assert summary["eval/ce_loss_score"] == result["ce_loss_score"]
 
+    # SAELens's feature-density histogram: every latent counted, in 50 bins.
+    density = summary["eval/log10_feature_density"]
+    assert density["_type"] == "histogram" and len(density["values"]) == 50
+    assert sum(density["values"]) == json.loads((tmp_path / "sae" / "cfg.json").read_text())["d_sae"]
+
+    # The exported SAE as a model artifact, its files those of sae/, eval.json as its metadata.
+    (artifact,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert artifact.type == "model" and artifact.name.startswith("sae-") and "final" in artifact.aliases
+    files = {entry.path for entry in artifact.manifest.contents}
+    assert files == {p.name for p in (tmp_path / "sae").iterdir()}, files
+    assert json.loads(artifact.metadata)["explained_variance"] == result["explained_variance"]
+
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     config = {key(item): json.loads(item.value_json) for item in run.config.update}
     assert config["sae"]["architecture"] == "batchtopk"

@@ -280,6 +280,9 @@ class LoggerConfig:
     group: Optional[str] = None  # null: the sweep dir in a multirun, so members land together
     job_name: Optional[str] = None  # null: the member's overrides, e.g. sae.k=32
     mode: Optional[LoggerMode] = None  # null: W&B's default / $WANDB_MODE
+    # At the end, the exported sae/ as a W&B model artifact (SAELens's log_weights_to_wandb),
+    # with eval.json's metrics as its metadata.
+    log_weights: bool = True
 
 
 class Objective(Choice):

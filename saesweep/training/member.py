@@ -388,9 +388,10 @@ class Member:
                 bos_excluded=cfg.activations.exclude_bos,
                 activation_source=feed_name,
             )
-            self.metrics.final(result)
+            log10_rate = result.log10_firing_rate()
+            save_sae(self.sae, self.run_dir / "sae", sae_metadata(cfg), sparsity=log10_rate)
+            self.metrics.final(result, log10_rate, self.run_dir / "sae")
             self.metrics.close()
-            save_sae(self.sae, self.run_dir / "sae", sae_metadata(cfg), sparsity=result.log10_firing_rate())
             atomic_write_text(self.run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
         except Exception as e:
             self.fail(e)

@@ -14,6 +14,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, cfg: LoggerConfig, run_config: Any):
         self.file = open(run_dir / "metrics.jsonl", "a")
         self.wandb_run = None
+        self.log_weights = cfg.log_weights
         if cfg.name == "wandb":
             import wandb
 
@@ -39,9 +40,21 @@ class MetricsLog:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    def final(self, result: dict[str, Any]) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update({f"eval/{k}": v for k, v in result.items()})
+    def final(self, result: dict[str, Any], log10_rate: Any = None, sae_dir: Path | None = None) -> None:
+        """The evaluation into the W&B summary, with the histogram of log10 firing rates
+        (`log10_rate`, dead latents at -10) that SAELens logs, and `sae_dir` as an artifact."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        summary = {f"eval/{k}": v for k, v in result.items()}
+        if log10_rate is not None:
+            summary["eval/log10_feature_density"] = wandb.Histogram(log10_rate.double().numpy(), num_bins=50)
+        self.wandb_run.summary.update(summary)
+        if self.log_weights and sae_dir is not None:
+            artifact = wandb.Artifact(f"sae-{self.wandb_run.id}", type="model", metadata=dict(result))
+            artifact.add_dir(str(sae_dir))
+            self.wandb_run.log_artifact(artifact, aliases=["final"])
 
     def close(self) -> None:
         self.file.close()
@@ -60,7 +73,7 @@ class NullMetricsLog(MetricsLog):
     def log(self, record: dict[str, Any]) -> None:
         pass
 
-    def final(self, result: dict[str, Any]) -> None:
+    def final(self, result: dict[str, Any], log10_rate: Any = None, sae_dir: Path | None = None) -> None:
         pass
 
     def close(self) -> None:

@@ -126,7 +126,9 @@ class ActivationSource:
             in_slice[self._positions] = True
             keep &= in_slice
         if len(self._excluded):
-            keep &= ~torch.isin(tokens, self._excluded.to(tokens.device))
+            if self._excluded.device != tokens.device:  # once: a copy to a GPU each call would wait on it
+                self._excluded = self._excluded.to(tokens.device)
+            keep &= ~torch.isin(tokens, self._excluded)
         return keep
 
     def chunk(self, tokens: torch.Tensor) -> Columns:

@@ -94,6 +94,7 @@ class ActivationSource:
         elif exclude_special_tokens and tokenizer is not None:
             excluded |= set(tokenizer.all_special_ids)
         self._excluded = torch.tensor(sorted(excluded), dtype=torch.long)
+        self._excluded_on: dict[torch.device, torch.Tensor] = {}
         self._positions = slice(*seqpos_slice)
 
     @property
@@ -126,9 +127,10 @@ class ActivationSource:
             in_slice[self._positions] = True
             keep &= in_slice
         if len(self._excluded):
-            if self._excluded.device != tokens.device:  # once: a copy to a GPU each call would wait on it
-                self._excluded = self._excluded.to(tokens.device)
-            keep &= ~torch.isin(tokens, self._excluded)
+            # A copy per device, made once: a copy to a GPU on each call would wait on it.
+            if tokens.device not in self._excluded_on:
+                self._excluded_on[tokens.device] = self._excluded.to(tokens.device)
+            keep &= ~torch.isin(tokens, self._excluded_on[tokens.device])
         return keep
 
     def chunk(self, tokens: torch.Tensor) -> Columns:

@@ -69,6 +69,7 @@ def metadata(cfg: PretokenizeConfig, tokenizer: Any, rows: int) -> dict[str, Any
         "context_size": d.context_size,
         "windowing": {
             "prepend_bos": d.prepend_bos,
+            "disable_concat_sequences": d.disable_concat_sequences,
             **{key: getattr(d, key) for key in WINDOW_TOKEN_KEYS},
             "token_ids": dataclasses.asdict(ids),
         },

@@ -142,6 +142,7 @@ def test_key_is_stable_and_sensitive_to_every_field(smollm2, tiny_rows, tmp_path
     base = cache_key(spec)
     # Keys added later enter the spec only when set, so caches built before them keep their key.
     assert "exclude_special_tokens" not in spec and "seqpos_slice" not in spec
+    assert "disable_concat_sequences" not in spec["dataset"]
     changed = {
         "hook": key_with(model__hook_point="blocks.5.hook_resid_post"),
         "extra hook": key_with(activations__cache_hooks=["blocks.3.hook_resid_post"]),
@@ -157,6 +158,7 @@ def test_key_is_stable_and_sensitive_to_every_field(smollm2, tiny_rows, tmp_path
         "dataset path": key_with(dataset__path="elsewhere"),
         "holdout": key_with(dataset__holdout_fraction=0.1),
         "windowing": key_with(dataset__sequence_separator_token="eos"),
+        "no concatenation": key_with(dataset__disable_concat_sequences=True),
     }
     assert all(k != base for k in changed.values()), changed
     assert len(set(changed.values())) == len(changed)

@@ -82,6 +82,25 @@ def test_window_options_on_hand_written_documents(options, want):
     assert rows(TEXT, **options) == want
 
 
+@pytest.mark.parametrize(
+    "options, want",
+    [
+        # BOS first (begin_batch stands in for begin_sequence, as in SAELens); "fgh" + BOS fits
+        # exactly, "ab" + BOS is short and dropped, and "abcde" loses its tail
+        ({}, [[BOS, a, b, c], [BOS, f, g, h]]),
+        ({"begin_sequence_token": "eos"}, [[EOS, a, b, c], [EOS, f, g, h]]),
+        # nothing to add: a document needs context_size tokens of its own
+        ({"prepend_bos": False}, [[a, b, c, d]]),
+    ],
+)
+def test_without_concatenation_each_document_gives_its_head_alone(options, want):
+    docs = [*TEXT, {"text": "ab"}, {"text": ""}]
+    assert rows(docs, disable_concat_sequences=True, **options) == want
+    # A document that already starts with the token gets no second one.
+    ids = [{"input_ids": [BOS, 5, 6, 7, 8]}, {"input_ids": [9, 10, 11, 12, 13]}]
+    assert rows(ids, is_tokenized=True, disable_concat_sequences=True) == [[BOS, 5, 6, 7], [BOS, 9, 10, 11]]
+
+
 def test_separator_may_fill_a_row_and_empty_documents_add_nothing():
     # "ab" + separator fills the row; "cdef" starts the next one (f does not fit: dropped)
     assert rows([{"text": "ab"}, {"text": ""}, {"text": "cdef"}]) == [[BOS, a, b, BOS], [BOS, c, d, e]]

@@ -158,6 +158,8 @@ def activation_spec(cfg: TrainConfig, model: Any, token_rows: torch.Tensor, hook
     value changed. The requested token count enters as the number of rows cached.
     """
     dataset = dataclasses.asdict(cfg.dataset)
+    if not dataset["disable_concat_sequences"]:  # added later: caches built before it keep their key
+        del dataset["disable_concat_sequences"]
     if cfg.dataset.streaming:
         dataset["stream_holdout_rows"] = cfg.eval.rows  # a stream's head is held out
     return {

@@ -86,6 +86,10 @@ class DatasetConfig:
     begin_batch_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))  # first of every row
     begin_sequence_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))  # first of a document
     sequence_separator_token: Optional[Any] = in_domain(None, TokenSpec(SPECIAL_TOKEN_NAMES))  # between two
+    # true: no packing, one row per document: its first context_size tokens, begin_sequence_token
+    # (else begin_batch_token) first; a shorter document is dropped, and so is the rest of a
+    # longer one. SAELens's disable_concat_sequences.
+    disable_concat_sequences: bool = False
     shuffle: bool = True  # training rows, each epoch (seeded)
     holdout_fraction: float = in_domain(0.05, Range(ge=0, lt=1))  # the last rows, never trained on
 

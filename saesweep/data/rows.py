@@ -8,7 +8,8 @@ Windowing follows SAELens's PretokenizeRunner: `begin_batch_token` starts every 
 `begin_sequence_token` every document, `sequence_separator_token` goes between two
 documents that share a row; none is added where the next token already is that token.
 `prepend_bos=true` means BOS for begin_batch and separator unless those keys say
-otherwise (see `window_tokens`).
+otherwise (see `window_tokens`). `disable_concat_sequences` turns packing off: one row
+per document, as SAELens's option of that name (see `document_heads`).
 A finite dataset's last `holdout_fraction` of rows is held out for evaluation;
 a streamed one holds out its first `eval.rows` rows.
 """
@@ -257,8 +258,12 @@ def window_tokens(cfg: DatasetConfig, tokenizer: Any) -> Windowing:
     return Windowing(pick("begin_batch_token"), pick("begin_sequence_token"), pick("sequence_separator_token"))
 
 
-def window(documents: Iterable[list[int]], context_size: int, w: Windowing) -> Iterator[list[int]]:
-    """Concatenate documents into rows of exactly context_size tokens; the partial last row is dropped."""
+def window(documents: Iterable[list[int]], context_size: int, w: Windowing, concat: bool = True) -> Iterator[list[int]]:
+    """Concatenate documents into rows of exactly context_size tokens; the partial last row is
+    dropped. Without `concat`, each document long enough gives one row (its head) alone."""
+    if not concat:
+        yield from document_heads(documents, context_size, w)
+        return
     row: list[int] = []
     for doc in documents:
         if not doc:
@@ -280,6 +285,19 @@ def window(documents: Iterable[list[int]], context_size: int, w: Windowing) -> I
             if len(row) == context_size:
                 yield row
                 row = []
+
+
+def document_heads(documents: Iterable[list[int]], context_size: int, w: Windowing) -> Iterator[list[int]]:
+    """SAELens's rows with disable_concat_sequences: a document's first context_size tokens,
+    led by the begin_sequence token (else begin_batch's) unless it starts with it; shorter
+    documents give none."""
+    first = w.begin_sequence if w.begin_sequence is not None else w.begin_batch
+    for doc in documents:
+        tokens = list(doc)
+        if first is not None and tokens[:1] != [first]:
+            tokens.insert(0, first)
+        if len(tokens) >= context_size:
+            yield tokens[:context_size]
 
 
 def _documents(ds: Any, cfg: DatasetConfig, tokenizer: Any) -> Iterator[list[int]]:
@@ -314,15 +332,16 @@ def iter_rows(ds: Any, cfg: DatasetConfig, tokenizer: Any) -> Iterator[torch.Ten
     """
     w = window_tokens(cfg, tokenizer)
     docs = _documents(ds, cfg, tokenizer)
+    concat = not cfg.disable_concat_sequences
     if not cfg.is_tokenized:
-        for row in window(docs, cfg.context_size, w):
+        for row in window(docs, cfg.context_size, w, concat):
             yield torch.tensor(row, dtype=torch.long)
         return
     first = next(docs, None)
     if first is None:
         return
     if len(first) != cfg.context_size:
-        for row in window(_chain(first, docs), cfg.context_size, w):
+        for row in window(_chain(first, docs), cfg.context_size, w, concat):
             yield torch.tensor(row, dtype=torch.long)
         return
     for i, ids in enumerate(_chain(first, docs)):

@@ -101,6 +101,14 @@ def test_without_concatenation_each_document_gives_its_head_alone(options, want)
     assert rows(ids, is_tokenized=True, disable_concat_sequences=True) == [[BOS, 5, 6, 7], [BOS, 9, 10, 11]]
 
 
+def test_too_few_documents_long_enough_is_one_line_naming_the_option(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("ab", "abcdef", "cd")))
+    cfg = DatasetConfig(source="hf", path=str(path), context_size=4, disable_concat_sequences=True)
+    with pytest.raises(UserError, match=r"gives 1 rows of 4 tokens \(dataset.disable_concat_sequences=true"):
+        load_token_rows(cfg, CharTokenizer(), None, 0)
+
+
 def test_separator_may_fill_a_row_and_empty_documents_add_nothing():
     # "ab" + separator fills the row; "cdef" starts the next one (f does not fit: dropped)
     assert rows([{"text": "ab"}, {"text": ""}, {"text": "cdef"}]) == [[BOS, a, b, BOS], [BOS, c, d, e]]

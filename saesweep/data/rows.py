@@ -435,9 +435,10 @@ def load_token_rows(
         return TokenRows(torch.stack(held), None, ds, cfg, tokenizer, seed)
     all_rows = list(iter_rows(ds, cfg, tokenizer))
     if len(all_rows) < 2:
+        why = " (dataset.disable_concat_sequences=true: one row per document that long)" * cfg.disable_concat_sequences
         raise UserError(
             f"config key 'dataset.path': {cfg.path} gives {len(all_rows)} rows of "
-            f"{cfg.context_size} tokens; need at least 2 (one to train, one to evaluate)"
+            f"{cfg.context_size} tokens{why}; need at least 2 (one to train, one to evaluate)"
         )
     table = torch.stack(all_rows)
     n_eval = max(1, round(len(table) * cfg.holdout_fraction))

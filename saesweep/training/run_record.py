@@ -72,7 +72,8 @@ def schema_defaults(config: dict[str, Any]) -> dict[str, Any]:
     from saesweep.sae import ARCHITECTURES
 
     defaults = plain(asdict(TrainConfig()))
-    arch = (config.get("sae") or {}).get("architecture") if isinstance(config.get("sae"), dict) else None
+    sae = config.get("sae")
+    arch = sae.get("architecture") if isinstance(sae, dict) else None
     if arch in ARCHITECTURES:
         defaults["sae"] = plain(asdict(ARCHITECTURES[arch].config_class()))
     return defaults
